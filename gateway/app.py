@@ -1,0 +1,64 @@
+"""The Starlette application and its lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from redis.asyncio import Redis
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
+
+from gateway import chats, health
+from gateway.auth import JWTBackend, on_auth_error
+from gateway.embedded import resolve_jwt_secret
+from gateway.errors import EXCEPTION_HANDLERS
+from gateway.logs import configure_logging
+from gateway.middleware import RequestContextMiddleware
+from gateway.services import Services
+from gateway.settings import Settings, load_settings
+from storage.db import create_pool
+from storage.migrations import migrate
+
+logger = logging.getLogger("gateway.app")
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or load_settings()
+    configure_logging(settings.log_level)
+    if not settings.database_url or not settings.redis_url:
+        raise RuntimeError(
+            "GATEWAY_DATABASE_URL and GATEWAY_REDIS_URL must be set (`gateway serve` sets them)"
+        )
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        assert settings.database_url and settings.redis_url
+        await migrate(settings.database_url)
+        pool = await create_pool(settings.database_url, settings.db_pool_min, settings.db_pool_max)
+        redis = Redis.from_url(settings.redis_url)
+        app.state.services = Services(settings, pool, redis)
+        try:
+            yield
+        finally:
+            await redis.aclose()
+            await pool.close()
+
+    middleware = [
+        Middleware(RequestContextMiddleware),
+        Middleware(
+            AuthenticationMiddleware,
+            backend=JWTBackend(resolve_jwt_secret(settings)),
+            on_error=on_auth_error,
+        ),
+    ]
+    app = Starlette(
+        routes=[*health.routes, *chats.routes],
+        middleware=middleware,
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    return app

@@ -1,0 +1,92 @@
+"""The ``gateway`` command: serve, migrate, token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import uvicorn
+
+from gateway.auth import mint_token
+from gateway.embedded import database_or_embedded, resolve_jwt_secret, with_services
+from gateway.logs import configure_logging
+from gateway.settings import Settings, SettingsError, load_settings
+from storage.migrations import migrate
+
+logger = logging.getLogger("gateway.cli")
+
+
+def _note_signal(signum: int, frame: object) -> None:
+    logger.info("shut down on signal", extra={"signal": signal.Signals(signum).name})
+
+
+def serve(settings: Settings, args: argparse.Namespace) -> None:
+    # uvicorn re-raises the signal that stopped it once it has shut down; handled here, it lets the
+    # embedded servers stop cleanly instead of the process dying with them still running.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _note_signal)
+    resolve_jwt_secret(settings)  # create the dev secret once, before any worker reads it
+    with with_services(settings) as ready:
+        # Workers build the app from the environment, so hand them the URLs of any embedded service.
+        os.environ["GATEWAY_DATABASE_URL"] = ready.database_url or ""
+        os.environ["GATEWAY_REDIS_URL"] = ready.redis_url or ""
+        logger.info("serving", extra={"host": args.host, "port": args.port, "workers": args.workers})
+        uvicorn.run(
+            "gateway.app:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            loop="uvloop",
+            http="httptools",
+            log_config=None,
+            timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+        )
+
+
+def run_migrations(settings: Settings, args: argparse.Namespace) -> None:
+    with database_or_embedded(settings) as database_url:
+        applied = asyncio.run(migrate(database_url))
+    print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+
+
+def token(settings: Settings, args: argparse.Namespace) -> None:
+    print(mint_token(resolve_jwt_secret(settings), args.user, args.org, args.role, args.ttl))
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="gateway", description="Streamgate, a streaming gateway for LLM chat")
+    commands = root.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="run the HTTP server")
+    serve_cmd.add_argument("--host", default="127.0.0.1")
+    serve_cmd.add_argument("--port", type=int, default=8000)
+    serve_cmd.add_argument("--workers", type=int, default=1)
+    serve_cmd.set_defaults(handler=serve)
+    commands.add_parser("migrate", help="apply pending database migrations").set_defaults(
+        handler=run_migrations
+    )
+    token_cmd = commands.add_parser("token", help="print a signed development JWT")
+    token_cmd.add_argument("--user", required=True)
+    token_cmd.add_argument("--org", required=True)
+    token_cmd.add_argument("--role", choices=["admin"])
+    token_cmd.add_argument("--ttl", type=int, default=3600)
+    token_cmd.set_defaults(handler=token)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as error:
+        sys.exit(f"gateway: {error}")
+    configure_logging(settings.log_level)
+    args.handler(settings, args)
+
+
+if __name__ == "__main__":
+    main()

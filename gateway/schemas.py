@@ -1,0 +1,117 @@
+"""Request bodies and query strings, validated at the edge with pydantic."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, Literal, TypeVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from starlette.requests import Request
+
+from gateway.errors import ChatNotFound, PayloadTooLarge, ValidationFailed
+
+METADATA_MAX_BYTES = 16 * 1024
+
+Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]+/\S+$", max_length=200)]
+SystemPrompt = Annotated[str, StringConstraints(max_length=20_000)]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+
+class Query(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+def _check_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is not None and len(orjson.dumps(value)) > METADATA_MAX_BYTES:
+        raise ValueError(f"metadata must serialise to at most {METADATA_MAX_BYTES} bytes")
+    return value
+
+
+class ChatCreate(Body):
+    title: Title | None = None
+    model: ModelName | None = None
+    system_prompt: SystemPrompt | None = None
+    metadata: dict[str, Any] | None = None
+
+    _metadata = field_validator("metadata")(_check_metadata)
+
+
+class ChatPatch(ChatCreate):
+    pass
+
+
+class ChatList(Query):
+    limit: int = Field(default=20, ge=1, le=100)
+    offset: int = Field(default=0, ge=0)
+    q: Annotated[str, StringConstraints(strip_whitespace=True, max_length=200)] = ""
+    deleted: bool = False
+
+
+class MessagePage(Query):
+    limit: int = Field(default=100, ge=1, le=1000)
+    offset: int = Field(default=0, ge=0)
+    order: Literal["asc", "desc"] = "asc"
+
+
+class ChatRead(Query):
+    message_limit: int = Field(default=100, ge=1, le=1000)
+    message_offset: int = Field(default=0, ge=0)
+    order: Literal["asc", "desc"] = "asc"
+
+
+class PermanentFlag(Query):
+    permanent: bool = False
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def validation_details(error: ValidationError) -> list[dict[str, Any]]:
+    return [
+        {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+        for e in error.errors(include_url=False, include_input=False)
+    ]
+
+
+def parse_query(request: Request, model: type[Model]) -> Model:
+    try:
+        return model.model_validate(dict(request.query_params))
+    except ValidationError as error:
+        raise ValidationFailed(details=validation_details(error)) from None
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The request's JSON body, refused with 413 past ``max_bytes`` without reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge()
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise PayloadTooLarge()
+    try:
+        return orjson.loads(body) if body else {}
+    except orjson.JSONDecodeError:
+        raise ValidationFailed("The request body is not valid JSON") from None
+
+
+async def parse_body(request: Request, model: type[Model]) -> Model:
+    data = await read_json(request, request.app.state.settings.max_body_bytes)
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise ValidationFailed(details=validation_details(error)) from None
+
+
+def chat_id_of(request: Request) -> uuid.UUID:
+    """The ``{chat_id}`` path parameter; a malformed id names no chat, so it is a 404 like a missing one."""
+    try:
+        return uuid.UUID(request.path_params["chat_id"])
+    except ValueError:
+        raise ChatNotFound() from None

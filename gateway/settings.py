@@ -1,0 +1,52 @@
+"""Settings from the environment (prefix ``GATEWAY_``) and an optional ``.env`` file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SettingsError(Exception):
+    """A setting is missing or malformed; the message names the environment variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_file=".env", extra="ignore")
+
+    database_url: str | None = None
+    redis_url: str | None = None
+    redis_prefix: str = "sg:"
+    jwt_secret: str | None = Field(default=None, min_length=16)
+    default_model: str = "fake/echo"
+    data_dir: Path = Path(".streamgate")
+    instance_id: str | None = None
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    db_pool_min: int = Field(default=2, ge=1)
+    db_pool_max: int = Field(default=20, ge=1)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+
+    max_chats_per_user: int | None = Field(default=None, ge=1)
+    max_message_chars: int = Field(default=10_000, ge=1)
+    history_messages: int = Field(default=20, ge=0)
+    history_chars: int = Field(default=60_000, ge=0)
+
+    checkpoint_s: float = Field(default=2.0, gt=0)
+    stream_lease_s: float = Field(default=30.0, gt=0)
+    send_timeout_s: float = Field(default=30.0, gt=0)
+    ping_s: float = Field(default=15.0, gt=0)
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning pydantic's error into one that names each variable at fault."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        problems = "; ".join(
+            f"GATEWAY_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in error.errors()
+        )
+        raise SettingsError(f"invalid settings: {problems}") from None

@@ -1,0 +1,148 @@
+"""The message aggregate: pages of a chat's messages and the writes of a streamed turn."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from storage.chats import Executor, Owner
+from storage.queries import SQL
+
+
+def message_record(row: asyncpg.Record) -> dict[str, Any]:
+    input_tokens, output_tokens = row["input_tokens"], row["output_tokens"]
+    usage = None
+    if input_tokens is not None or output_tokens is not None:
+        usage = {
+            "input_tokens": input_tokens or 0,
+            "output_tokens": output_tokens or 0,
+            "total_tokens": (input_tokens or 0) + (output_tokens or 0),
+            "estimated": row["usage_estimated"],
+        }
+    return {
+        "id": row["id"],
+        "chat_id": row["chat_id"],
+        "role": row["role"],
+        "content": row["content"],
+        "parts": row["parts"],
+        "status": row["status"],
+        "finish_reason": row["finish_reason"],
+        "model": row["model"],
+        "usage": usage,
+        "metadata": row["metadata"],
+        "created_at": row["created_at"],
+        "completed_at": row["completed_at"],
+    }
+
+
+async def list_messages(
+    db: Executor, owner: Owner, chat_id: uuid.UUID, *, limit: int, offset: int, order: str
+) -> tuple[list[dict[str, Any]], int]:
+    query = SQL["list_messages_desc" if order == "desc" else "list_messages_asc"]
+    rows = await db.fetch(query, chat_id, owner.org_id, owner.user_id, limit, offset)
+    if rows:
+        return [message_record(row) for row in rows], rows[0]["total"]
+    return [], await db.fetchval(SQL["count_messages"], chat_id, owner.org_id, owner.user_id)
+
+
+async def get_message(db: Executor, owner: Owner, message_id: uuid.UUID) -> dict[str, Any] | None:
+    row = await db.fetchrow(SQL["get_message"], message_id, owner.org_id, owner.user_id)
+    return message_record(row) if row else None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnContext:
+    """What a new turn needs to know about its chat: the model, the system prompt and recent history."""
+
+    chat_id: uuid.UUID
+    title: str | None
+    model: str
+    system_prompt: str | None
+    history: list[dict[str, str]]  # oldest first
+
+
+async def chat_for_turn(
+    db: Executor, owner: Owner, chat_id: uuid.UUID, history_messages: int
+) -> TurnContext | None:
+    row = await db.fetchrow(SQL["chat_for_turn"], chat_id, owner.org_id, owner.user_id, history_messages)
+    if row is None:
+        return None
+    return TurnContext(row["id"], row["title"], row["model"], row["system_prompt"], row["history"][::-1])
+
+
+@dataclass(frozen=True, slots=True)
+class NewTurn:
+    chat_id: uuid.UUID
+    user_message_id: uuid.UUID
+    assistant_message_id: uuid.UUID
+    content: str
+    title: str
+    model: str
+    parts: list[dict[str, Any]]
+    client_message_id: str | None
+    metadata: dict[str, Any]
+
+
+async def insert_turn(db: Executor, owner: Owner, turn: NewTurn) -> bool:
+    """Store the user's message and an empty streaming reply; False when the chat is gone."""
+    rows = await db.fetch(
+        SQL["insert_turn"],
+        turn.chat_id,
+        owner.org_id,
+        owner.user_id,
+        turn.user_message_id,
+        turn.assistant_message_id,
+        turn.title,
+        turn.content,
+        turn.parts,
+        turn.client_message_id,
+        turn.metadata,
+        turn.model,
+    )
+    return len(rows) == 2
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedReply:
+    message_id: uuid.UUID
+    content: str
+    status: str
+    finish_reason: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    usage_estimated: bool
+    metadata: dict[str, Any]
+
+
+async def finish_reply(db: Executor, reply: FinishedReply) -> None:
+    await db.execute(
+        SQL["finish_message"],
+        reply.message_id,
+        reply.content,
+        reply.status,
+        reply.finish_reason,
+        reply.model,
+        reply.input_tokens,
+        reply.output_tokens,
+        reply.usage_estimated,
+        reply.metadata,
+    )
+
+
+async def checkpoint_replies(db: Executor, ids: Sequence[uuid.UUID], contents: Sequence[str]) -> None:
+    await db.execute(SQL["checkpoint_messages"], list(ids), list(contents))
+
+
+async def streaming_replies(db: Executor, older_than_s: float) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    rows = await db.fetch(SQL["streaming_messages"], older_than_s)
+    return [(row["id"], row["chat_id"]) for row in rows]
+
+
+async def interrupt_replies(db: Executor, ids: Sequence[uuid.UUID]) -> int:
+    status = await db.execute(SQL["interrupt_messages"], list(ids))
+    return int(status.split()[-1])

@@ -1,0 +1,74 @@
+-- name: list_messages_asc
+SELECT id, chat_id, role, content, parts, status, finish_reason, model, input_tokens, output_tokens,
+       usage_estimated, metadata, created_at, completed_at, count(*) OVER () AS total
+FROM messages
+WHERE chat_id = $1 AND org_id = $2 AND user_id = $3 AND deleted_at IS NULL
+ORDER BY seq ASC
+LIMIT $4 OFFSET $5;
+
+-- name: list_messages_desc
+SELECT id, chat_id, role, content, parts, status, finish_reason, model, input_tokens, output_tokens,
+       usage_estimated, metadata, created_at, completed_at, count(*) OVER () AS total
+FROM messages
+WHERE chat_id = $1 AND org_id = $2 AND user_id = $3 AND deleted_at IS NULL
+ORDER BY seq DESC
+LIMIT $4 OFFSET $5;
+
+-- name: count_messages
+SELECT count(*) FROM messages
+WHERE chat_id = $1 AND org_id = $2 AND user_id = $3 AND deleted_at IS NULL;
+
+-- name: get_message
+SELECT id, chat_id, role, content, parts, status, finish_reason, model, input_tokens, output_tokens,
+       usage_estimated, metadata, created_at, completed_at
+FROM messages
+WHERE id = $1 AND org_id = $2 AND user_id = $3;
+
+-- name: chat_for_turn
+-- The chat and its most recent messages (newest first), in one round trip before a turn.
+SELECT c.id, c.title, c.model, c.system_prompt,
+       COALESCE((SELECT jsonb_agg(jsonb_build_object('role', h.role, 'content', h.content))
+                 FROM (SELECT role, content FROM messages
+                       WHERE chat_id = c.id AND deleted_at IS NULL AND content <> ''
+                         AND role IN ('user', 'assistant')
+                       ORDER BY seq DESC LIMIT $4) h), '[]') AS history
+FROM chats c
+WHERE c.id = $1 AND c.org_id = $2 AND c.user_id = $3 AND c.deleted_at IS NULL;
+
+-- name: insert_turn
+-- The user's message (complete) and the assistant's reply (streaming, empty) in one statement, which also
+-- moves the chat's activity time and titles an untitled chat. Rows are inserted in VALUES order, so the
+-- reply's seq follows the message's.
+WITH chat AS (
+    UPDATE chats SET updated_at = now(), title = COALESCE(title, $6)
+    WHERE id = $1 AND org_id = $2 AND user_id = $3 AND deleted_at IS NULL
+    RETURNING id
+)
+INSERT INTO messages (id, chat_id, org_id, user_id, role, content, parts, status, model,
+                      client_message_id, metadata, completed_at)
+SELECT v.id, chat.id, $2, $3, v.role, v.content, v.parts, v.status, v.model, v.client_message_id,
+       v.metadata, v.completed_at
+FROM chat, (VALUES
+    ($4::uuid, 'user', $7::text, $8::jsonb, 'complete', NULL::text, $9::text, $10::jsonb, now()),
+    ($5::uuid, 'assistant', '', '[]'::jsonb, 'streaming', $11::text, NULL, '{}'::jsonb, NULL::timestamptz)
+) AS v(id, role, content, parts, status, model, client_message_id, metadata, completed_at)
+RETURNING id, created_at;
+
+-- name: finish_message
+UPDATE messages SET
+    content = $2, status = $3, finish_reason = $4, model = $5,
+    input_tokens = $6, output_tokens = $7, usage_estimated = $8,
+    metadata = metadata || $9::jsonb, completed_at = now()
+WHERE id = $1;
+
+-- name: checkpoint_messages
+UPDATE messages m SET content = v.content
+FROM unnest($1::uuid[], $2::text[]) AS v(id, content)
+WHERE m.id = v.id AND m.status = 'streaming';
+
+-- name: streaming_messages
+SELECT id, chat_id FROM messages WHERE status = 'streaming' AND created_at < now() - make_interval(secs => $1);
+
+-- name: interrupt_messages
+UPDATE messages SET status = 'interrupted', finish_reason = 'interrupted', completed_at = now()
+WHERE id = ANY($1::uuid[]) AND status = 'streaming';

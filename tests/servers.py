@@ -1,0 +1,131 @@
+"""Real servers for black-box tests: in-process uvicorn on an ephemeral port, and gateway subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import uvicorn
+from starlette.types import ASGIApp
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, with an event set once it listens (no polling for readiness)."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.should_exit:
+            self.listening.set()
+
+    def install_signal_handlers(self) -> None:  # the test process keeps its own handlers
+        pass
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: ASGIApp) -> AsyncIterator[str]:
+    """Serve ``app`` on 127.0.0.1 with a real uvicorn in this event loop; yield its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app, lifespan="on", log_config=None, access_log=False, timeout_graceful_shutdown=5
+    )
+    server = _Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    listening = asyncio.create_task(server.listening.wait())
+    await asyncio.wait([task, listening], return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        listening.cancel()
+        await task
+        raise RuntimeError("the test server did not start")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+_LISTENING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+
+
+@dataclass
+class GatewayProcess:
+    """A ``gateway serve`` subprocess; ``log`` keeps every line it wrote to stderr."""
+
+    process: asyncio.subprocess.Process
+    url: str = ""
+    log: list[str] = field(default_factory=list)
+    _reader: asyncio.Task[None] | None = None
+
+    async def signal(self, signum: int) -> int:
+        self.process.send_signal(signum)
+        return await self.process.wait()
+
+    async def wait_for_line(self, pattern: str, timeout: float = 30) -> re.Match[str]:
+        async def scan() -> re.Match[str]:
+            regex = re.compile(pattern)
+            seen = 0
+            while True:
+                for line in self.log[seen:]:
+                    if match := regex.search(line):
+                        return match
+                seen = len(self.log)
+                await self._more.wait()
+                self._more.clear()
+
+        return await asyncio.wait_for(scan(), timeout)
+
+    def __post_init__(self) -> None:
+        self._more = asyncio.Event()
+
+    async def _read(self) -> None:
+        assert self.process.stderr is not None
+        async for raw in self.process.stderr:
+            self.log.append(raw.decode(errors="replace"))
+            self._more.set()
+        self._more.set()
+
+
+@contextlib.asynccontextmanager
+async def gateway_process(env: dict[str, str], *args: str) -> AsyncIterator[GatewayProcess]:
+    """Start ``gateway serve`` on an ephemeral port with ``env`` added; yield once it listens."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--port",
+        "0",
+        *args,
+        env={**os.environ, **env},
+        stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    gateway = GatewayProcess(process)
+    gateway._reader = asyncio.create_task(gateway._read())
+    try:
+        match = await gateway.wait_for_line(_LISTENING.pattern, timeout=60)
+        gateway.url = f"http://127.0.0.1:{match.group(1)}"
+        yield gateway
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 20)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        await gateway._reader

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+import httpx
+
+from gateway.app import create_app
+from gateway.settings import Settings
+from tests.conftest import database_named
+from tests.servers import serve_app
+
+
+async def test_health_is_public(client: httpx.AsyncClient) -> None:
+    response = await client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+async def test_ready_reports_both_backends(client: httpx.AsyncClient) -> None:
+    response = await client.get("/ready")
+    assert response.status_code == 200
+    assert response.json()["checks"] == {"postgres": "ok", "redis": "ok"}
+
+
+async def test_request_id_is_echoed(client: httpx.AsyncClient) -> None:
+    response = await client.get("/health", headers={"X-Request-ID": "trace-123"})
+    assert response.headers["x-request-id"] == "trace-123"
+
+
+async def test_request_id_is_generated(client: httpx.AsyncClient) -> None:
+    response = await client.get("/health")
+    assert len(response.headers["x-request-id"]) == 32
+
+
+async def test_unknown_path_gets_404_envelope(client: httpx.AsyncClient, alice: dict[str, str]) -> None:
+    response = await client.get("/v1/nothing-here", headers={**alice, "X-Request-ID": "r-404"})
+    assert response.status_code == 404
+    assert response.json() == {
+        "error": {"code": "not_found", "message": "Not Found", "status": 404, "request_id": "r-404"}
+    }
+
+
+async def test_wrong_method_gets_405_envelope(client: httpx.AsyncClient, alice: dict[str, str]) -> None:
+    response = await client.put("/v1/chats", headers=alice)
+    assert response.status_code == 405
+    assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+async def test_ready_turns_503_when_postgres_is_gone(settings: Settings, db: asyncpg.Pool) -> None:
+    name = f"sg_gone_{uuid.uuid4().hex[:8]}"
+    await db.execute(f'CREATE DATABASE "{name}"')
+    assert settings.database_url
+    url = database_named(settings.database_url, name)
+
+    async with serve_app(create_app(settings.model_copy(update={"database_url": url}))) as base:
+        async with httpx.AsyncClient(base_url=base) as http:
+            assert (await http.get("/ready")).status_code == 200
+            await db.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            response = await http.get("/ready")
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["code"] == "unavailable"
+    assert "postgres" in error["message"]
+    assert error["details"]["postgres"].startswith("error")
+    assert error["details"]["redis"] == "ok"

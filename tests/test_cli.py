@@ -1,0 +1,80 @@
+"""The ``gateway`` command as a user runs it: zero-setup serve, token, and migrations racing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+from gateway.settings import Settings
+from tests.conftest import database_named
+from tests.servers import gateway_process
+
+_SERVICE_VARS = ("GATEWAY_DATABASE_URL", "GATEWAY_REDIS_URL", "GATEWAY_JWT_SECRET")
+
+
+async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    base = {k: v for k, v in os.environ.items() if k not in _SERVICE_VARS}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        *args,
+        env={**base, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_serve_with_no_services_starts_embedded_ones(tmp_path: Path) -> None:
+    env = {"GATEWAY_DATA_DIR": str(tmp_path / "data"), "GATEWAY_DATABASE_URL": "", "GATEWAY_REDIS_URL": ""}
+    async with gateway_process(env) as gateway:
+        async with httpx.AsyncClient(base_url=gateway.url) as http:
+            assert (await http.get("/health")).status_code == 200
+            assert (await http.get("/ready")).json()["checks"] == {"postgres": "ok", "redis": "ok"}
+            code, token, _ = await run_cli(env, "token", "--user", "u1", "--org", "o1")
+            assert code == 0
+            headers = {"Authorization": f"Bearer {token.strip()}"}
+            assert (await http.get("/v1/chats", headers=headers)).status_code == 200
+        assert await gateway.signal(signal.SIGTERM) == 0
+    log = "".join(gateway.log)
+    assert "embedded PostgreSQL started" in log
+    assert "embedded Redis started" in log
+    assert "embedded PostgreSQL stopped" in log
+    assert "embedded Redis stopped" in log
+
+
+async def test_invalid_setting_names_the_variable(tmp_path: Path) -> None:
+    code, _, err = await run_cli({"GATEWAY_CHECKPOINT_S": "soon"}, "token", "--user", "u", "--org", "o")
+    assert code != 0
+    assert "GATEWAY_CHECKPOINT_S" in err
+
+
+async def test_two_migrators_at_once_apply_each_migration_once(settings: Settings, db: asyncpg.Pool) -> None:
+    name = f"sg_migrate_{uuid.uuid4().hex[:8]}"
+    await db.execute(f'CREATE DATABASE "{name}"')
+    assert settings.database_url
+    env = {"GATEWAY_DATABASE_URL": database_named(settings.database_url, name), "GATEWAY_REDIS_URL": "x"}
+    try:
+        results = await asyncio.gather(run_cli(env, "migrate"), run_cli(env, "migrate"))
+        assert [code for code, _, _ in results] == [0, 0]
+        outputs = sorted(out for _, out, _ in results)
+        assert outputs[0].startswith("applied 0 migration(s): none pending")
+        assert outputs[1].startswith("applied 1 migration(s): 0001_init")
+        conn = await asyncpg.connect(env["GATEWAY_DATABASE_URL"])
+        try:
+            versions = await conn.fetch("SELECT version FROM schema_migrations")
+        finally:
+            await conn.close()
+        assert [row["version"] for row in versions] == ["0001_init"]
+    finally:
+        await db.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
