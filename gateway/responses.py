@@ -1,4 +1,4 @@
-"""A JSON response rendered with orjson, which knows UUIDs and datetimes."""
+"""A JSON response rendered with orjson, which knows datetimes; asyncpg's own UUID type is written as text."""
 
 from __future__ import annotations
 
@@ -12,4 +12,4 @@ class JSONBody(Response):
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
+        return orjson.dumps(content, default=str)
