@@ -7,11 +7,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from redis.asyncio import Redis
+from sse_starlette.sse import AppStatus
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 
-from gateway import chats, health
+from gateway import chats, health, send
 from gateway.auth import JWTBackend, on_auth_error
 from gateway.embedded import resolve_jwt_secret
 from gateway.errors import EXCEPTION_HANDLERS
@@ -19,6 +20,9 @@ from gateway.logs import configure_logging
 from gateway.middleware import RequestContextMiddleware
 from gateway.services import Services
 from gateway.settings import Settings, load_settings
+from gateway.streams import StreamRegistry
+from providers.fake import FakeProvider
+from providers.registry import ProviderRegistry
 from storage.db import create_pool
 from storage.migrations import migrate
 
@@ -33,16 +37,23 @@ def create_app(settings: Settings | None = None) -> Starlette:
             "GATEWAY_DATABASE_URL and GATEWAY_REDIS_URL must be set (`gateway serve` sets them)"
         )
 
+    providers = build_providers(settings)
+    # Streams end on our terms at shutdown (grace period, then stored as interrupted), not the SSE library's.
+    AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         assert settings.database_url and settings.redis_url
         await migrate(settings.database_url)
         pool = await create_pool(settings.database_url, settings.db_pool_min, settings.db_pool_max)
         redis = Redis.from_url(settings.redis_url)
-        app.state.services = Services(settings, pool, redis)
+        streams = StreamRegistry(settings, pool, redis)
+        await streams.start()
+        app.state.services = Services(settings, pool, redis, providers, streams)
         try:
             yield
         finally:
+            await streams.close(settings.shutdown_grace_s + 5)
             await redis.aclose()
             await pool.close()
 
@@ -55,10 +66,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
         ),
     ]
     app = Starlette(
-        routes=[*health.routes, *chats.routes],
+        routes=[*health.routes, *chats.routes, *send.routes],
         middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.providers = providers
     return app
+
+
+def build_providers(settings: Settings) -> ProviderRegistry:
+    return ProviderRegistry([FakeProvider()])

@@ -44,7 +44,7 @@ def serve(settings: Settings, args: argparse.Namespace) -> None:
             loop="uvloop",
             http="httptools",
             log_config=None,
-            timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+            timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]  # any number works
         )
 
 

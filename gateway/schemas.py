@@ -115,3 +115,35 @@ def chat_id_of(request: Request) -> uuid.UUID:
         return uuid.UUID(request.path_params["chat_id"])
     except ValueError:
         raise ChatNotFound() from None
+
+
+class Attachment(Body):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    media_type: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    url: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+
+
+class TurnOptions(Body):
+    """What a send may say about the reply, beside the message itself."""
+
+    model: ModelName | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    attachments: list[Attachment] = Field(default_factory=list, max_length=16)
+    client_message_id: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    metadata: dict[str, Any] | None = None
+
+    _metadata = field_validator("metadata")(_check_metadata)
+
+
+class SendMessage(TurnOptions):
+    content: str
+
+
+class ChatTurn(TurnOptions):
+    """``POST /v1/chat``: a message to an existing chat, or to a new one when ``chat_id`` is absent."""
+
+    message: str
+    chat_id: uuid.UUID | None = None
+    title: Title | None = None
+    system_prompt: SystemPrompt | None = None

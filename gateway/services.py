@@ -9,6 +9,8 @@ from redis.asyncio import Redis
 from starlette.requests import Request
 
 from gateway.settings import Settings
+from gateway.streams import StreamRegistry
+from providers.registry import ProviderRegistry
 
 
 @dataclass(slots=True)
@@ -16,6 +18,8 @@ class Services:
     settings: Settings
     pool: asyncpg.Pool
     redis: Redis
+    providers: ProviderRegistry
+    streams: StreamRegistry
 
 
 def services_of(request: Request) -> Services:

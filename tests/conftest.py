@@ -11,6 +11,7 @@ import os
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,14 @@ import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
+from starlette.applications import Starlette
 
 from gateway.app import create_app
 from gateway.auth import mint_token
 from gateway.embedded import embedded_postgres, embedded_redis
+from gateway.services import Services
 from gateway.settings import Settings
+from providers.fake import FakeProvider
 from tests.servers import serve_app
 
 JWT_SECRET = "test-secret-" + "x" * 32
@@ -109,22 +113,47 @@ async def db(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     await pool.close()
 
 
+@dataclass
+class Gateway:
+    """An in-process gateway under a real uvicorn: its URL, and its app for looking inside."""
+
+    url: str
+    app: Starlette
+
+    @property
+    def services(self) -> Services:
+        services: Services = self.app.state.services
+        return services
+
+    @property
+    def fake(self) -> FakeProvider:
+        fake = self.app.state.providers.get("fake")
+        assert isinstance(fake, FakeProvider)
+        return fake
+
+
 @pytest.fixture(scope="session")
-def start_gateway(settings: Settings) -> Callable[..., contextlib.AbstractAsyncContextManager[str]]:
-    """Start an in-process gateway with some settings changed; yields its base URL."""
+def start_gateway(settings: Settings) -> Callable[..., contextlib.AbstractAsyncContextManager[Gateway]]:
+    """Start an in-process gateway with some settings changed."""
 
     @contextlib.asynccontextmanager
-    async def start(**overrides: Any) -> AsyncIterator[str]:
-        async with serve_app(create_app(settings.model_copy(update=overrides))) as url:
-            yield url
+    async def start(**overrides: Any) -> AsyncIterator[Gateway]:
+        app = create_app(settings.model_copy(update=overrides))
+        async with serve_app(app) as url:
+            yield Gateway(url, app)
 
     return start
 
 
 @pytest.fixture(scope="session")
-async def gateway_url(start_gateway: Callable[..., Any], db: asyncpg.Pool) -> AsyncIterator[str]:
-    async with start_gateway() as url:
-        yield url
+async def gateway(start_gateway: Callable[..., Any], db: asyncpg.Pool) -> AsyncIterator[Gateway]:
+    async with start_gateway() as started:
+        yield started
+
+
+@pytest.fixture(scope="session")
+def gateway_url(gateway: Gateway) -> str:
+    return gateway.url
 
 
 @pytest.fixture

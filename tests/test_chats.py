@@ -272,7 +272,7 @@ async def test_validation_error_lists_details(client: httpx.AsyncClient, alice: 
 
 async def test_chat_cap_answers_chat_limit_reached(start_gateway: Any) -> None:
     headers = auth_headers(f"capped-{uuid.uuid4().hex[:6]}", "org-cap")
-    async with start_gateway(max_chats_per_user=2) as url, httpx.AsyncClient(base_url=url) as http:
+    async with start_gateway(max_chats_per_user=2) as capped, httpx.AsyncClient(base_url=capped.url) as http:
         first = (await http.post("/v1/chats", headers=headers, json={})).json()
         await http.post("/v1/chats", headers=headers, json={})
         refused = await http.post("/v1/chats", headers=headers, json={})

@@ -1,0 +1,200 @@
+"""Sending a message: the turn is stored, the provider called, and the reply streamed over SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from typing import Any
+
+from sse_starlette.event import ServerSentEvent
+from sse_starlette.sse import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Message
+
+from gateway.chats import owner_of
+from gateway.errors import (
+    ChatLimitReached,
+    ChatNotFound,
+    GatewayError,
+    NotFound,
+    StreamAlreadyActive,
+    UpstreamError,
+    UpstreamTimeout,
+    ValidationFailed,
+)
+from gateway.responses import JSONBody
+from gateway.schemas import ChatTurn, SendMessage, TurnOptions, chat_id_of, parse_body
+from gateway.services import Services, services_of
+from gateway.sse import STREAM_HEADERS
+from gateway.turns import Turn, TurnIds
+from providers.base import ChatMessage, ProviderError, ProviderRequest, UnknownModel
+from storage import chats, messages
+from storage.chats import ChatFields, ChatLimitExceeded, Owner
+from storage.messages import NewTurn, TurnContext
+
+TITLE_CHARS = 80
+
+
+def title_from(content: str) -> str:
+    """The first message as a title: whitespace folded, at most 80 characters, cut at a word boundary."""
+    text = " ".join(content.split())
+    if len(text) <= TITLE_CHARS:
+        return text
+    cut = text[: TITLE_CHARS + 1].rsplit(" ", 1)[0]
+    return (cut if len(cut) <= TITLE_CHARS else text[:TITLE_CHARS]).rstrip()
+
+
+def history_window(history: list[dict[str, str]], max_chars: int) -> list[ChatMessage]:
+    """The most recent history that fits in ``max_chars``, oldest first."""
+    kept: list[ChatMessage] = []
+    total = 0
+    for item in reversed(history):
+        total += len(item["content"])
+        if total > max_chars:
+            break
+        kept.append(ChatMessage(item["role"], item["content"]))  # type: ignore[arg-type]
+    kept.reverse()
+    return kept
+
+
+def upstream_failure(error: ProviderError) -> GatewayError:
+    failure = (UpstreamTimeout if error.http_status == 504 else UpstreamError)(error.message)
+    failure.code = error.code
+    if error.retry_after is not None:
+        failure.headers["Retry-After"] = str(math.ceil(error.retry_after))
+    return failure
+
+
+def checked_content(content: str, limit: int, field: str) -> str:
+    if not content.strip():
+        raise ValidationFailed(details=[{"loc": [field], "msg": "must not be empty", "type": "empty"}])
+    if len(content) > limit:
+        raise ValidationFailed(
+            details=[{"loc": [field], "msg": f"must be at most {limit} characters", "type": "too_long"}]
+        )
+    return content
+
+
+async def send_message(request: Request) -> Response:
+    chat_id = chat_id_of(request)
+    body = await parse_body(request, SendMessage)
+    services = services_of(request)
+    content = checked_content(body.content, services.settings.max_message_chars, "content")
+    return await run_turn(request, services, owner_of(request), chat_id, content, body)
+
+
+async def send_chat(request: Request) -> Response:
+    body = await parse_body(request, ChatTurn)
+    services = services_of(request)
+    content = checked_content(body.message, services.settings.max_message_chars, "message")
+    owner = owner_of(request)
+    chat_id = body.chat_id
+    if chat_id is None:
+        fields = ChatFields(body.title, body.model or services.settings.default_model, body.system_prompt)
+        try:
+            chat = await chats.create_chat(services.pool, owner, fields, services.settings.max_chats_per_user)
+        except ChatLimitExceeded:
+            raise ChatLimitReached() from None
+        chat_id = chat["id"]
+    return await run_turn(request, services, owner, chat_id, content, body)
+
+
+async def stop_stream(request: Request) -> Response:
+    chat_id = chat_id_of(request)
+    services = services_of(request)
+    if await chats.get_chat(services.pool, owner_of(request), chat_id) is None:
+        raise ChatNotFound()
+    if not await services.streams.request_stop(chat_id):
+        error = NotFound("No reply is streaming in this chat")
+        error.code = "stream_not_found"
+        raise error
+    return JSONBody({"stopped": True})
+
+
+async def run_turn(
+    request: Request, services: Services, owner: Owner, chat_id: uuid.UUID, content: str, options: TurnOptions
+) -> Response:
+    settings = services.settings
+    context = await messages.chat_for_turn(services.pool, owner, chat_id, settings.history_messages)
+    if context is None:
+        raise ChatNotFound()
+    model = options.model or context.model
+    try:
+        provider, model_name = services.providers.resolve(model)
+    except UnknownModel as error:
+        raise ValidationFailed(str(error), details=[{"loc": ["model"], "msg": str(error), "type": "unknown"}]) from None
+    ids = TurnIds(chat_id, uuid.uuid4(), uuid.uuid4())
+    if not await services.streams.claim(chat_id, ids.assistant_message_id):
+        raise StreamAlreadyActive()
+    try:
+        await store_turn(services, owner, ids, content, model, options, context)
+    except BaseException:
+        await services.streams.release(chat_id, ids.assistant_message_id)
+        raise
+    provider_request = ProviderRequest(
+        model_name,
+        [*history_window(context.history, settings.history_chars), ChatMessage("user", content)],
+        system=context.system_prompt, max_tokens=options.max_tokens, temperature=options.temperature,
+    )
+    turn = Turn(ids, model, provider_request, provider.stream(provider_request), services.streams.finish)
+    services.streams.add(turn)
+    try:
+        await turn.open()
+    except ProviderError as error:
+        await turn.finish(error=error)
+        raise upstream_failure(error) from None
+    except asyncio.CancelledError:
+        await turn.finish(ending="interrupted", shielded=True)
+        raise
+    if "application/json" in request.headers.get("accept", ""):
+        return await json_answer(services, owner, turn)
+    return stream_answer(services, turn)
+
+
+async def store_turn(
+    services: Services, owner: Owner, ids: TurnIds, content: str, model: str, options: TurnOptions,
+    context: TurnContext,
+) -> None:
+    parts: list[dict[str, Any]] = [{"type": "text", "text": content}]
+    parts += [{"type": "attachment", **a.model_dump()} for a in options.attachments]
+    new_turn = NewTurn(
+        ids.chat_id, ids.user_message_id, ids.assistant_message_id, content, title_from(content), model,
+        parts, options.client_message_id, options.metadata or {},
+    )
+    if not await messages.insert_turn(services.pool, owner, new_turn):
+        raise ChatNotFound()
+
+
+def stream_answer(services: Services, turn: Turn) -> Response:
+    async def on_hang_up(message: Message) -> None:
+        turn.hang_up()
+
+    return EventSourceResponse(
+        turn.sse(),
+        headers=STREAM_HEADERS,
+        ping=services.settings.ping_s,
+        ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
+        sep="\n",
+        send_timeout=services.settings.send_timeout_s,
+        client_close_handler_callable=on_hang_up,
+    )
+
+
+async def json_answer(services: Services, owner: Owner, turn: Turn) -> Response:
+    await turn.collect()
+    user_message = await messages.get_message(services.pool, owner, turn.ids.user_message_id)
+    assistant_message = await messages.get_message(services.pool, owner, turn.ids.assistant_message_id)
+    body = {"chat_id": turn.ids.chat_id, "user_message": user_message, "assistant_message": assistant_message}
+    if turn.error is not None:
+        body["error"] = {"code": turn.error.code, "message": turn.error.message}
+    return JSONBody(body)
+
+
+routes = [
+    Route("/v1/chats/{chat_id}/messages", send_message, methods=["POST"]),
+    Route("/v1/chat", send_chat, methods=["POST"]),
+    Route("/v1/chats/{chat_id}/stop", stop_stream, methods=["POST"]),
+]

@@ -1,0 +1,217 @@
+"""This instance's running turns, coordinated with every other instance through Redis.
+
+- One active stream per chat: ``<prefix>active:<chat_id>`` holds ``"<instance> <message id>"`` with a lease
+  that this instance renews while the turn runs; a crashed instance's lease simply expires.
+- Stop from anywhere: ``POST /stop`` publishes the chat id on ``<prefix>stop``; the instance running that
+  chat interrupts its turn.
+- Checkpoints: every ``checkpoint_s`` the partial text of every turn that grew is written in one statement.
+- Recovery: a reply left ``streaming`` whose lease is gone (or, at startup, still names this instance id)
+  is marked ``interrupted`` and keeps the text of its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gateway.settings import Settings
+from gateway.turns import Turn
+from storage.messages import (
+    FinishedReply,
+    checkpoint_replies,
+    finish_reply,
+    interrupt_replies,
+    streaming_replies,
+)
+
+logger = logging.getLogger("gateway.streams")
+
+# Delete a lease only if it is still ours: a lease that expired and was taken by another turn stays.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_RECONNECT_S = 1.0
+
+
+class StreamRegistry:
+    """Running turns by chat id, with their leases, stop channel, checkpoints and recovery."""
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, redis: Redis) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.redis = redis
+        self.instance_id = settings.instance_id or uuid.uuid4().hex
+        self.turns: dict[uuid.UUID, Turn] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._lease_ms = int(settings.stream_lease_s * 1000)
+        self._release = redis.register_script(_RELEASE)
+        self._stop_channel = f"{settings.redis_prefix}stop"
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subscribed = asyncio.Event()
+
+    def _lease_key(self, chat_id: uuid.UUID) -> str:
+        return f"{self.settings.redis_prefix}active:{chat_id}"
+
+    def _lease_value(self, message_id: uuid.UUID) -> str:
+        return f"{self.instance_id} {message_id}"
+
+    # -- leases -----------------------------------------------------------------------------------
+
+    async def claim(self, chat_id: uuid.UUID, message_id: uuid.UUID) -> bool:
+        """Take the chat's active-stream lease; False when another stream holds it."""
+        taken = await self.redis.set(
+            self._lease_key(chat_id), self._lease_value(message_id), nx=True, px=self._lease_ms
+        )
+        return bool(taken)
+
+    async def release(self, chat_id: uuid.UUID, message_id: uuid.UUID) -> None:
+        await self._release(keys=[self._lease_key(chat_id)], args=[self._lease_value(message_id)])
+
+    # -- turns ------------------------------------------------------------------------------------
+
+    def add(self, turn: Turn) -> None:
+        self.turns[turn.ids.chat_id] = turn
+        self._idle.clear()
+
+    async def finish(self, turn: Turn) -> None:
+        """Persist a turn's ending, then free its chat. Called once per turn, by the turn."""
+        usage, estimated = turn.final_usage()
+        metadata: dict[str, object] = {
+            "duration_ms": turn.duration_ms,
+            "provider": turn.model.partition("/")[0],
+        }
+        if turn.first_token_s is not None:
+            metadata["ttft_ms"] = round(turn.first_token_s * 1000, 1)
+        if turn.error is not None:
+            metadata["error"] = {"code": turn.error.code, "message": turn.error.message}
+        reply = FinishedReply(
+            turn.ids.assistant_message_id, turn.text, turn.status, turn.ending or "stop", turn.model,
+            usage.input_tokens, usage.output_tokens, estimated, metadata,
+        )
+        try:
+            await finish_reply(self.pool, reply)
+        except Exception:
+            logger.exception("storing a finished reply failed", extra={"message_id": str(reply.message_id)})
+        try:
+            await self.release(turn.ids.chat_id, turn.ids.assistant_message_id)
+        except RedisError:
+            logger.warning("releasing a stream lease failed; it will expire", exc_info=True)
+        if self.turns.get(turn.ids.chat_id) is turn:
+            del self.turns[turn.ids.chat_id]
+        if not self.turns:
+            self._idle.set()
+
+    async def request_stop(self, chat_id: uuid.UUID) -> bool:
+        """Ask whichever instance runs the chat's stream to stop it; False when none runs."""
+        if not await self.redis.exists(self._lease_key(chat_id)):
+            return False
+        await self.redis.publish(self._stop_channel, str(chat_id))
+        return True
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.recover(startup=True)
+        self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._maintain())]
+        await self._subscribed.wait()
+
+    async def close(self, timeout_s: float) -> None:
+        """Interrupt what still runs, wait (bounded) for every ending to be stored, stop the loops."""
+        for turn in list(self.turns.values()):
+            turn.interrupt("interrupted")
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            logger.error("turns still unfinished at shutdown", extra={"count": len(self.turns)})
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self._stop_channel)
+                    self._subscribed.set()
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            self._stop_local(message["data"])
+            except RedisError:
+                logger.warning("stop channel lost; resubscribing", exc_info=True)
+                await asyncio.sleep(_RECONNECT_S)
+
+    def _stop_local(self, data: bytes) -> None:
+        try:
+            turn = self.turns.get(uuid.UUID(data.decode()))
+        except ValueError:
+            return
+        if turn is not None:
+            turn.interrupt("cancelled")
+
+    async def _maintain(self) -> None:
+        interval = self.settings.checkpoint_s
+        recover_every = max(1, int(self.settings.stream_lease_s / 3 / interval))
+        tick = 0
+        while True:
+            await asyncio.sleep(interval)
+            tick += 1
+            try:
+                await self.checkpoint()
+                await self.renew()
+                if tick % recover_every == 0:
+                    await self.recover(startup=False)
+            except (RedisError, asyncpg.PostgresError, OSError):
+                logger.warning("stream maintenance failed; retrying next interval", exc_info=True)
+
+    # -- periodic work ----------------------------------------------------------------------------
+
+    async def checkpoint(self) -> None:
+        """Write the partial text of every turn that grew since the last checkpoint, in one statement."""
+        ids, texts = [], []
+        for turn in self.turns.values():
+            if turn.ending is None and len(turn.parts) != turn.checkpointed_parts:
+                turn.checkpointed_parts = len(turn.parts)
+                ids.append(turn.ids.assistant_message_id)
+                texts.append(turn.text)
+        if ids:
+            await checkpoint_replies(self.pool, ids, texts)
+
+    async def renew(self) -> None:
+        if not self.turns:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for chat_id in self.turns:
+                pipe.pexpire(self._lease_key(chat_id), self._lease_ms)
+            await pipe.execute()
+
+    async def recover(self, *, startup: bool) -> int:
+        """Mark replies whose stream died as ``interrupted``; return how many."""
+        rows = await streaming_replies(self.pool, 0)
+        if not rows:
+            return 0
+        leases = await self.redis.mget([self._lease_key(chat_id) for _, chat_id in rows])
+        ours = f"{self.instance_id} ".encode()
+        lease: bytes | None
+        dead, stale_leases = [], []
+        for (message_id, chat_id), lease in zip(rows, leases, strict=True):  # type: ignore[assignment]
+            if lease is not None and startup and lease.startswith(ours):
+                stale_leases.append((chat_id, message_id))
+                dead.append(message_id)
+            elif lease is None or not lease.endswith(str(message_id).encode()):
+                dead.append(message_id)
+        marked = await interrupt_replies(self.pool, dead) if dead else 0
+        for chat_id, message_id in stale_leases:
+            await self.release(chat_id, message_id)
+        if marked:
+            logger.info("interrupted replies of dead streams", extra={"count": marked})
+        return marked

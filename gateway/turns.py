@@ -1,0 +1,246 @@
+"""One assistant reply in flight: pulls the provider's events, streams them, and records how it ended.
+
+A turn ends exactly one way, recorded once in ``ending``:
+- the provider finished (``stop``, ``length``, ...): status ``complete``;
+- ``POST /stop`` from any instance interrupted it: ``cancelled``;
+- the client hung up or stopped reading: ``client_disconnected``, status ``cancelled``;
+- the provider failed: ``error``;
+- the server shut down: ``interrupted``.
+Whatever the ending, the text handed to the client so far is kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.sse import encode_delta, encode_event
+from providers.base import Finish, ProviderError, ProviderRequest, StreamEvent, Usage
+
+logger = logging.getLogger("gateway.turns")
+
+_STATUS_OF = {
+    "stop": "complete", "length": "complete", "content_filter": "complete", "tool_calls": "complete",
+    "cancelled": "cancelled", "client_disconnected": "cancelled", "error": "error", "interrupted": "interrupted",
+}
+# Characters per token for the documented estimate used when a provider reports no usage.
+CHARS_PER_TOKEN = 4
+
+
+def estimate_tokens(chars: int) -> int:
+    return -(-chars // CHARS_PER_TOKEN)
+
+
+@dataclass(frozen=True, slots=True)
+class TurnIds:
+    chat_id: uuid.UUID
+    user_message_id: uuid.UUID
+    assistant_message_id: uuid.UUID
+
+
+class Turn:
+    """The state of one streamed reply. ``finisher`` persists the ending and frees the chat."""
+
+    def __init__(
+        self,
+        ids: TurnIds,
+        model: str,
+        request: ProviderRequest,
+        upstream: AsyncIterator[StreamEvent],
+        finisher: Callable[[Turn], Awaitable[None]],
+    ) -> None:
+        self.ids = ids
+        self.model = model
+        self.request = request
+        self.parts: list[str] = []
+        self.usage: Usage | None = None
+        self.ending: str | None = None
+        self.error: ProviderError | None = None
+        self.started = time.perf_counter()
+        self.first_token_s: float | None = None
+        self.duration_ms = 0.0
+        self.checkpointed_parts = 0
+        self._upstream = upstream
+        self._finisher = finisher
+        self._buffered: list[StreamEvent] = []
+        self._upstream_finish: str | None = None
+        self._stop_reason: str | None = None
+        self._hung_up = False
+        self._task: asyncio.Task[Any] | None = None
+        self._finishing: asyncio.Task[None] | None = None
+
+    # -- control from outside the streaming task --------------------------------------------------
+
+    def interrupt(self, reason: str) -> None:
+        """End the turn with ``reason`` (``cancelled`` or ``interrupted``) as soon as possible.
+
+        When the streaming task is waiting on the provider it is cancelled there, which closes the
+        upstream call at once; otherwise the flag is seen before the next event is sent.
+        """
+        if self._stop_reason is None and self.ending is None:
+            self._stop_reason = reason
+            if self._task is not None:
+                self._task.cancel()
+
+    def hang_up(self) -> None:
+        """The client went away; the cancellation that follows ends the turn as ``client_disconnected``."""
+        self._hung_up = True
+
+    # -- pulling events ---------------------------------------------------------------------------
+
+    async def _pull(self) -> StreamEvent | None:
+        """The next provider event, or None once the provider is done or the turn was interrupted."""
+        if self._buffered:
+            return self._buffered.pop(0)
+        if self._stop_reason is not None:
+            return None
+        task = self._task = asyncio.current_task()
+        assert task is not None
+        try:
+            return await anext(self._upstream)
+        except StopAsyncIteration:
+            return None
+        except asyncio.CancelledError:
+            if self._stop_reason is None:
+                raise
+            # Our own interrupt: the provider call is closed, and the turn goes on to report it.
+            task.uncancel()
+            return None
+        finally:
+            self._task = None
+
+    async def open(self) -> None:
+        """Wait for the first token (or the end), so a failure before it can still be a plain JSON error."""
+        while True:
+            event = await self._pull()
+            if event is None:
+                return
+            self._buffered.append(event)
+            if isinstance(event, (str, Finish)):
+                return
+
+    def _take(self, event: StreamEvent) -> None:
+        if isinstance(event, Usage):
+            self.usage = event
+        elif isinstance(event, Finish):
+            self._upstream_finish = event.reason
+
+    def _append(self, text: str) -> None:
+        if self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - self.started
+        self.parts.append(text)
+
+    # -- the two ways to deliver a turn -----------------------------------------------------------
+
+    async def sse(self) -> AsyncIterator[bytes]:
+        """The turn as SSE events; whatever stops it, the ending is stored before the last event."""
+        seq = 1
+        try:
+            yield encode_event(seq, "start", self.start_payload())
+            while (event := await self._pull()) is not None:
+                seq += 1
+                if type(event) is str:
+                    yield encode_delta(seq, event)
+                    self._append(event)  # only once handed to the transport
+                elif isinstance(event, Usage):
+                    self.usage = event
+                    yield encode_event(seq, "usage", {"input_tokens": event.input_tokens,
+                                                      "output_tokens": event.output_tokens})
+                else:
+                    self._take(event)
+                    seq -= 1
+        except ProviderError as error:
+            await self.finish(error=error)
+            yield encode_event(seq + 1, "error", {"code": error.code, "message": error.message})
+            return
+        except GeneratorExit:  # the send failed or timed out: the client is gone or frozen
+            await self.finish(ending="client_disconnected", shielded=True)
+            raise
+        except asyncio.CancelledError:  # a hang-up, or the server giving up on us at shutdown
+            await self.finish(ending="client_disconnected" if self._hung_up else "interrupted", shielded=True)
+            raise
+        await self.finish()
+        yield encode_event(seq + 1, "done", self.done_payload())
+
+    async def collect(self) -> None:
+        """Run the turn to its end without a client stream (the JSON answer)."""
+        try:
+            while (event := await self._pull()) is not None:
+                if type(event) is str:
+                    self._append(event)
+                else:
+                    self._take(event)
+        except ProviderError as error:
+            await self.finish(error=error)
+            return
+        except asyncio.CancelledError:
+            await self.finish(ending="interrupted", shielded=True)
+            raise
+        await self.finish()
+
+    # -- ending -----------------------------------------------------------------------------------
+
+    async def finish(
+        self, *, ending: str | None = None, error: ProviderError | None = None, shielded: bool = False
+    ) -> None:
+        """Record the ending once, close the provider call and persist; safe to call again."""
+        if self.ending is None:
+            self.error = error
+            self.ending = (
+                "error" if error else self._stop_reason or ending or self._upstream_finish or "stop"
+            )
+            self.duration_ms = round((time.perf_counter() - self.started) * 1000, 1)
+            self._finishing = asyncio.create_task(self._close_and_persist())
+        assert self._finishing is not None
+        if shielded:
+            # Cancelled or closed: the persisting task goes on by itself; the registry waits for it.
+            return
+        await asyncio.shield(self._finishing)
+
+    async def finished(self) -> None:
+        """Wait until the ending is stored (the turn must have ended)."""
+        assert self._finishing is not None
+        await asyncio.shield(self._finishing)
+
+    async def _close_and_persist(self) -> None:
+        try:
+            await self._upstream.aclose()  # type: ignore[attr-defined]
+        except Exception:
+            logger.warning("closing the provider stream failed", exc_info=True)
+        await self._finisher(self)
+
+    @property
+    def status(self) -> str:
+        return _STATUS_OF.get(self.ending or "", "complete")
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def final_usage(self) -> tuple[Usage, bool]:
+        """The provider's usage when it reported one, else the documented estimate (and True)."""
+        if self.usage is not None:
+            return self.usage, False
+        prompt = sum(len(m.content) for m in self.request.messages) + len(self.request.system or "")
+        return Usage(estimate_tokens(prompt), estimate_tokens(len(self.text))), True
+
+    def start_payload(self) -> dict[str, Any]:
+        return {
+            "chat_id": self.ids.chat_id, "user_message_id": self.ids.user_message_id,
+            "assistant_message_id": self.ids.assistant_message_id, "model": self.model,
+        }
+
+    def done_payload(self) -> dict[str, Any]:
+        usage, _ = self.final_usage()
+        return {
+            "assistant_message_id": self.ids.assistant_message_id,
+            "finish_reason": self.ending,
+            "usage": {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+                      "total_tokens": usage.input_tokens + usage.output_tokens},
+            "duration_ms": self.duration_ms,
+        }

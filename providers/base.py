@@ -1,0 +1,107 @@
+"""The adapter Protocol every provider implements, its events and its errors.
+
+An adapter translates one vendor's wire format and nothing else: the gateway owns persistence, quotas,
+pings, timeouts and cancellation. ``stream`` is an async generator; closing it (``aclose`` or cancelling the
+task that awaits it) must close the upstream connection at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRequest:
+    """One call to a model: ``model`` is the name after the ``provider/`` prefix."""
+
+    model: str
+    messages: list[ChatMessage]
+    system: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts so far; a later Usage replaces an earlier one (vendors report running totals)."""
+
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    reason: FinishReason
+
+
+# The closed union of what an adapter yields. A text delta is a plain ``str``: it is by far the most
+# frequent event, and a bare string costs no allocation beyond the text itself.
+StreamEvent = str | Usage | Finish
+
+
+class Provider(Protocol):
+    """A model vendor: ``stream`` yields text deltas, then usage (when known) and a finish."""
+
+    name: str
+
+    def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]: ...
+
+
+class ProviderError(Exception):
+    """A provider call failed. ``code`` is stable and goes to clients; the message never holds secrets."""
+
+    code = "upstream_error"
+    http_status = 502
+    retryable = False
+
+    def __init__(self, message: str = "The model provider failed", *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class ProviderStatusError(ProviderError):
+    """The vendor answered with an error status."""
+
+    def __init__(self, status: int, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.status = status
+        if status in (401, 403):
+            self.code = "upstream_auth_failed"
+        elif status == 429:
+            self.code, self.retryable = "upstream_rate_limited", True
+        elif status >= 500:
+            self.code, self.retryable = "upstream_unavailable" if status in (503, 529) else "upstream_error", True
+
+
+class ProviderTimeout(ProviderError):
+    code = "upstream_timeout"
+    http_status = 504
+    retryable = True
+
+
+class ProviderConnectionError(ProviderError):
+    code = "upstream_connection_failed"
+    retryable = True
+
+
+class ProviderProtocolError(ProviderError):
+    """The vendor's stream could not be understood (malformed frame, oversized event)."""
+
+    code = "upstream_protocol_error"
+
+
+class UnknownModel(LookupError):
+    pass
