@@ -125,7 +125,9 @@ async def run_turn(
     try:
         provider, model_name = services.providers.resolve(model)
     except UnknownModel as error:
-        raise ValidationFailed(str(error), details=[{"loc": ["model"], "msg": str(error), "type": "unknown"}]) from None
+        raise ValidationFailed(
+            str(error), details=[{"loc": ["model"], "msg": str(error), "type": "unknown"}]
+        ) from None
     ids = TurnIds(chat_id, uuid.uuid4(), uuid.uuid4())
     if not await services.streams.claim(chat_id, ids.assistant_message_id):
         raise StreamAlreadyActive()
@@ -137,7 +139,9 @@ async def run_turn(
     provider_request = ProviderRequest(
         model_name,
         [*history_window(context.history, settings.history_chars), ChatMessage("user", content)],
-        system=context.system_prompt, max_tokens=options.max_tokens, temperature=options.temperature,
+        system=context.system_prompt,
+        max_tokens=options.max_tokens,
+        temperature=options.temperature,
     )
     turn = Turn(ids, model, provider_request, provider.stream(provider_request), services.streams.finish)
     services.streams.add(turn)
@@ -155,14 +159,26 @@ async def run_turn(
 
 
 async def store_turn(
-    services: Services, owner: Owner, ids: TurnIds, content: str, model: str, options: TurnOptions,
+    services: Services,
+    owner: Owner,
+    ids: TurnIds,
+    content: str,
+    model: str,
+    options: TurnOptions,
     context: TurnContext,
 ) -> None:
     parts: list[dict[str, Any]] = [{"type": "text", "text": content}]
     parts += [{"type": "attachment", **a.model_dump()} for a in options.attachments]
     new_turn = NewTurn(
-        ids.chat_id, ids.user_message_id, ids.assistant_message_id, content, title_from(content), model,
-        parts, options.client_message_id, options.metadata or {},
+        ids.chat_id,
+        ids.user_message_id,
+        ids.assistant_message_id,
+        content,
+        title_from(content),
+        model,
+        parts,
+        options.client_message_id,
+        options.metadata or {},
     )
     if not await messages.insert_turn(services.pool, owner, new_turn):
         raise ChatNotFound()

@@ -93,8 +93,15 @@ class StreamRegistry:
         if turn.error is not None:
             metadata["error"] = {"code": turn.error.code, "message": turn.error.message}
         reply = FinishedReply(
-            turn.ids.assistant_message_id, turn.text, turn.status, turn.ending or "stop", turn.model,
-            usage.input_tokens, usage.output_tokens, estimated, metadata,
+            turn.ids.assistant_message_id,
+            turn.text,
+            turn.status,
+            turn.ending or "stop",
+            turn.model,
+            usage.input_tokens,
+            usage.output_tokens,
+            estimated,
+            metadata,
         )
         try:
             await finish_reply(self.pool, reply)

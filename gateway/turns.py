@@ -25,8 +25,14 @@ from providers.base import Finish, ProviderError, ProviderRequest, StreamEvent, 
 logger = logging.getLogger("gateway.turns")
 
 _STATUS_OF = {
-    "stop": "complete", "length": "complete", "content_filter": "complete", "tool_calls": "complete",
-    "cancelled": "cancelled", "client_disconnected": "cancelled", "error": "error", "interrupted": "interrupted",
+    "stop": "complete",
+    "length": "complete",
+    "content_filter": "complete",
+    "tool_calls": "complete",
+    "cancelled": "cancelled",
+    "client_disconnected": "cancelled",
+    "error": "error",
+    "interrupted": "interrupted",
 }
 # Characters per token for the documented estimate used when a provider reports no usage.
 CHARS_PER_TOKEN = 4
@@ -73,6 +79,7 @@ class Turn:
         self._hung_up = False
         self._task: asyncio.Task[Any] | None = None
         self._finishing: asyncio.Task[None] | None = None
+        self._stored = asyncio.Event()
 
     # -- control from outside the streaming task --------------------------------------------------
 
@@ -149,8 +156,11 @@ class Turn:
                     self._append(event)  # only once handed to the transport
                 elif isinstance(event, Usage):
                     self.usage = event
-                    yield encode_event(seq, "usage", {"input_tokens": event.input_tokens,
-                                                      "output_tokens": event.output_tokens})
+                    yield encode_event(
+                        seq,
+                        "usage",
+                        {"input_tokens": event.input_tokens, "output_tokens": event.output_tokens},
+                    )
                 else:
                     self._take(event)
                     seq -= 1
@@ -191,9 +201,7 @@ class Turn:
         """Record the ending once, close the provider call and persist; safe to call again."""
         if self.ending is None:
             self.error = error
-            self.ending = (
-                "error" if error else self._stop_reason or ending or self._upstream_finish or "stop"
-            )
+            self.ending = "error" if error else self._stop_reason or ending or self._upstream_finish or "stop"
             self.duration_ms = round((time.perf_counter() - self.started) * 1000, 1)
             self._finishing = asyncio.create_task(self._close_and_persist())
         assert self._finishing is not None
@@ -203,16 +211,18 @@ class Turn:
         await asyncio.shield(self._finishing)
 
     async def finished(self) -> None:
-        """Wait until the ending is stored (the turn must have ended)."""
-        assert self._finishing is not None
-        await asyncio.shield(self._finishing)
+        """Wait until the turn has ended and its ending is stored."""
+        await self._stored.wait()
 
     async def _close_and_persist(self) -> None:
         try:
             await self._upstream.aclose()  # type: ignore[attr-defined]
         except Exception:
             logger.warning("closing the provider stream failed", exc_info=True)
-        await self._finisher(self)
+        try:
+            await self._finisher(self)
+        finally:
+            self._stored.set()
 
     @property
     def status(self) -> str:
@@ -231,8 +241,10 @@ class Turn:
 
     def start_payload(self) -> dict[str, Any]:
         return {
-            "chat_id": self.ids.chat_id, "user_message_id": self.ids.user_message_id,
-            "assistant_message_id": self.ids.assistant_message_id, "model": self.model,
+            "chat_id": self.ids.chat_id,
+            "user_message_id": self.ids.user_message_id,
+            "assistant_message_id": self.ids.assistant_message_id,
+            "model": self.model,
         }
 
     def done_payload(self) -> dict[str, Any]:
@@ -240,7 +252,10 @@ class Turn:
         return {
             "assistant_message_id": self.ids.assistant_message_id,
             "finish_reason": self.ending,
-            "usage": {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
-                      "total_tokens": usage.input_tokens + usage.output_tokens},
+            "usage": {
+                "input_tokens": usage.input_tokens,
+                "output_tokens": usage.output_tokens,
+                "total_tokens": usage.input_tokens + usage.output_tokens,
+            },
             "duration_ms": self.duration_ms,
         }

@@ -66,7 +66,9 @@ class ProviderError(Exception):
     http_status = 502
     retryable = False
 
-    def __init__(self, message: str = "The model provider failed", *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str = "The model provider failed", *, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
@@ -83,7 +85,10 @@ class ProviderStatusError(ProviderError):
         elif status == 429:
             self.code, self.retryable = "upstream_rate_limited", True
         elif status >= 500:
-            self.code, self.retryable = "upstream_unavailable" if status in (503, 529) else "upstream_error", True
+            self.code, self.retryable = (
+                "upstream_unavailable" if status in (503, 529) else "upstream_error",
+                True,
+            )
 
 
 class ProviderTimeout(ProviderError):

@@ -103,7 +103,8 @@ class FakeProvider:
         words = _WORDS.findall(prompt) or [prompt or "…"]
         if options.tokens is None:
             return words
-        return [words[n % len(words)] for n in range(options.tokens)]
+        spaced = [word if word[-1].isspace() else word + " " for word in words]
+        return [spaced[n % len(spaced)] for n in range(options.tokens)]
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]:
         options = FakeOptions.parse(request.model, request.options)

@@ -14,7 +14,9 @@ class ProviderRegistry:
         name, _, model_name = model.partition("/")
         provider = self._providers.get(name)
         if provider is None or not model_name:
-            raise UnknownModel(f"Unknown model {model!r}: known providers are {', '.join(sorted(self._providers))}")
+            raise UnknownModel(
+                f"Unknown model {model!r}: known providers are {', '.join(sorted(self._providers))}"
+            )
         return provider, model_name
 
     def get(self, name: str) -> Provider:
