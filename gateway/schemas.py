@@ -147,3 +147,12 @@ class ChatTurn(TurnOptions):
     chat_id: uuid.UUID | None = None
     title: Title | None = None
     system_prompt: SystemPrompt | None = None
+
+
+class QuotaLimits(Body):
+    """``PUT /v1/admin/quotas/{scope}/{subject_id}``: null keeps the default from settings."""
+
+    tokens_per_period: int | None = Field(default=None, ge=0, le=10**15)
+    period: Literal["day", "month"] = "day"
+    requests_per_minute: int | None = Field(default=None, ge=0, le=10**9)
+    max_concurrent_streams: int | None = Field(default=None, ge=0, le=10**6)

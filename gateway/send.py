@@ -25,11 +25,12 @@ from gateway.errors import (
     UpstreamTimeout,
     ValidationFailed,
 )
+from gateway.quotas import Admission
 from gateway.responses import JSONBody
 from gateway.schemas import ChatTurn, SendMessage, TurnOptions, chat_id_of, parse_body
 from gateway.services import Services, services_of
 from gateway.sse import STREAM_HEADERS
-from gateway.turns import Turn, TurnIds
+from gateway.turns import Turn, TurnIds, estimate_tokens
 from providers.base import ChatMessage, ProviderError, ProviderRequest, UnknownModel
 from storage import chats, messages
 from storage.chats import ChatFields, ChatLimitExceeded, Owner
@@ -129,21 +130,25 @@ async def run_turn(
             str(error), details=[{"loc": ["model"], "msg": str(error), "type": "unknown"}]
         ) from None
     ids = TurnIds(chat_id, uuid.uuid4(), uuid.uuid4())
-    if not await services.streams.claim(chat_id, ids.assistant_message_id):
-        raise StreamAlreadyActive()
-    try:
-        await store_turn(services, owner, ids, content, model, options, context)
-    except BaseException:
-        await services.streams.release(chat_id, ids.assistant_message_id)
-        raise
     provider_request = ProviderRequest(
         model_name,
         [*history_window(context.history, settings.history_chars), ChatMessage("user", content)],
-        system=context.system_prompt,
-        max_tokens=options.max_tokens,
-        temperature=options.temperature,
+        system=context.system_prompt, max_tokens=options.max_tokens, temperature=options.temperature,
     )
+    admission = await admit(services, owner, ids, provider_request)
+    try:
+        if not await services.streams.claim(chat_id, ids.assistant_message_id):
+            raise StreamAlreadyActive()
+        try:
+            await store_turn(services, owner, ids, content, model, options, context)
+        except BaseException:
+            await services.streams.release(chat_id, ids.assistant_message_id)
+            raise
+    except BaseException:
+        await services.quotas.settle(admission.ticket, 0)
+        raise
     turn = Turn(ids, model, provider_request, provider.stream(provider_request), services.streams.finish)
+    turn.ticket = admission.ticket
     services.streams.add(turn)
     try:
         await turn.open()
@@ -154,8 +159,15 @@ async def run_turn(
         await turn.finish(ending="interrupted", shielded=True)
         raise
     if "application/json" in request.headers.get("accept", ""):
-        return await json_answer(services, owner, turn)
-    return stream_answer(services, turn)
+        return await json_answer(services, owner, turn, admission.headers)
+    return stream_answer(services, turn, admission.headers)
+
+
+async def admit(services: Services, owner: Owner, ids: TurnIds, request: ProviderRequest) -> Admission:
+    """Reserve the turn's estimated tokens: the prompt's estimate plus its ``max_tokens`` (or the default)."""
+    prompt_chars = sum(len(m.content) for m in request.messages) + len(request.system or "")
+    estimate = services.quotas.estimate(estimate_tokens(prompt_chars), request.max_tokens)
+    return await services.quotas.admit(owner.org_id, owner.user_id, str(ids.assistant_message_id), estimate)
 
 
 async def store_turn(
@@ -184,13 +196,13 @@ async def store_turn(
         raise ChatNotFound()
 
 
-def stream_answer(services: Services, turn: Turn) -> Response:
+def stream_answer(services: Services, turn: Turn, headers: dict[str, str]) -> Response:
     async def on_hang_up(message: Message) -> None:
         turn.hang_up()
 
     return EventSourceResponse(
         turn.sse(),
-        headers=STREAM_HEADERS,
+        headers={**STREAM_HEADERS, **headers},
         ping=services.settings.ping_s,
         ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
         sep="\n",
@@ -199,14 +211,14 @@ def stream_answer(services: Services, turn: Turn) -> Response:
     )
 
 
-async def json_answer(services: Services, owner: Owner, turn: Turn) -> Response:
+async def json_answer(services: Services, owner: Owner, turn: Turn, headers: dict[str, str]) -> Response:
     await turn.collect()
     user_message = await messages.get_message(services.pool, owner, turn.ids.user_message_id)
     assistant_message = await messages.get_message(services.pool, owner, turn.ids.assistant_message_id)
     body = {"chat_id": turn.ids.chat_id, "user_message": user_message, "assistant_message": assistant_message}
     if turn.error is not None:
         body["error"] = {"code": turn.error.code, "message": turn.error.message}
-    return JSONBody(body)
+    return JSONBody(body, headers=headers)
 
 
 routes = [

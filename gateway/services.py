@@ -8,6 +8,7 @@ import asyncpg
 from redis.asyncio import Redis
 from starlette.requests import Request
 
+from gateway.quotas import QuotaGuard
 from gateway.settings import Settings
 from gateway.streams import StreamRegistry
 from providers.registry import ProviderRegistry
@@ -20,6 +21,7 @@ class Services:
     redis: Redis
     providers: ProviderRegistry
     streams: StreamRegistry
+    quotas: QuotaGuard
 
 
 def services_of(request: Request) -> Services:

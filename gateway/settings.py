@@ -40,6 +40,16 @@ class Settings(BaseSettings):
     ping_s: float = Field(default=15.0, gt=0)
     shutdown_grace_s: float = Field(default=10.0, ge=0)
 
+    # Quotas: None is unlimited. Per-subject overrides live in PostgreSQL (see /v1/admin/quotas).
+    quota_user_tokens: int | None = Field(default=None, ge=0)
+    quota_org_tokens: int | None = Field(default=None, ge=0)
+    quota_period: Literal["day", "month"] = "day"
+    quota_requests_per_minute: int | None = Field(default=None, ge=0)
+    quota_max_concurrent_streams: int | None = Field(default=None, ge=0)
+    quota_default_max_tokens: int = Field(default=1024, ge=1)
+    quota_fail_mode: Literal["closed", "open"] = "closed"
+    quota_limits_cache_s: int = Field(default=300, ge=1)
+
 
 def load_settings(**overrides: object) -> Settings:
     """Read the settings, turning pydantic's error into one that names each variable at fault."""

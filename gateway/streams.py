@@ -20,6 +20,8 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from gateway.errors import Unavailable
+from gateway.quotas import QuotaGuard
 from gateway.settings import Settings
 from gateway.turns import Turn
 from storage.messages import (
@@ -43,10 +45,11 @@ _RECONNECT_S = 1.0
 class StreamRegistry:
     """Running turns by chat id, with their leases, stop channel, checkpoints and recovery."""
 
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, redis: Redis) -> None:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, redis: Redis, quotas: QuotaGuard) -> None:
         self.settings = settings
         self.pool = pool
         self.redis = redis
+        self.quotas = quotas
         self.instance_id = settings.instance_id or uuid.uuid4().hex
         self.turns: dict[uuid.UUID, Turn] = {}
         self._idle = asyncio.Event()
@@ -66,14 +69,27 @@ class StreamRegistry:
     # -- leases -----------------------------------------------------------------------------------
 
     async def claim(self, chat_id: uuid.UUID, message_id: uuid.UUID) -> bool:
-        """Take the chat's active-stream lease; False when another stream holds it."""
-        taken = await self.redis.set(
-            self._lease_key(chat_id), self._lease_value(message_id), nx=True, px=self._lease_ms
-        )
+        """Take the chat's active-stream lease; False when another stream holds it.
+
+        With Redis down and the fail mode ``open``, the stream goes ahead without a lease (and so without
+        the one-stream-per-chat rule and stop-from-anywhere); with ``closed`` the caller gets a 503.
+        """
+        try:
+            taken = await self.redis.set(
+                self._lease_key(chat_id), self._lease_value(message_id), nx=True, px=self._lease_ms
+            )
+        except (RedisError, OSError):
+            if self.settings.quota_fail_mode == "open":
+                logger.warning("Redis unavailable; stream goes ahead without a lease", extra={"chat": str(chat_id)})
+                return True
+            raise Unavailable("Redis is unavailable") from None
         return bool(taken)
 
     async def release(self, chat_id: uuid.UUID, message_id: uuid.UUID) -> None:
-        await self._release(keys=[self._lease_key(chat_id)], args=[self._lease_value(message_id)])
+        try:
+            await self._release(keys=[self._lease_key(chat_id)], args=[self._lease_value(message_id)])
+        except (RedisError, OSError):
+            logger.warning("releasing a stream lease failed; it will expire", exc_info=True)
 
     # -- turns ------------------------------------------------------------------------------------
 
@@ -102,15 +118,14 @@ class StreamRegistry:
             usage.output_tokens,
             estimated,
             metadata,
+            turn.charged_tokens(),
         )
         try:
             await finish_reply(self.pool, reply)
         except Exception:
             logger.exception("storing a finished reply failed", extra={"message_id": str(reply.message_id)})
-        try:
-            await self.release(turn.ids.chat_id, turn.ids.assistant_message_id)
-        except RedisError:
-            logger.warning("releasing a stream lease failed; it will expire", exc_info=True)
+        await self.quotas.settle(turn.ticket, reply.charged_tokens)
+        await self.release(turn.ids.chat_id, turn.ids.assistant_message_id)
         if self.turns.get(turn.ids.chat_id) is turn:
             del self.turns[turn.ids.chat_id]
         if not self.turns:
@@ -194,12 +209,14 @@ class StreamRegistry:
             await checkpoint_replies(self.pool, ids, texts)
 
     async def renew(self) -> None:
+        """Push back the leases, quota slots and reservations of every running turn."""
         if not self.turns:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for chat_id in self.turns:
                 pipe.pexpire(self._lease_key(chat_id), self._lease_ms)
             await pipe.execute()
+        await self.quotas.store.renew(turn.ticket for turn in self.turns.values() if turn.ticket)
 
     async def recover(self, *, startup: bool) -> int:
         """Mark replies whose stream died as ``interrupted``; return how many."""

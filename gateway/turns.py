@@ -21,6 +21,7 @@ from typing import Any
 
 from gateway.sse import encode_delta, encode_event
 from providers.base import Finish, ProviderError, ProviderRequest, StreamEvent, Usage
+from storage.quotas import Ticket
 
 logger = logging.getLogger("gateway.turns")
 
@@ -71,6 +72,7 @@ class Turn:
         self.first_token_s: float | None = None
         self.duration_ms = 0.0
         self.checkpointed_parts = 0
+        self.ticket: Ticket | None = None  # its quota reservation, settled when the turn is stored
         self._upstream = upstream
         self._finisher = finisher
         self._buffered: list[StreamEvent] = []
@@ -238,6 +240,13 @@ class Turn:
             return self.usage, False
         prompt = sum(len(m.content) for m in self.request.messages) + len(self.request.system or "")
         return Usage(estimate_tokens(prompt), estimate_tokens(len(self.text))), True
+
+    def charged_tokens(self) -> int:
+        """What the turn costs: nothing when it failed before producing anything, else prompt and output."""
+        if self.ending == "error" and not self.parts:
+            return 0
+        usage, _ = self.final_usage()
+        return usage.input_tokens + usage.output_tokens
 
     def start_payload(self) -> dict[str, Any]:
         return {

@@ -117,9 +117,11 @@ class FinishedReply:
     output_tokens: int
     usage_estimated: bool
     metadata: dict[str, Any]
+    charged_tokens: int
 
 
 async def finish_reply(db: Executor, reply: FinishedReply) -> None:
+    """Store the reply's ending and write its usage to the ledger, in one statement."""
     await db.execute(
         SQL["finish_message"],
         reply.message_id,
@@ -131,6 +133,7 @@ async def finish_reply(db: Executor, reply: FinishedReply) -> None:
         reply.output_tokens,
         reply.usage_estimated,
         reply.metadata,
+        reply.charged_tokens,
     )
 
 

@@ -27,6 +27,7 @@ from gateway.embedded import embedded_postgres, embedded_redis
 from gateway.services import Services
 from gateway.settings import Settings
 from providers.fake import FakeProvider
+from providers.registry import ProviderRegistry
 from tests.servers import serve_app
 
 JWT_SECRET = "test-secret-" + "x" * 32
@@ -137,8 +138,8 @@ def start_gateway(settings: Settings) -> Callable[..., contextlib.AbstractAsyncC
     """Start an in-process gateway with some settings changed."""
 
     @contextlib.asynccontextmanager
-    async def start(**overrides: Any) -> AsyncIterator[Gateway]:
-        app = create_app(settings.model_copy(update=overrides))
+    async def start(providers: ProviderRegistry | None = None, **overrides: Any) -> AsyncIterator[Gateway]:
+        app = create_app(settings.model_copy(update=overrides), providers)
         async with serve_app(app) as url:
             yield Gateway(url, app)
 

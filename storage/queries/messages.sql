@@ -55,11 +55,18 @@ FROM chat, (VALUES
 RETURNING id, created_at;
 
 -- name: finish_message
-UPDATE messages SET
-    content = $2, status = $3, finish_reason = $4, model = $5,
-    input_tokens = $6, output_tokens = $7, usage_estimated = $8,
-    metadata = metadata || $9::jsonb, completed_at = now()
-WHERE id = $1;
+-- The reply's final state and its usage ledger row, in one statement.
+WITH reply AS (
+    UPDATE messages SET
+        content = $2, status = $3, finish_reason = $4, model = $5,
+        input_tokens = $6, output_tokens = $7, usage_estimated = $8,
+        metadata = metadata || $9::jsonb, completed_at = now()
+    WHERE id = $1
+    RETURNING org_id, user_id, chat_id
+)
+INSERT INTO usage_ledger (org_id, user_id, chat_id, message_id, model, input_tokens, output_tokens,
+                          charged_tokens, estimated)
+SELECT org_id, user_id, chat_id, $1, $5, $6, $7, $10, $8 FROM reply;
 
 -- name: checkpoint_messages
 UPDATE messages m SET content = v.content

@@ -1,0 +1,247 @@
+"""Usage quotas in Redis: one atomic admission per stream, settled to the real usage at its end.
+
+Limits: a token budget per user and per org over a period (``day`` or ``month``, resetting at the UTC
+boundary), requests per minute per user (a sliding window over the last 60 s: exact, one entry per request),
+and concurrent streams per user. Every key of an org carries the org id as its hash tag, so one org's user
+and org counters live in one slot and the scripts also run on Redis Cluster.
+
+A stream's slot and reservation carry an expiry that the running instance renews; a crashed instance's
+expire by themselves and are dropped by the next admission.
+"""
+
+from __future__ import annotations
+
+import calendar
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from storage.usage import QuotaOverride
+
+_LUA = Path(__file__).with_name("lua")
+UNLIMITED = -1
+_DAY_S = 86_400
+
+LoadLimits = Callable[[str, str, str], Awaitable[QuotaOverride | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaDefaults:
+    """Limits for subjects with no override; None is unlimited."""
+
+    user_tokens: int | None = None
+    org_tokens: int | None = None
+    period: str = "day"
+    requests_per_minute: int | None = None
+    max_concurrent_streams: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """What settling a stream needs: its id, the keys it reserved in, and how long its counters live."""
+
+    stream_id: str
+    keys: tuple[str, ...]
+    ttls: tuple[int, int]
+    active_keys: tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    code: str  # "ok", "too_many_streams", "rate_limited" or "quota_exceeded"
+    retry_after_s: int
+    token_limit: int
+    tokens_remaining: int
+    token_reset_s: int
+    request_limit: int
+    requests_remaining: int
+    ticket: Ticket | None
+
+    @property
+    def admitted(self) -> bool:
+        return self.code == "ok"
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodBounds:
+    day: str
+    day_reset_ms: int
+    month: str
+    month_reset_ms: int
+
+
+def period_bounds(now_s: float) -> PeriodBounds:
+    """The current UTC day and month, and when each ends."""
+    moment = datetime.fromtimestamp(now_s, UTC)
+    day_start = calendar.timegm((moment.year, moment.month, moment.day, 0, 0, 0))
+    next_month = (moment.year + moment.month // 12, moment.month % 12 + 1)
+    month_end = calendar.timegm((*next_month, 1, 0, 0, 0))
+    return PeriodBounds(
+        moment.strftime("d%Y%m%d"), (day_start + _DAY_S) * 1000, moment.strftime("m%Y%m"), month_end * 1000
+    )
+
+
+def _limit(value: int | None) -> int:
+    return UNLIMITED if value is None else value
+
+
+class QuotaStore:
+    """Admission, settlement and reporting of quotas; ``clock`` is injectable so tests can move time."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        prefix: str,
+        defaults: QuotaDefaults,
+        slot_ttl_s: float,
+        load_limits: LoadLimits,
+        limits_cache_s: int = 300,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.defaults = defaults
+        self.slot_ttl_ms = int(slot_ttl_s * 1000)
+        self.load_limits = load_limits
+        self.limits_cache_s = limits_cache_s
+        self.clock = clock
+        self._reserve = redis.register_script((_LUA / "reserve.lua").read_text())
+        self._settle = redis.register_script((_LUA / "settle.lua").read_text())
+        self._usage = redis.register_script((_LUA / "usage.lua").read_text())
+
+    # -- keys ---------------------------------------------------------------------------------------
+
+    def _key(self, org_id: str, *parts: str) -> str:
+        return f"{self.prefix}q:{{{org_id}}}:" + ":".join(parts)
+
+    def limits_key(self, org_id: str, scope: str, subject_id: str) -> str:
+        return self._key(org_id, scope, subject_id, "limits")
+
+    def _keys(self, org_id: str, user_id: str, bounds: PeriodBounds) -> list[str]:
+        user, org = ("user", user_id), ("org", org_id)
+        return [
+            self._key(org_id, *user, "active"), self._key(org_id, *user, "reserved"),
+            self._key(org_id, *user, "used", bounds.day), self._key(org_id, *user, "used", bounds.month),
+            self.limits_key(org_id, *user),
+            self._key(org_id, *org, "active"), self._key(org_id, *org, "reserved"),
+            self._key(org_id, *org, "used", bounds.day), self._key(org_id, *org, "used", bounds.month),
+            self.limits_key(org_id, *org),
+            self._key(org_id, *user, "requests"),
+        ]
+
+    def _args(self, now_ms: int, bounds: PeriodBounds) -> list[Any]:
+        d = self.defaults
+        return [now_ms, bounds.day_reset_ms, bounds.month_reset_ms, _limit(d.user_tokens), _limit(d.org_tokens),
+                d.period, _limit(d.requests_per_minute), _limit(d.max_concurrent_streams)]
+
+    # -- admission and settlement -------------------------------------------------------------------
+
+    async def reserve(self, org_id: str, user_id: str, stream_id: str, estimate: int) -> Decision:
+        """Check every limit and, if all pass, take a slot and reserve ``estimate`` tokens: one round trip."""
+        while True:
+            now_ms = int(self.clock() * 1000)
+            bounds = period_bounds(now_ms / 1000)
+            keys = self._keys(org_id, user_id, bounds)
+            now, day_reset, month_reset, *defaults = self._args(now_ms, bounds)
+            args = [now, stream_id, estimate, now_ms + self.slot_ttl_ms, day_reset, month_reset, *defaults,
+                    math.ceil(self.slot_ttl_ms / 1000) * 3]
+            result = await self._reserve(keys=keys, args=args)
+            if result[0] == b"limits":
+                await self._cache_limits(org_id, user_id, result[1].decode())
+                continue
+            return self._decision(result, keys, bounds, stream_id, now_ms)
+
+    def _decision(
+        self, result: list[Any], keys: list[str], bounds: PeriodBounds, stream_id: str, now_ms: int
+    ) -> Decision:
+        code = result[0].decode()
+        ticket = None
+        if code == "ok":
+            user_month, org_month = result[7] == b"month", result[8] == b"month"
+            user_reset = bounds.month_reset_ms if user_month else bounds.day_reset_ms
+            org_reset = bounds.month_reset_ms if org_month else bounds.day_reset_ms
+            ticket = Ticket(
+                stream_id,
+                (keys[0], keys[1], keys[3] if user_month else keys[2],
+                 keys[5], keys[6], keys[8] if org_month else keys[7]),
+                ((user_reset - now_ms) // 1000 + _DAY_S, (org_reset - now_ms) // 1000 + _DAY_S),
+                (keys[0], keys[5]),
+            )
+        return Decision(
+            code, math.ceil(max(int(result[1]), 0) / 1000), int(result[2]), int(result[3]),
+            math.ceil(int(result[4]) / 1000), int(result[5]), int(result[6]), ticket,
+        )
+
+    async def settle(self, ticket: Ticket, charged_tokens: int) -> None:
+        """Replace the stream's reservation by what it really used, and free its slot."""
+        await self._settle(keys=list(ticket.keys), args=[ticket.stream_id, charged_tokens, *ticket.ttls])
+
+    async def renew(self, tickets: Iterable[Ticket]) -> None:
+        """Push back the expiry of running streams' slots and reservations (one pipeline)."""
+        expiry = int(self.clock() * 1000) + self.slot_ttl_ms
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for ticket in tickets:
+                for key in ticket.active_keys:
+                    pipe.zadd(key, {ticket.stream_id: expiry}, xx=True)
+            await pipe.execute()
+
+    # -- limits cache and reporting -----------------------------------------------------------------
+
+    async def _cache_limits(self, org_id: str, user_id: str, scope: str) -> None:
+        subject = user_id if scope == "user" else org_id
+        override = await self.load_limits(org_id, scope, subject)
+        fields: dict[str, str | int] = {"loaded": 1}
+        if override is not None:
+            fields["period"] = override.period
+            for name, value in (("tokens", override.tokens_per_period), ("rpm", override.requests_per_minute),
+                                ("concurrent", override.max_concurrent_streams)):
+                if value is not None:
+                    fields[name] = value
+        key = self.limits_key(org_id, scope, subject)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]  # the stub's Mapping is invariant
+            pipe.expire(key, self.limits_cache_s)
+            await pipe.execute()
+
+    async def forget_limits(self, org_id: str, scope: str, subject_id: str) -> None:
+        """Drop a cached override so the next admission reads the new one."""
+        await self.redis.delete(self.limits_key(org_id, scope, subject_id))
+
+    async def usage(self, org_id: str, user_id: str) -> dict[str, Any]:
+        while True:
+            now_ms = int(self.clock() * 1000)
+            bounds = period_bounds(now_ms / 1000)
+            result = await self._usage(keys=self._keys(org_id, user_id, bounds), args=[
+                now_ms, "", "", "", *self._args(now_ms, bounds)[1:]])
+            if result[0] == b"limits":
+                await self._cache_limits(org_id, user_id, result[1].decode())
+                continue
+            return _usage_report(result, now_ms)
+
+
+def _usage_report(r: list[Any], now_ms: int) -> dict[str, Any]:
+    def budget(limit: int, used: int, reserved: int, reset_ms: int, period: bytes) -> dict[str, Any]:
+        unlimited = limit == UNLIMITED
+        return {
+            "period": period.decode(), "limit": None if unlimited else limit, "used": used,
+            "reserved": reserved, "remaining": None if unlimited else max(limit - used - reserved, 0),
+            "resets_at": datetime.fromtimestamp((now_ms + reset_ms) / 1000, UTC).isoformat(),
+            "resets_in_s": math.ceil(reset_ms / 1000),
+        }
+
+    rpm, concurrency = int(r[9]), int(r[11])
+    return {
+        "user_tokens": budget(int(r[1]), int(r[2]), int(r[3]), int(r[4]), r[13]),
+        "org_tokens": budget(int(r[5]), int(r[6]), int(r[7]), int(r[8]), r[14]),
+        "requests_per_minute": {"limit": None if rpm == UNLIMITED else rpm, "used": int(r[10]),
+                                "remaining": None if rpm == UNLIMITED else max(rpm - int(r[10]), 0)},
+        "concurrent_streams": {"limit": None if concurrency == UNLIMITED else concurrency,
+                               "active": int(r[12])},
+    }

@@ -1,0 +1,308 @@
+"""Quotas on real Redis and PostgreSQL: exact under concurrency, settled to real usage, clock injected."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from gateway.embedded import embedded_redis
+from gateway.settings import Settings
+from providers.fake import FakeProvider
+from providers.registry import ProviderRegistry
+from storage.quotas import QuotaDefaults, QuotaStore
+from storage.usage import QuotaOverride, get_override, put_override
+from tests.conftest import JWT_SECRET, auth_headers
+from tests.servers import gateway_process
+from tests.test_send import new_chat, next_delta, read_events
+
+
+class Clock:
+    def __init__(self, moment: datetime) -> None:
+        self.now = moment.timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def subject() -> tuple[str, str]:
+    return f"org-{uuid.uuid4().hex[:8]}", f"user-{uuid.uuid4().hex[:8]}"
+
+
+def store_for(redis: Redis, db: asyncpg.Pool, settings: Settings, clock: Clock, **defaults: Any) -> QuotaStore:
+    async def load(org_id: str, scope: str, subject_id: str) -> QuotaOverride | None:
+        return await get_override(db, org_id, scope, subject_id)
+
+    return QuotaStore(redis, settings.redis_prefix, QuotaDefaults(**defaults), 30, load, clock=clock)
+
+
+async def test_budget_refuses_then_resets_at_the_utc_day_boundary(
+    redis: Redis, db: asyncpg.Pool, settings: Settings, subject: tuple[str, str]
+) -> None:
+    clock = Clock(datetime(2026, 3, 9, 23, 59, 0, tzinfo=UTC))
+    store = store_for(redis, db, settings, clock, user_tokens=250)
+    first = await store.reserve(*subject, "s1", 100)
+    assert first.admitted and first.tokens_remaining == 150 and first.token_limit == 250
+    assert first.ticket is not None
+    await store.settle(first.ticket, 120)
+    second = await store.reserve(*subject, "s2", 100)
+    assert second.admitted and second.tokens_remaining == 30
+    refused = await store.reserve(*subject, "s3", 100)
+    assert refused.code == "quota_exceeded"
+    assert refused.retry_after_s == 60  # until midnight UTC
+    clock.now += 60
+    assert (await store.reserve(*subject, "s4", 100)).admitted  # a new day
+
+
+async def test_month_period_override_resets_at_the_month_boundary(
+    redis: Redis, db: asyncpg.Pool, settings: Settings, subject: tuple[str, str]
+) -> None:
+    org, user = subject
+    await put_override(db, org, "user", user, QuotaOverride(tokens_per_period=100, period="month"))
+    clock = Clock(datetime(2026, 2, 28, 12, 0, 0, tzinfo=UTC))
+    store = store_for(redis, db, settings, clock)
+    ticket = (await store.reserve(org, user, "m1", 100)).ticket
+    assert ticket is not None
+    await store.settle(ticket, 100)
+    refused = await store.reserve(org, user, "m2", 1)
+    assert refused.code == "quota_exceeded" and refused.retry_after_s == 12 * 3600
+    clock.now += 24 * 3600  # 1 March: still refused on a daily budget would pass; the monthly one resets
+    assert (await store.reserve(org, user, "m3", 1)).admitted
+
+
+async def test_requests_per_minute_slide(redis: Redis, db: asyncpg.Pool, settings: Settings,
+                                         subject: tuple[str, str]) -> None:
+    clock = Clock(datetime(2026, 5, 1, 10, 0, 0, tzinfo=UTC))
+    store = store_for(redis, db, settings, clock, requests_per_minute=3)
+    for n in range(3):
+        decision = await store.reserve(*subject, f"r{n}", 1)
+        assert decision.admitted and decision.requests_remaining == 2 - n
+        clock.now += 10
+    refused = await store.reserve(*subject, "r3", 1)
+    assert refused.code == "rate_limited"
+    assert refused.retry_after_s == 30  # the first request leaves the window 60 s after it was made
+    clock.now += 30
+    assert (await store.reserve(*subject, "r4", 1)).admitted
+
+
+async def test_concurrency_slots_are_freed_by_settlement_or_by_expiry(
+    redis: Redis, db: asyncpg.Pool, settings: Settings, subject: tuple[str, str]
+) -> None:
+    clock = Clock(datetime(2026, 5, 1, 10, 0, 0, tzinfo=UTC))
+    store = store_for(redis, db, settings, clock, max_concurrent_streams=2, user_tokens=1000)
+    a = await store.reserve(*subject, "a", 400)
+    b = await store.reserve(*subject, "b", 400)
+    assert a.ticket and b.ticket
+    assert (await store.reserve(*subject, "c", 1)).code == "too_many_streams"
+    await store.settle(a.ticket, 10)
+    assert (await store.reserve(*subject, "d", 1)).admitted
+    # "b" and "d" belong to a crashed instance: nobody renews or settles them; they lapse, reservations too.
+    clock.now += 31
+    decision = await store.reserve(*subject, "e", 900)
+    assert decision.admitted and decision.tokens_remaining == 1000 - 10 - 900  # "d" lapsed as well
+
+
+async def test_renewal_keeps_a_long_stream_alive(redis: Redis, db: asyncpg.Pool, settings: Settings,
+                                                 subject: tuple[str, str]) -> None:
+    clock = Clock(datetime(2026, 5, 1, 10, 0, 0, tzinfo=UTC))
+    store = store_for(redis, db, settings, clock, max_concurrent_streams=1)
+    ticket = (await store.reserve(*subject, "long", 1)).ticket
+    assert ticket is not None
+    for _ in range(4):
+        clock.now += 20
+        await store.renew([ticket])
+    assert (await store.reserve(*subject, "other", 1)).code == "too_many_streams"
+
+
+async def test_refusal_comes_before_any_sse_byte_with_headers(
+    start_gateway: Any, db: asyncpg.Pool
+) -> None:
+    headers = auth_headers(f"u-{uuid.uuid4().hex[:6]}", f"org-{uuid.uuid4().hex[:6]}")
+    async with start_gateway(quota_user_tokens=300, quota_requests_per_minute=10,
+                             quota_default_max_tokens=100) as gateway, \
+            httpx.AsyncClient(base_url=gateway.url) as http:
+        chat_id = await new_chat(http, headers)
+        ok = await http.post(f"/v1/chats/{chat_id}/messages", headers=headers, json={"content": "hello"})
+        assert ok.status_code == 200
+        assert ok.headers["x-ratelimit-limit-tokens"] == "300"
+        assert int(ok.headers["x-ratelimit-remaining-tokens"]) == 300 - (2 + 100)
+        assert ok.headers["x-ratelimit-limit-requests"] == "10"
+        assert ok.headers["x-ratelimit-remaining-requests"] == "9"
+        big = await http.post(f"/v1/chats/{chat_id}/messages", headers=headers,
+                              json={"content": "hello", "max_tokens": 1000})
+        assert big.status_code == 429
+        assert big.headers["content-type"] == "application/json"
+        assert big.json()["error"]["code"] == "quota_exceeded"
+        now = datetime.now(UTC)
+        seconds_to_midnight = 86400 - (now.hour * 3600 + now.minute * 60 + now.second)
+        assert abs(int(big.headers["retry-after"]) - seconds_to_midnight) <= 2
+        assert "x-ratelimit-remaining-tokens" in big.headers
+        usage = (await http.get("/v1/usage", headers=headers)).json()
+    assert usage["user_tokens"]["limit"] == 300
+    assert usage["user_tokens"]["used"] == 1 + 1  # the fake reports "hello" as 1 token in and 1 out
+    assert usage["requests_per_minute"] == {"limit": 10, "used": 1, "remaining": 9}
+    assert usage["concurrent_streams"] == {"limit": None, "active": 0}
+
+
+async def test_settlement_charges_what_was_produced(
+    client: httpx.AsyncClient, gateway: Any, db: asyncpg.Pool, redis: Redis
+) -> None:
+    org, user = f"org-{uuid.uuid4().hex[:6]}", f"u-{uuid.uuid4().hex[:6]}"
+    headers = auth_headers(user, org)
+    aborted = await new_chat(client, headers, model="fake/echo?tokens=400&gap_ms=10")
+    async with client.stream("POST", f"/v1/chats/{aborted}/messages", headers=headers,
+                             json={"content": "abort me", "max_tokens": 500}) as response:
+        events = read_events(response)
+        await next_delta(events)
+        turn = gateway.services.streams.turns[uuid.UUID(aborted)]
+    await turn.finished()
+    failed = await new_chat(client, headers, model="fake/echo?fail_after=0")
+    assert (await client.post(f"/v1/chats/{failed}/messages", headers=headers,
+                              json={"content": "fail"})).status_code == 502
+    complete = await new_chat(client, headers)
+    await client.post(f"/v1/chats/{complete}/messages", headers=headers, json={"content": "all of it"})
+
+    rows = await db.fetch("SELECT chat_id, input_tokens, output_tokens, charged_tokens, estimated "
+                          "FROM usage_ledger WHERE org_id = $1 AND user_id = $2", org, user)
+    by_chat = {str(row["chat_id"]): row for row in rows}
+    row = await db.fetchrow("SELECT content FROM messages WHERE id = $1", turn.ids.assistant_message_id)
+    produced = math.ceil(len(row["content"]) / 4)
+    assert by_chat[aborted]["charged_tokens"] == 2 + produced < 500
+    assert by_chat[aborted]["estimated"]
+    assert by_chat[failed]["charged_tokens"] == 0
+    assert by_chat[complete]["charged_tokens"] == 2 + 3 and not by_chat[complete]["estimated"]
+    usage = (await client.get("/v1/usage", headers=headers)).json()
+    assert usage["user_tokens"]["used"] == sum(r["charged_tokens"] for r in rows)
+    assert usage["org_tokens"]["used"] == sum(r["charged_tokens"] for r in rows)
+    assert usage["user_tokens"]["reserved"] == 0
+
+
+@contextlib.asynccontextmanager
+async def shared_fake_gateways(start_gateway: Any, count: int, **overrides: Any) -> AsyncIterator[
+        tuple[FakeProvider, list[str]]]:
+    """Gateway instances that share one fake provider, so it sees every stream of every instance."""
+    fake = FakeProvider()
+    async with contextlib.AsyncExitStack() as stack:
+        urls = [(await stack.enter_async_context(start_gateway(ProviderRegistry([fake]), **overrides))).url
+                for _ in range(count)]
+        yield fake, urls
+
+
+async def test_concurrency_cap_holds_across_instances(start_gateway: Any) -> None:
+    cap = 3
+    headers = auth_headers(f"u-{uuid.uuid4().hex[:6]}", f"org-{uuid.uuid4().hex[:6]}")
+    async with shared_fake_gateways(start_gateway, 2, quota_max_concurrent_streams=cap) as (fake, urls):
+        clients = [httpx.AsyncClient(base_url=url, timeout=30) for url in urls]
+        chats = [await new_chat(clients[0], headers, model="fake/echo?tokens=30&gap_ms=10") for _ in range(5 * cap)]
+
+        async def send(n: int) -> int:
+            response = await clients[n % 2].post(f"/v1/chats/{chats[n]}/messages", headers=headers,
+                                                 json={"content": "busy"})
+            if response.status_code == 429:
+                assert response.json()["error"]["code"] == "too_many_streams"
+                assert int(response.headers["retry-after"]) >= 1
+            return response.status_code
+
+        statuses = await asyncio.gather(*(send(n) for n in range(5 * cap)))
+        for client in clients:
+            await client.aclose()
+    assert statuses.count(200) >= cap and set(statuses) <= {200, 429}
+    assert fake.max_running == cap
+
+
+async def test_budget_admits_exactly_n_across_two_processes(
+    settings: Settings, db: asyncpg.Pool, redis: Redis
+) -> None:
+    admitted_target, max_tokens = 5, 100
+    org, user = f"org-{uuid.uuid4().hex[:6]}", f"u-{uuid.uuid4().hex[:6]}"
+    headers = auth_headers(user, org)
+    estimate = 1 + max_tokens  # "race" is one token of prompt by the estimate
+    await put_override(db, org, "user", user, QuotaOverride(tokens_per_period=admitted_target * estimate))
+    assert settings.database_url and settings.redis_url
+    env = {"GATEWAY_DATABASE_URL": settings.database_url, "GATEWAY_REDIS_URL": settings.redis_url,
+           "GATEWAY_REDIS_PREFIX": settings.redis_prefix, "GATEWAY_JWT_SECRET": JWT_SECRET}
+    async with gateway_process(env) as a, gateway_process(env) as b:
+        clients = [httpx.AsyncClient(base_url=a.url, timeout=30), httpx.AsyncClient(base_url=b.url, timeout=30)]
+        chats = [await new_chat(clients[0], headers, model="fake/echo?tokens=200&gap_ms=25")
+                 for _ in range(10 * admitted_target)]
+
+        total, decided, all_decided = 10 * admitted_target, [], asyncio.Event()
+
+        async def send(n: int) -> tuple[int, str]:
+            async with clients[n % 2].stream("POST", f"/v1/chats/{chats[n]}/messages", headers=headers,
+                                             json={"content": "race", "max_tokens": max_tokens}) as response:
+                decided.append(n)
+                if len(decided) == total:
+                    all_decided.set()
+                if response.status_code != 200:
+                    return response.status_code, (await response.aread()).decode()
+                # Admitted streams hold their reservation until every request is decided, then hang up.
+                events = read_events(response)
+                await next_delta(events)
+                await all_decided.wait()
+                return 200, ""
+
+        results = await asyncio.gather(*(send(n) for n in range(total)))
+        for client in clients:
+            await client.aclose()
+    statuses = [status for status, _ in results]
+    assert statuses.count(200) == admitted_target
+    assert statuses.count(429) == 9 * admitted_target
+    assert all('"quota_exceeded"' in body for status, body in results if status == 429)
+    charged = await db.fetchval("SELECT sum(charged_tokens) FROM usage_ledger WHERE org_id = $1 AND user_id = $2",
+                                org, user)
+    assert 0 < charged <= admitted_target * estimate
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+async def test_redis_down_follows_the_fail_mode(start_gateway: Any, tmp_path: Path, mode: str) -> None:
+    headers = auth_headers(f"u-{uuid.uuid4().hex[:6]}", f"org-{uuid.uuid4().hex[:6]}")
+    with embedded_redis(tmp_path / "redis") as url:
+        gateway_cm = start_gateway(redis_url=url, quota_fail_mode=mode, quota_user_tokens=10_000)
+        gateway = await gateway_cm.__aenter__()
+    try:  # the embedded Redis has stopped: every Redis call of this gateway now fails
+        async with httpx.AsyncClient(base_url=gateway.url) as http:
+            chat_id = await new_chat(http, headers)
+            response = await http.post(f"/v1/chats/{chat_id}/messages", headers={**headers, "Accept": "application/json"},
+                                       json={"content": "still there?"})
+    finally:
+        await gateway_cm.__aexit__(None, None, None)
+    if mode == "closed":
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "unavailable"
+    else:
+        assert response.status_code == 200
+        assert response.json()["assistant_message"]["content"] == "still there?"
+
+
+async def test_admin_sets_limits_for_users_of_its_org(client: httpx.AsyncClient) -> None:
+    org = f"org-{uuid.uuid4().hex[:6]}"
+    admin, member = auth_headers("boss", org, role="admin"), auth_headers("worker", org)
+    path = "/v1/admin/quotas/user/worker"
+    assert (await client.get(path, headers=member)).status_code == 403
+    assert (await client.get("/v1/admin/quotas/org/another-org", headers=admin)).status_code == 403
+    assert (await client.get("/v1/admin/quotas/team/x", headers=admin)).status_code == 422
+    for bad in ({"tokens_per_period": -1}, {"period": "week"}, {"requests_per_minute": "lots"}, {"colour": 1}):
+        response = await client.put(path, headers=admin, json=bad)
+        assert response.status_code == 422, bad
+    assert (await client.get(path, headers=admin)).json()["overridden"] is False
+    put = await client.put(path, headers=admin, json={"tokens_per_period": 0, "requests_per_minute": 5})
+    assert put.status_code == 200
+    assert put.json()["tokens_per_period"] == 0 and put.json()["overridden"] is True
+    assert (await client.get(path, headers=admin)).json()["requests_per_minute"] == 5
+    chat_id = await new_chat(client, member)
+    refused = await client.post(f"/v1/chats/{chat_id}/messages", headers=member, json={"content": "hi"})
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "quota_exceeded"
+    org_put = await client.put(f"/v1/admin/quotas/org/{org}", headers=admin, json={"tokens_per_period": 10**6})
+    assert org_put.status_code == 200
