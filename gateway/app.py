@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -23,7 +24,11 @@ from gateway.quotas import QuotaGuard
 from gateway.services import Services
 from gateway.settings import Settings, load_settings
 from gateway.streams import StreamRegistry
+from providers.anthropic import AnthropicProvider
+from providers.base import Provider
 from providers.fake import FakeProvider
+from providers.gemini import GeminiProvider
+from providers.openai import OpenAIProvider
 from providers.registry import ProviderRegistry
 from storage.db import create_pool
 from storage.migrations import migrate
@@ -96,4 +101,17 @@ def quota_store(settings: Settings, pool: asyncpg.Pool, redis: Redis) -> QuotaSt
 
 
 def build_providers(settings: Settings) -> ProviderRegistry:
-    return ProviderRegistry([FakeProvider()])
+    """The fake, the three vendors (usable once their key is set) and every configured endpoint."""
+    env = os.environ
+    connect, idle = settings.connect_timeout_s, settings.idle_timeout_s
+    providers: list[Provider] = [
+        FakeProvider(),
+        OpenAIProvider("openai", env.get("OPENAI_API_KEY"), env.get("OPENAI_BASE_URL"), connect, idle),
+        AnthropicProvider(env.get("ANTHROPIC_API_KEY"), env.get("ANTHROPIC_BASE_URL"), connect, idle),
+        GeminiProvider(env.get("GEMINI_API_KEY") or env.get("GOOGLE_API_KEY"), settings.gemini_base_url, connect,
+                       idle),
+    ]
+    for name, endpoint in settings.providers.items():
+        key = env.get(endpoint.api_key_env) if endpoint.api_key_env else None
+        providers.append(OpenAIProvider(name, key, endpoint.base_url, connect, idle, vendor=name))
+    return ProviderRegistry(providers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from sse_starlette.event import ServerSentEvent
@@ -31,7 +32,7 @@ from gateway.schemas import ChatTurn, SendMessage, TurnOptions, chat_id_of, pars
 from gateway.services import Services, services_of
 from gateway.sse import STREAM_HEADERS
 from gateway.turns import Turn, TurnIds, estimate_tokens
-from providers.base import ChatMessage, ProviderError, ProviderRequest, UnknownModel
+from providers.base import ChatMessage, ProviderError, ProviderRequest, ProviderTimeout, UnknownModel
 from storage import chats, messages
 from storage.chats import ChatFields, ChatLimitExceeded, Owner
 from storage.messages import NewTurn, TurnContext
@@ -151,7 +152,7 @@ async def run_turn(
     turn.ticket = admission.ticket
     services.streams.add(turn)
     try:
-        await turn.open()
+        await open_with_fallbacks(services, turn, model)
     except ProviderError as error:
         await turn.finish(error=error)
         raise upstream_failure(error) from None
@@ -161,6 +162,42 @@ async def run_turn(
     if "application/json" in request.headers.get("accept", ""):
         return await json_answer(services, owner, turn, admission.headers)
     return stream_answer(services, turn, admission.headers)
+
+
+async def open_with_fallbacks(services: Services, turn: Turn, model: str) -> None:
+    """Reach the first token: retry a retryable failure with backoff, then try the model's fallbacks.
+
+    Nothing has been sent to the client yet, so a retry is invisible to it; after the first token a
+    failure is final. The model that answered is the one recorded on the reply.
+    """
+    settings = services.settings
+    error: ProviderError | None = None
+    for candidate in [model, *settings.fallbacks.get(model, [])]:
+        try:
+            provider, model_name = services.providers.resolve(candidate)
+        except UnknownModel:
+            continue
+        request = replace(turn.request, model=model_name)
+        for attempt in range(settings.retries + 1):
+            if error is not None:
+                await turn.switch_upstream(candidate, provider.stream(request))
+            try:
+                async with asyncio.timeout(settings.first_token_timeout_s):
+                    await turn.open()
+                return
+            except TimeoutError:
+                error = ProviderTimeout("No first token before the timeout")
+            except ProviderError as failure:
+                error = failure
+            if turn.stopped or not error.retryable:
+                break
+            if attempt < settings.retries:
+                wait = error.retry_after if error.retry_after is not None else settings.retry_backoff_s * 2**attempt
+                await asyncio.sleep(min(wait, settings.max_retry_wait_s))
+        if turn.stopped:
+            return
+    assert error is not None
+    raise error
 
 
 async def admit(services: Services, owner: Owner, ids: TurnIds, request: ProviderRequest) -> Admission:

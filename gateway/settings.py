@@ -5,12 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class SettingsError(Exception):
     """A setting is missing or malformed; the message names the environment variable."""
+
+
+class Endpoint(BaseModel):
+    """A named OpenAI-compatible server: ``local/llama-3-8b`` goes to the endpoint named ``local``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["openai"] = "openai"
+    base_url: str
+    api_key_env: str | None = None
+    models: list[str] = []
 
 
 class Settings(BaseSettings):
@@ -39,6 +50,17 @@ class Settings(BaseSettings):
     send_timeout_s: float = Field(default=30.0, gt=0)
     ping_s: float = Field(default=15.0, gt=0)
     shutdown_grace_s: float = Field(default=10.0, ge=0)
+
+    # Providers: credentials come from each SDK's own variables (OPENAI_API_KEY, ANTHROPIC_API_KEY, ...).
+    providers: dict[str, Endpoint] = {}
+    fallbacks: dict[str, list[str]] = {}
+    gemini_base_url: str | None = None
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    first_token_timeout_s: float = Field(default=60.0, gt=0)
+    idle_timeout_s: float = Field(default=60.0, gt=0)
+    retries: int = Field(default=1, ge=0, le=5)
+    retry_backoff_s: float = Field(default=0.25, ge=0)
+    max_retry_wait_s: float = Field(default=5.0, ge=0)
 
     # Quotas: None is unlimited. Per-subject overrides live in PostgreSQL (see /v1/admin/quotas).
     quota_user_tokens: int | None = Field(default=None, ge=0)

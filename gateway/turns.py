@@ -123,6 +123,15 @@ class Turn:
         finally:
             self._task = None
 
+    @property
+    def stopped(self) -> bool:
+        return self._stop_reason is not None
+
+    async def switch_upstream(self, model: str, upstream: AsyncIterator[StreamEvent]) -> None:
+        """Before the first token only: drop the failed provider call and go on with another."""
+        await self._upstream.aclose()  # type: ignore[attr-defined]
+        self.model, self._upstream, self._buffered = model, upstream, []
+
     async def open(self) -> None:
         """Wait for the first token (or the end), so a failure before it can still be a plain JSON error."""
         while True:

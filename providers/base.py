@@ -110,3 +110,26 @@ class ProviderProtocolError(ProviderError):
 
 class UnknownModel(LookupError):
     pass
+
+
+def retry_after_of(headers: Any) -> float | None:
+    """Seconds from ``retry-after-ms`` or ``retry-after`` (delta seconds), when a vendor sends one."""
+    for name, divisor in (("retry-after-ms", 1000), ("retry-after", 1)):
+        value = headers.get(name) if headers is not None else None
+        if value:
+            try:
+                return max(float(value) / divisor, 0.0)
+            except ValueError:
+                continue
+    return None
+
+
+def status_failure(vendor: str, status: int, body: object, headers: Any) -> ProviderStatusError:
+    """A vendor's error status as our error. The vendor's own text is left out: it can echo key fragments."""
+    kind = None
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict):
+            kind = error.get("type") or error.get("code") or error.get("status")
+    detail = f" ({kind})" if isinstance(kind, str) and len(kind) < 80 else ""
+    return ProviderStatusError(status, f"{vendor} answered {status}{detail}", retry_after=retry_after_of(headers))

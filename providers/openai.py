@@ -1,0 +1,110 @@
+"""OpenAI Chat Completions streaming, and any OpenAI-compatible server (vLLM, Ollama, LM Studio, ...).
+
+The official SDK builds, authenticates and sends the request and raises its error classes; the stream is
+read raw (``with_streaming_response``) through our SSE decoder and orjson, not as one pydantic object per
+chunk, which costs several times more per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx2
+import openai
+import orjson
+
+from providers.base import (
+    Finish,
+    FinishReason,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderProtocolError,
+    ProviderRequest,
+    ProviderStatusError,
+    ProviderTimeout,
+    StreamEvent,
+    Usage,
+    status_failure,
+)
+from providers.sse import SSEDecoder
+
+FINISH_REASONS: dict[str, FinishReason] = {
+    "stop": "stop", "length": "length", "content_filter": "content_filter", "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+}
+
+
+def chat_body(request: ProviderRequest) -> dict[str, Any]:
+    messages: list[dict[str, str]] = [{"role": "system", "content": request.system}] if request.system else []
+    messages += [{"role": m.role, "content": m.content} for m in request.messages]
+    body: dict[str, Any] = {
+        "model": request.model, "messages": messages, "stream": True, "stream_options": {"include_usage": True},
+    }
+    if request.max_tokens is not None:
+        body["max_tokens"] = request.max_tokens
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    return body
+
+
+class OpenAIProvider:
+    """One OpenAI-kind endpoint: OpenAI itself or a named OpenAI-compatible server."""
+
+    def __init__(
+        self, name: str, api_key: str | None, base_url: str | None, connect_timeout_s: float,
+        idle_timeout_s: float, vendor: str = "OpenAI",
+    ) -> None:
+        self.name = name
+        self.vendor = vendor
+        self.has_credentials = bool(api_key)
+        self.client = openai.AsyncOpenAI(
+            api_key=api_key or "no-key-configured", base_url=base_url, max_retries=0,
+            timeout=httpx2.Timeout(idle_timeout_s, connect=connect_timeout_s),
+        )
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]:
+        if not self.has_credentials and self.name == "openai":
+            raise ProviderStatusError(401, "No API key is configured for openai (OPENAI_API_KEY)")
+        try:
+            async with self.client.chat.completions.with_streaming_response.create(
+                **chat_body(request)
+            ) as response:
+                async for event in self._events(response.iter_bytes()):
+                    yield event
+        except openai.APIStatusError as error:
+            raise status_failure(self.vendor, error.status_code, error.body, error.response.headers) from None
+        except (openai.APITimeoutError, httpx2.TimeoutException):
+            raise ProviderTimeout(f"{self.vendor} timed out") from None
+        except (openai.APIConnectionError, httpx2.TransportError, httpx2.StreamError):
+            raise ProviderConnectionError(f"The connection to {self.vendor} failed") from None
+
+    async def _events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[StreamEvent]:
+        decoder = SSEDecoder()
+        finish: FinishReason = "stop"
+        async for chunk in chunks:
+            for _, data in decoder.feed(chunk):
+                if data == b"[DONE]":
+                    yield Finish(finish)
+                    return
+                try:
+                    frame = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    raise ProviderProtocolError(f"{self.vendor} sent a malformed frame") from None
+                choices = frame.get("choices")
+                if choices:
+                    choice = choices[0]
+                    text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        yield text
+                    if choice.get("finish_reason"):
+                        finish = FINISH_REASONS.get(choice["finish_reason"], "stop")
+                elif "error" in frame:
+                    raise ProviderError(f"{self.vendor} reported an error mid-stream")
+                usage = frame.get("usage")
+                if usage:
+                    yield Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
+        if any(data == b"[DONE]" for _, data in decoder.close()):
+            yield Finish(finish)
+            return
+        raise ProviderConnectionError(f"The {self.vendor} stream ended before it was complete")

@@ -1,0 +1,141 @@
+"""One contract suite that every vendor adapter passes, each real SDK pointed at a local fake of its vendor."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from providers.anthropic import AnthropicProvider
+from providers.base import (
+    ChatMessage,
+    Finish,
+    Provider,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderRequest,
+    ProviderStatusError,
+    ProviderTimeout,
+    StreamEvent,
+    Usage,
+)
+from providers.gemini import GeminiProvider
+from providers.openai import OpenAIProvider
+from tests.servers import serve_app
+from tests.vendors import OUTPUT_TOKENS, PROMPT_TOKENS, TEXT, TOKENS, VendorServer
+
+VENDORS = ["openai", "anthropic", "gemini"]
+SECRET = {"openai": "sk-test-secret-openai", "anthropic": "sk-ant-test-secret", "gemini": "gm-test-secret"}
+
+
+@pytest.fixture(scope="session")
+async def vendors() -> AsyncIterator[dict[str, tuple[VendorServer, str]]]:
+    async with contextlib.AsyncExitStack() as stack:
+        servers = {}
+        for vendor in VENDORS:
+            server = VendorServer(vendor)
+            servers[vendor] = (server, await stack.enter_async_context(serve_app(server)))
+        yield servers
+
+
+def adapter_for(vendor: str, url: str, idle_timeout_s: float = 0.5) -> Provider:
+    if vendor == "openai":
+        return OpenAIProvider("openai", SECRET[vendor], f"{url}/v1", 2, idle_timeout_s)
+    if vendor == "anthropic":
+        return AnthropicProvider(SECRET[vendor], url, 2, idle_timeout_s)
+    return GeminiProvider(SECRET[vendor], url, 2, idle_timeout_s)
+
+
+async def run(provider: Provider, model: str) -> tuple[list[StreamEvent], BaseException | None]:
+    events: list[StreamEvent] = []
+    request = ProviderRequest(model, [ChatMessage("user", "hi")], system="be brief", max_tokens=50)
+    try:
+        async for event in provider.stream(request):
+            events.append(event)
+    except ProviderError as error:
+        return events, error
+    return events, None
+
+
+def text_of(events: list[StreamEvent]) -> str:
+    return "".join(e for e in events if isinstance(e, str))
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+@pytest.mark.parametrize("scenario", ["normal", "split-utf8", "crlf", "pings"])
+async def test_complete_streams(vendors: dict[str, Any], vendor: str, scenario: str) -> None:
+    server, url = vendors[vendor]
+    events, error = await run(adapter_for(vendor, url), scenario)
+    assert error is None
+    assert text_of(events) == TEXT
+    assert [e for e in events if isinstance(e, str)] == TOKENS
+    assert events[-2:] == [Usage(PROMPT_TOKENS, OUTPUT_TOKENS), Finish("stop")]
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+async def test_request_carries_system_prompt_limits_and_key(vendors: dict[str, Any], vendor: str) -> None:
+    server, url = vendors[vendor]
+    await run(adapter_for(vendor, url), "normal")
+    request = server.requests[-1]
+    body, headers = request["body"], request["headers"]
+    if vendor == "openai":
+        assert body["messages"][0] == {"role": "system", "content": "be brief"}
+        assert body["max_tokens"] == 50 and body["stream_options"] == {"include_usage": True}
+        assert headers["authorization"] == f"Bearer {SECRET[vendor]}"
+    elif vendor == "anthropic":
+        assert body["system"] == "be brief" and body["max_tokens"] == 50 and body["stream"] is True
+        assert SECRET[vendor] in (headers.get("x-api-key"), headers.get("authorization", "").removeprefix("Bearer "))
+    else:
+        assert body["systemInstruction"]["parts"][0]["text"] == "be brief"
+        assert body["generationConfig"]["maxOutputTokens"] == 50
+        assert headers["x-goog-api-key"] == SECRET[vendor]
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+async def test_error_frame_mid_stream(vendors: dict[str, Any], vendor: str) -> None:
+    events, error = await run(adapter_for(vendor, vendors[vendor][1]), "error-frame")
+    assert text_of(events) == "".join(TOKENS[:2])
+    assert isinstance(error, ProviderError)
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+async def test_connection_dropped_mid_stream(vendors: dict[str, Any], vendor: str) -> None:
+    events, error = await run(adapter_for(vendor, vendors[vendor][1]), "drop")
+    assert text_of(events) == "".join(TOKENS[:2])
+    assert isinstance(error, ProviderConnectionError)
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+async def test_stall_past_the_idle_timeout(vendors: dict[str, Any], vendor: str) -> None:
+    events, error = await run(adapter_for(vendor, vendors[vendor][1], idle_timeout_s=0.3), "stall")
+    assert text_of(events) == "".join(TOKENS[:2])
+    assert isinstance(error, ProviderTimeout)
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+@pytest.mark.parametrize(
+    ("status", "code", "retryable"),
+    [(401, "upstream_auth_failed", False), (429, "upstream_rate_limited", True), (500, "upstream_error", True),
+     (503, "upstream_unavailable", True), (529, "upstream_unavailable", True)],
+)
+async def test_error_statuses(vendors: dict[str, Any], vendor: str, status: int, code: str, retryable: bool) -> None:
+    events, error = await run(adapter_for(vendor, vendors[vendor][1]), str(status))
+    assert events == []
+    assert isinstance(error, ProviderStatusError)
+    assert (error.status, error.code, error.retryable) == (status, code, retryable)
+    if status == 429:
+        assert error.retry_after == 7
+    assert SECRET[vendor] not in error.message and "sk-te" not in error.message
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+async def test_missing_key_is_an_auth_failure_without_a_call(vendors: dict[str, Any], vendor: str) -> None:
+    server, url = vendors[vendor]
+    before = len(server.requests)
+    provider = adapter_for(vendor, url)
+    provider.has_credentials = False  # type: ignore[attr-defined]
+    events, error = await run(provider, "normal")
+    assert isinstance(error, ProviderStatusError) and error.code == "upstream_auth_failed"
+    assert len(server.requests) == before

@@ -1,0 +1,198 @@
+"""Fake vendor servers: tiny ASGI apps speaking OpenAI's, Anthropic's and Gemini's real streaming formats.
+
+The model name picks a scenario: ``normal``, ``split-utf8`` (frames cut inside a multi-byte character),
+``crlf``, ``pings``, ``error-frame``, ``drop`` (connection cut mid-stream), ``stall`` (goes silent),
+``401``, ``429`` (with Retry-After: 7), ``500``, ``503``, ``529``, and ``slow-<marker>`` (a long paced stream
+whose client going away is recorded under ``marker``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+TOKENS = ["Hello", ", w\u00f6rld", " \U0001f600", " done"]
+TEXT = "".join(TOKENS)
+PROMPT_TOKENS, OUTPUT_TOKENS = 5, len(TOKENS)
+SLOW_TOKENS, SLOW_GAP_S = 200, 0.02
+
+
+def _openai_frames(tokens: list[str], finish: bool = True) -> list[bytes]:
+    def chunk(choices: list[Any], **extra: Any) -> bytes:
+        return orjson.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+                             "model": "m", "choices": choices, **extra})
+
+    frames = [chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
+    frames += [chunk([{"index": 0, "delta": {"content": t}, "finish_reason": None}]) for t in tokens]
+    if finish:
+        frames.append(chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+        frames.append(chunk([], usage={"prompt_tokens": PROMPT_TOKENS, "completion_tokens": len(tokens),
+                                       "total_tokens": PROMPT_TOKENS + len(tokens)}))
+        frames.append(b"[DONE]")
+    return [b"data: " + f for f in frames]
+
+
+def _anthropic_frames(tokens: list[str], finish: bool = True) -> list[bytes]:
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return b"event: " + name.encode() + b"\ndata: " + orjson.dumps({"type": name, **data})
+
+    frames = [
+        event("message_start", {"message": {"id": "msg_1", "type": "message", "role": "assistant", "content": [],
+                                            "model": "m", "stop_reason": None,
+                                            "usage": {"input_tokens": PROMPT_TOKENS, "output_tokens": 1}}}),
+        event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+    ]
+    frames += [event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": t}})
+               for t in tokens]
+    if finish:
+        frames += [
+            event("content_block_stop", {"index": 0}),
+            event("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                    "usage": {"output_tokens": len(tokens)}}),
+            event("message_stop", {}),
+        ]
+    return frames
+
+
+def _gemini_frames(tokens: list[str], finish: bool = True) -> list[bytes]:
+    frames = []
+    for n, token in enumerate(tokens, 1):
+        candidate: dict[str, Any] = {"content": {"parts": [{"text": token}], "role": "model"}, "index": 0}
+        if finish and n == len(tokens):
+            candidate["finishReason"] = "STOP"
+        frames.append(b"data: " + orjson.dumps({
+            "candidates": [candidate], "modelVersion": "gemini-test",
+            "usageMetadata": {"promptTokenCount": PROMPT_TOKENS, "candidatesTokenCount": n,
+                              "totalTokenCount": PROMPT_TOKENS + n}}))
+    return frames
+
+
+FRAMES: dict[str, Callable[..., list[bytes]]] = {
+    "openai": _openai_frames, "anthropic": _anthropic_frames, "gemini": _gemini_frames,
+}
+ERROR_FRAMES = {
+    "openai": b'data: {"error": {"message": "boom", "type": "server_error"}}',
+    "anthropic": b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}',
+    "gemini": b'data: {"error": {"code": 500, "message": "boom", "status": "INTERNAL"}}',
+}
+PINGS = {"openai": b": keep-alive", "anthropic": b'event: ping\ndata: {"type": "ping"}', "gemini": b": ping"}
+ERROR_BODIES = {
+    "openai": lambda status: {"error": {"message": "Incorrect API key provided: sk-te***cret", "type": "error",
+                                        "code": str(status)}},
+    "anthropic": lambda status: {"type": "error", "error": {"type": "overloaded_error" if status == 529
+                                                            else "api_error", "message": "no"}},
+    "gemini": lambda status: {"error": {"code": status, "message": "no", "status": "UNAVAILABLE"}},
+}
+
+
+@dataclass
+class VendorServer:
+    """One vendor's fake. ``requests`` keeps each request's path, headers and body."""
+
+    vendor: str
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    closed: dict[str, float] = field(default_factory=dict)
+    closed_events: dict[str, asyncio.Event] = field(default_factory=dict)
+
+    def closed_event(self, marker: str) -> asyncio.Event:
+        return self.closed_events.setdefault(marker, asyncio.Event())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            message = await receive()
+            await send({"type": "lifespan.startup.complete"})
+            message = await receive()
+            assert message["type"] == "lifespan.shutdown"
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        self.requests.append({"path": scope["path"], "headers": headers, "body": orjson.loads(body or b"{}")})
+        scenario = self._scenario(scope["path"], orjson.loads(body or b"{}"))
+        await self._answer(scenario, receive, send)
+
+    def _scenario(self, path: str, body: dict[str, Any]) -> str:
+        if self.vendor == "gemini":  # /v1beta/models/{model}:streamGenerateContent
+            return path.rsplit("/", 1)[-1].split(":", 1)[0]
+        return str(body.get("model", "normal"))
+
+    async def _answer(self, scenario: str, receive: Receive, send: Send) -> None:
+        if scenario.isdigit():
+            status = int(scenario)
+            headers = [(b"content-type", b"application/json")]
+            if status == 429:
+                headers.append((b"retry-after", b"7"))
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": orjson.dumps(ERROR_BODIES[self.vendor](status))})
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        if scenario.startswith("slow-"):
+            await self._slow(scenario.removeprefix("slow-"), receive, send)
+            return
+        for chunk in self._chunks(scenario):
+            if chunk is None:  # "drop": cut the connection without ending the body
+                raise ConnectionAbortedError("dropped on purpose")
+            if chunk == b"":  # "stall": go silent until the client gives up
+                await self._until_disconnect(receive)
+                return
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if scenario == "split-utf8":
+                await asyncio.sleep(0.005)  # separate network writes, so the client reads them apart
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _chunks(self, scenario: str) -> list[bytes | None]:
+        make = FRAMES[self.vendor]
+        sep = b"\r\n" if scenario == "crlf" or self.vendor == "gemini" else b"\n"
+        frames = make(TOKENS)
+        if scenario == "pings":
+            frames = [f for frame in frames for f in (PINGS[self.vendor], frame)]
+        if scenario in ("error-frame", "drop", "stall"):
+            frames = make(TOKENS[:2], finish=False)
+        stream = [frame.replace(b"\n", sep) + sep + sep for frame in frames]
+        if scenario == "error-frame":
+            stream.append(ERROR_FRAMES[self.vendor].replace(b"\n", sep) + sep + sep)
+        if scenario == "split-utf8":
+            joined = b"".join(stream)
+            cut = joined.index("\u00f6".encode()) + 1  # inside the two bytes of "ö"
+            cut2 = joined.index("\U0001f600".encode()) + 2  # inside the four bytes of the emoji
+            return [joined[:cut], joined[cut:cut2], joined[cut2:]]
+        tail: list[bytes | None] = [None] if scenario == "drop" else [b""] if scenario == "stall" else []
+        return [*stream, *tail]
+
+    async def _slow(self, marker: str, receive: Receive, send: Send) -> None:
+        tokens = [f"t{n} " for n in range(SLOW_TOKENS)]
+        frames = FRAMES[self.vendor](tokens)
+        sep = b"\r\n" if self.vendor == "gemini" else b"\n"
+        watcher = asyncio.create_task(self._until_disconnect(receive))
+        try:
+            for frame in frames:
+                if watcher.done():
+                    break
+                await send({"type": "http.response.body", "body": frame.replace(b"\n", sep) + sep + sep,
+                            "more_body": True})
+                await asyncio.sleep(SLOW_GAP_S)
+            else:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                watcher.cancel()
+                return
+        except OSError:
+            pass
+        await watcher
+        self.closed[marker] = time.monotonic()
+        self.closed_event(marker).set()
+
+    async def _until_disconnect(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
