@@ -29,6 +29,7 @@ from gateway.settings import Settings
 from providers.fake import FakeProvider
 from providers.registry import ProviderRegistry
 from tests.servers import serve_app
+from tests.vendors import VENDORS, VendorServer
 
 JWT_SECRET = "test-secret-" + "x" * 32
 
@@ -155,6 +156,17 @@ async def gateway(start_gateway: Callable[..., Any], db: asyncpg.Pool) -> AsyncI
 @pytest.fixture(scope="session")
 def gateway_url(gateway: Gateway) -> str:
     return gateway.url
+
+
+@pytest.fixture(scope="session")
+async def vendors() -> AsyncIterator[dict[str, tuple[VendorServer, str]]]:
+    """A fake server of each vendor (see tests/vendors.py), by vendor name: the server and its URL."""
+    async with contextlib.AsyncExitStack() as stack:
+        servers = {}
+        for vendor in VENDORS:
+            server = VendorServer(vendor)
+            servers[vendor] = (server, await stack.enter_async_context(serve_app(server)))
+        yield servers
 
 
 @pytest.fixture

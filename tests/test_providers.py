@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -23,21 +21,9 @@ from providers.base import (
 )
 from providers.gemini import GeminiProvider
 from providers.openai import OpenAIProvider
-from tests.servers import serve_app
-from tests.vendors import OUTPUT_TOKENS, PROMPT_TOKENS, TEXT, TOKENS, VendorServer
+from tests.vendors import OUTPUT_TOKENS, PROMPT_TOKENS, TEXT, TOKENS, VENDORS
 
-VENDORS = ["openai", "anthropic", "gemini"]
 SECRET = {"openai": "sk-test-secret-openai", "anthropic": "sk-ant-test-secret", "gemini": "gm-test-secret"}
-
-
-@pytest.fixture(scope="session")
-async def vendors() -> AsyncIterator[dict[str, tuple[VendorServer, str]]]:
-    async with contextlib.AsyncExitStack() as stack:
-        servers = {}
-        for vendor in VENDORS:
-            server = VendorServer(vendor)
-            servers[vendor] = (server, await stack.enter_async_context(serve_app(server)))
-        yield servers
 
 
 def adapter_for(vendor: str, url: str, idle_timeout_s: float = 0.5, key: str | None = "") -> Provider:

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from starlette.types import Receive, Scope, Send
 
+VENDORS = ["openai", "anthropic", "gemini"]
 TOKENS = ["Hello", ", w\u00f6rld", " \U0001f600", " done"]
 TEXT = "".join(TOKENS)
 PROMPT_TOKENS, OUTPUT_TOKENS = 5, len(TOKENS)
