@@ -30,7 +30,7 @@ from gateway.quotas import Admission
 from gateway.responses import JSONBody
 from gateway.schemas import ChatTurn, SendMessage, TurnOptions, chat_id_of, parse_body
 from gateway.services import Services, services_of
-from gateway.sse import STREAM_HEADERS
+from gateway.sse import STREAM_HEADERS, ChatEvents
 from gateway.turns import Turn, TurnIds, estimate_tokens
 from providers.base import ChatMessage, ProviderError, ProviderRequest, ProviderTimeout, UnknownModel
 from storage import chats, messages
@@ -148,7 +148,7 @@ async def run_turn(
     except BaseException:
         await services.quotas.settle(admission.ticket, 0)
         raise
-    turn = Turn(ids, model, provider_request, provider.stream(provider_request), services.streams.finish)
+    turn = Turn(model, provider_request, provider.stream(provider_request), services.streams.finish, ids)
     turn.ticket = admission.ticket
     services.streams.add(turn)
     try:
@@ -238,7 +238,7 @@ def stream_answer(services: Services, turn: Turn, headers: dict[str, str]) -> Re
         turn.hang_up()
 
     return EventSourceResponse(
-        turn.sse(),
+        turn.stream(ChatEvents()),
         headers={**STREAM_HEADERS, **headers},
         ping=services.settings.ping_s,
         ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
@@ -250,6 +250,7 @@ def stream_answer(services: Services, turn: Turn, headers: dict[str, str]) -> Re
 
 async def json_answer(services: Services, owner: Owner, turn: Turn, headers: dict[str, str]) -> Response:
     await turn.collect()
+    assert turn.ids is not None
     user_message = await messages.get_message(services.pool, owner, turn.ids.user_message_id)
     assistant_message = await messages.get_message(services.pool, owner, turn.ids.assistant_message_id)
     body = {"chat_id": turn.ids.chat_id, "user_message": user_message, "assistant_message": assistant_message}

@@ -31,6 +31,7 @@ from storage.messages import (
     interrupt_replies,
     streaming_replies,
 )
+from storage.usage import UsageEntry, record_usage
 
 logger = logging.getLogger("gateway.streams")
 
@@ -42,6 +43,27 @@ return 0
 _RECONNECT_S = 1.0
 
 
+def reply_of(turn: Turn, charged: int) -> FinishedReply:
+    assert turn.ids is not None
+    usage, estimated = turn.final_usage()
+    metadata: dict[str, object] = {"duration_ms": turn.duration_ms, "provider": turn.model.partition("/")[0]}
+    if turn.first_token_s is not None:
+        metadata["ttft_ms"] = round(turn.first_token_s * 1000, 1)
+    if turn.error is not None:
+        metadata["error"] = {"code": turn.error.code, "message": turn.error.message}
+    return FinishedReply(
+        turn.ids.assistant_message_id, turn.text, turn.status, turn.ending or "stop", turn.model,
+        usage.input_tokens, usage.output_tokens, estimated, metadata, charged,
+    )
+
+
+def usage_of(turn: Turn, charged: int) -> UsageEntry:
+    assert turn.owner is not None
+    usage, estimated = turn.final_usage()
+    return UsageEntry(turn.owner.org_id, turn.owner.user_id, None, None, turn.model, usage.input_tokens,
+                      usage.output_tokens, charged, estimated)
+
+
 class StreamRegistry:
     """Running turns by chat id, with their leases, stop channel, checkpoints and recovery."""
 
@@ -51,7 +73,8 @@ class StreamRegistry:
         self.redis = redis
         self.quotas = quotas
         self.instance_id = settings.instance_id or uuid.uuid4().hex
-        self.turns: dict[uuid.UUID, Turn] = {}
+        self.turns: dict[uuid.UUID, Turn] = {}  # chat turns, by chat id
+        self.running: set[Turn] = set()  # every turn, chat or not: renewed, and interrupted at shutdown
         self._idle = asyncio.Event()
         self._idle.set()
         self._lease_ms = int(settings.stream_lease_s * 1000)
@@ -94,41 +117,28 @@ class StreamRegistry:
     # -- turns ------------------------------------------------------------------------------------
 
     def add(self, turn: Turn) -> None:
-        self.turns[turn.ids.chat_id] = turn
+        if turn.ids is not None:
+            self.turns[turn.ids.chat_id] = turn
+        self.running.add(turn)
         self._idle.clear()
 
     async def finish(self, turn: Turn) -> None:
-        """Persist a turn's ending, then free its chat. Called once per turn, by the turn."""
-        usage, estimated = turn.final_usage()
-        metadata: dict[str, object] = {
-            "duration_ms": turn.duration_ms,
-            "provider": turn.model.partition("/")[0],
-        }
-        if turn.first_token_s is not None:
-            metadata["ttft_ms"] = round(turn.first_token_s * 1000, 1)
-        if turn.error is not None:
-            metadata["error"] = {"code": turn.error.code, "message": turn.error.message}
-        reply = FinishedReply(
-            turn.ids.assistant_message_id,
-            turn.text,
-            turn.status,
-            turn.ending or "stop",
-            turn.model,
-            usage.input_tokens,
-            usage.output_tokens,
-            estimated,
-            metadata,
-            turn.charged_tokens(),
-        )
+        """Persist a turn's ending and its usage, settle its quota, free its chat. Called once, by the turn."""
+        charged = turn.charged_tokens()
         try:
-            await finish_reply(self.pool, reply)
+            if turn.ids is not None:
+                await finish_reply(self.pool, reply_of(turn, charged))
+            else:
+                await record_usage(self.pool, usage_of(turn, charged))
         except Exception:
-            logger.exception("storing a finished reply failed", extra={"message_id": str(reply.message_id)})
-        await self.quotas.settle(turn.ticket, reply.charged_tokens)
-        await self.release(turn.ids.chat_id, turn.ids.assistant_message_id)
-        if self.turns.get(turn.ids.chat_id) is turn:
-            del self.turns[turn.ids.chat_id]
-        if not self.turns:
+            logger.exception("storing a finished turn failed", extra={"model": turn.model})
+        await self.quotas.settle(turn.ticket, charged)
+        if turn.ids is not None:
+            await self.release(turn.ids.chat_id, turn.ids.assistant_message_id)
+            if self.turns.get(turn.ids.chat_id) is turn:
+                del self.turns[turn.ids.chat_id]
+        self.running.discard(turn)
+        if not self.running:
             self._idle.set()
 
     async def request_stop(self, chat_id: uuid.UUID) -> bool:
@@ -147,12 +157,12 @@ class StreamRegistry:
 
     async def close(self, timeout_s: float) -> None:
         """Interrupt what still runs, wait (bounded) for every ending to be stored, stop the loops."""
-        for turn in list(self.turns.values()):
+        for turn in list(self.running):
             turn.interrupt("interrupted")
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
         except TimeoutError:
-            logger.error("turns still unfinished at shutdown", extra={"count": len(self.turns)})
+            logger.error("turns still unfinished at shutdown", extra={"count": len(self.running)})
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -200,23 +210,25 @@ class StreamRegistry:
     async def checkpoint(self) -> None:
         """Write the partial text of every turn that grew since the last checkpoint, in one statement."""
         ids, texts = [], []
-        for turn in self.turns.values():
-            if turn.ending is None and len(turn.parts) != turn.checkpointed_parts:
-                turn.checkpointed_parts = len(turn.parts)
-                ids.append(turn.ids.assistant_message_id)
-                texts.append(turn.text)
+        for chat_turn in self.turns.values():
+            if chat_turn.ending is None and len(chat_turn.parts) != chat_turn.checkpointed_parts:
+                chat_turn.checkpointed_parts = len(chat_turn.parts)
+                assert chat_turn.ids is not None
+                ids.append(chat_turn.ids.assistant_message_id)
+                texts.append(chat_turn.text)
         if ids:
             await checkpoint_replies(self.pool, ids, texts)
 
     async def renew(self) -> None:
         """Push back the leases, quota slots and reservations of every running turn."""
-        if not self.turns:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for chat_id in self.turns:
-                pipe.pexpire(self._lease_key(chat_id), self._lease_ms)
-            await pipe.execute()
-        await self.quotas.store.renew(turn.ticket for turn in self.turns.values() if turn.ticket)
+        if self.turns:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for chat_id in self.turns:
+                    pipe.pexpire(self._lease_key(chat_id), self._lease_ms)
+                await pipe.execute()
+        tickets = [turn.ticket for turn in self.running if turn.ticket]
+        if tickets:
+            await self.quotas.store.renew(tickets)
 
     async def recover(self, *, startup: bool) -> int:
         """Mark replies whose stream died as ``interrupted``; return how many."""

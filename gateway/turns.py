@@ -17,10 +17,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from gateway.sse import encode_delta, encode_event
 from providers.base import Finish, ProviderError, ProviderRequest, StreamEvent, Usage
+from storage.chats import Owner
 from storage.quotas import Ticket
 
 logger = logging.getLogger("gateway.turns")
@@ -43,6 +43,20 @@ def estimate_tokens(chars: int) -> int:
     return -(-chars // CHARS_PER_TOKEN)
 
 
+class StreamCodec(Protocol):
+    """How a turn's events become bytes on the wire; one instance per stream (it may count frames)."""
+
+    def start(self, turn: Turn) -> bytes | None: ...
+
+    def delta(self, text: str) -> bytes: ...
+
+    def usage(self, usage: Usage) -> bytes | None: ...
+
+    def done(self, turn: Turn) -> bytes: ...
+
+    def error(self, turn: Turn, error: ProviderError) -> bytes: ...
+
+
 @dataclass(frozen=True, slots=True)
 class TurnIds:
     chat_id: uuid.UUID
@@ -51,15 +65,18 @@ class TurnIds:
 
 
 class Turn:
-    """The state of one streamed reply. ``finisher`` persists the ending and frees the chat."""
+    """The state of one streamed reply. ``finisher`` persists the ending (and frees the chat, if any).
+
+    ``ids`` names the chat and messages of a chat turn; a turn of the OpenAI-compatible surface has none.
+    """
 
     def __init__(
         self,
-        ids: TurnIds,
         model: str,
         request: ProviderRequest,
         upstream: AsyncIterator[StreamEvent],
         finisher: Callable[[Turn], Awaitable[None]],
+        ids: TurnIds | None = None,
     ) -> None:
         self.ids = ids
         self.model = model
@@ -73,6 +90,7 @@ class Turn:
         self.duration_ms = 0.0
         self.checkpointed_parts = 0
         self.ticket: Ticket | None = None  # its quota reservation, settled when the turn is stored
+        self.owner: Owner | None = None  # who is charged, for a turn with no chat
         self._upstream = upstream
         self._finisher = finisher
         self._buffered: list[StreamEvent] = []
@@ -155,29 +173,24 @@ class Turn:
 
     # -- the two ways to deliver a turn -----------------------------------------------------------
 
-    async def sse(self) -> AsyncIterator[bytes]:
-        """The turn as SSE events; whatever stops it, the ending is stored before the last event."""
-        seq = 1
+    async def stream(self, codec: StreamCodec) -> AsyncIterator[bytes]:
+        """The turn as a stream of frames; whatever stops it, the ending is stored before the last frame."""
         try:
-            yield encode_event(seq, "start", self.start_payload())
+            if first := codec.start(self):
+                yield first
             while (event := await self._pull()) is not None:
-                seq += 1
                 if type(event) is str:
-                    yield encode_delta(seq, event)
+                    yield codec.delta(event)
                     self._append(event)  # only once handed to the transport
                 elif isinstance(event, Usage):
                     self.usage = event
-                    yield encode_event(
-                        seq,
-                        "usage",
-                        {"input_tokens": event.input_tokens, "output_tokens": event.output_tokens},
-                    )
+                    if frame := codec.usage(event):
+                        yield frame
                 else:
                     self._take(event)
-                    seq -= 1
         except ProviderError as error:
             await self.finish(error=error)
-            yield encode_event(seq + 1, "error", {"code": error.code, "message": error.message})
+            yield codec.error(self, error)
             return
         except GeneratorExit:  # the send failed or timed out: the client is gone or frozen
             await self.finish(ending="client_disconnected", shielded=True)
@@ -186,7 +199,7 @@ class Turn:
             await self.finish(ending="client_disconnected" if self._hung_up else "interrupted", shielded=True)
             raise
         await self.finish()
-        yield encode_event(seq + 1, "done", self.done_payload())
+        yield codec.done(self)
 
     async def collect(self) -> None:
         """Run the turn to its end without a client stream (the JSON answer)."""
@@ -256,24 +269,3 @@ class Turn:
             return 0
         usage, _ = self.final_usage()
         return usage.input_tokens + usage.output_tokens
-
-    def start_payload(self) -> dict[str, Any]:
-        return {
-            "chat_id": self.ids.chat_id,
-            "user_message_id": self.ids.user_message_id,
-            "assistant_message_id": self.ids.assistant_message_id,
-            "model": self.model,
-        }
-
-    def done_payload(self) -> dict[str, Any]:
-        usage, _ = self.final_usage()
-        return {
-            "assistant_message_id": self.ids.assistant_message_id,
-            "finish_reason": self.ending,
-            "usage": {
-                "input_tokens": usage.input_tokens,
-                "output_tokens": usage.output_tokens,
-                "total_tokens": usage.input_tokens + usage.output_tokens,
-            },
-            "duration_ms": self.duration_ms,
-        }
