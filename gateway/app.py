@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 
-from gateway import chats, health, send, usage
+from gateway import chats, compat, health, send, usage
 from gateway.auth import JWTBackend, on_auth_error
 from gateway.embedded import resolve_jwt_secret
 from gateway.errors import EXCEPTION_HANDLERS
@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None, providers: ProviderRegistry | N
         ),
     ]
     app = Starlette(
-        routes=[*health.routes, *chats.routes, *send.routes, *usage.routes],
+        routes=[*health.routes, *chats.routes, *send.routes, *usage.routes, *compat.routes],
         middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
@@ -113,5 +113,7 @@ def build_providers(settings: Settings) -> ProviderRegistry:
     ]
     for name, endpoint in settings.providers.items():
         key = env.get(endpoint.api_key_env) if endpoint.api_key_env else None
-        providers.append(OpenAIProvider(name, key, endpoint.base_url, connect, idle, vendor=name))
+        providers.append(
+            OpenAIProvider(name, key, endpoint.base_url, connect, idle, vendor=name, models=tuple(endpoint.models))
+        )
     return ProviderRegistry(providers)

@@ -87,6 +87,27 @@ def error_body(request_id: str, code: str, status: int, message: str, details: A
     return orjson.dumps({"error": error})
 
 
+# Paths of the OpenAI-compatible surface: their errors take OpenAI's shape, so its SDKs parse them.
+OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/models"})
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                 404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+                 422: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def openai_error_body(request_id: str, error: GatewayError) -> bytes:
+    param = None
+    if isinstance(error.details, list) and error.details and isinstance(error.details[0], dict):
+        loc = error.details[0].get("loc")
+        param = ".".join(str(part) for part in loc) if loc else None
+    message = error.message
+    if error.details and error.code == "validation_error":
+        message = f"{message}: " + "; ".join(
+            f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}" for d in error.details)
+    kind = _OPENAI_TYPES.get(error.status, "api_error" if error.status >= 500 else "invalid_request_error")
+    return orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": error.code,
+                                   "request_id": request_id}})
+
+
 def request_id_of(request: Request) -> str:
     return str(getattr(request.state, "request_id", ""))
 
@@ -94,7 +115,10 @@ def request_id_of(request: Request) -> str:
 def envelope(request: Request, error: GatewayError) -> Response:
     rid = request_id_of(request)
     headers = {"X-Request-ID": rid, **error.headers}
-    body = error_body(rid, error.code, error.status, error.message, error.details)
+    if request.scope["path"] in OPENAI_PATHS:
+        body = openai_error_body(rid, error)
+    else:
+        body = error_body(rid, error.code, error.status, error.message, error.details)
     return Response(body, status_code=error.status, headers=headers, media_type="application/json")
 
 

@@ -3,36 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import uuid
-from dataclasses import replace
 from typing import Any
 
-from sse_starlette.event import ServerSentEvent
-from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Message
 
 from gateway.chats import owner_of
+from gateway.dispatch import admit, event_stream, open_with_fallbacks, upstream_failure
 from gateway.errors import (
     ChatLimitReached,
     ChatNotFound,
-    GatewayError,
     NotFound,
     StreamAlreadyActive,
-    UpstreamError,
-    UpstreamTimeout,
     ValidationFailed,
 )
-from gateway.quotas import Admission
 from gateway.responses import JSONBody
 from gateway.schemas import ChatTurn, SendMessage, TurnOptions, chat_id_of, parse_body
 from gateway.services import Services, services_of
-from gateway.sse import STREAM_HEADERS, ChatEvents
-from gateway.turns import Turn, TurnIds, estimate_tokens
-from providers.base import ChatMessage, ProviderError, ProviderRequest, ProviderTimeout, UnknownModel
+from gateway.sse import ChatEvents
+from gateway.turns import Turn, TurnIds
+from providers.base import ChatMessage, ProviderError, ProviderRequest, UnknownModel
 from storage import chats, messages
 from storage.chats import ChatFields, ChatLimitExceeded, Owner
 from storage.messages import NewTurn, TurnContext
@@ -60,14 +52,6 @@ def history_window(history: list[dict[str, str]], max_chars: int) -> list[ChatMe
         kept.append(ChatMessage(item["role"], item["content"]))  # type: ignore[arg-type]
     kept.reverse()
     return kept
-
-
-def upstream_failure(error: ProviderError) -> GatewayError:
-    failure = (UpstreamTimeout if error.http_status == 504 else UpstreamError)(error.message)
-    failure.code = error.code
-    if error.retry_after is not None:
-        failure.headers["Retry-After"] = str(math.ceil(error.retry_after))
-    return failure
 
 
 def checked_content(content: str, limit: int, field: str) -> str:
@@ -136,7 +120,7 @@ async def run_turn(
         [*history_window(context.history, settings.history_chars), ChatMessage("user", content)],
         system=context.system_prompt, max_tokens=options.max_tokens, temperature=options.temperature,
     )
-    admission = await admit(services, owner, ids, provider_request)
+    admission = await admit(services, owner, ids.assistant_message_id, provider_request)
     try:
         if not await services.streams.claim(chat_id, ids.assistant_message_id):
             raise StreamAlreadyActive()
@@ -161,50 +145,7 @@ async def run_turn(
         raise
     if "application/json" in request.headers.get("accept", ""):
         return await json_answer(services, owner, turn, admission.headers)
-    return stream_answer(services, turn, admission.headers)
-
-
-async def open_with_fallbacks(services: Services, turn: Turn, model: str) -> None:
-    """Reach the first token: retry a retryable failure with backoff, then try the model's fallbacks.
-
-    Nothing has been sent to the client yet, so a retry is invisible to it; after the first token a
-    failure is final. The model that answered is the one recorded on the reply.
-    """
-    settings = services.settings
-    error: ProviderError | None = None
-    for candidate in [model, *settings.fallbacks.get(model, [])]:
-        try:
-            provider, model_name = services.providers.resolve(candidate)
-        except UnknownModel:
-            continue
-        request = replace(turn.request, model=model_name)
-        for attempt in range(settings.retries + 1):
-            if error is not None:
-                await turn.switch_upstream(candidate, provider.stream(request))
-            try:
-                async with asyncio.timeout(settings.first_token_timeout_s):
-                    await turn.open()
-                return
-            except TimeoutError:
-                error = ProviderTimeout("No first token before the timeout")
-            except ProviderError as failure:
-                error = failure
-            if turn.stopped or not error.retryable:
-                break
-            if attempt < settings.retries:
-                wait = error.retry_after if error.retry_after is not None else settings.retry_backoff_s * 2**attempt
-                await asyncio.sleep(min(wait, settings.max_retry_wait_s))
-        if turn.stopped:
-            return
-    assert error is not None
-    raise error
-
-
-async def admit(services: Services, owner: Owner, ids: TurnIds, request: ProviderRequest) -> Admission:
-    """Reserve the turn's estimated tokens: the prompt's estimate plus its ``max_tokens`` (or the default)."""
-    prompt_chars = sum(len(m.content) for m in request.messages) + len(request.system or "")
-    estimate = services.quotas.estimate(estimate_tokens(prompt_chars), request.max_tokens)
-    return await services.quotas.admit(owner.org_id, owner.user_id, str(ids.assistant_message_id), estimate)
+    return event_stream(services, turn, ChatEvents(), admission.headers)
 
 
 async def store_turn(
@@ -231,21 +172,6 @@ async def store_turn(
     )
     if not await messages.insert_turn(services.pool, owner, new_turn):
         raise ChatNotFound()
-
-
-def stream_answer(services: Services, turn: Turn, headers: dict[str, str]) -> Response:
-    async def on_hang_up(message: Message) -> None:
-        turn.hang_up()
-
-    return EventSourceResponse(
-        turn.stream(ChatEvents()),
-        headers={**STREAM_HEADERS, **headers},
-        ping=services.settings.ping_s,
-        ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
-        sep="\n",
-        send_timeout=services.settings.send_timeout_s,
-        client_close_handler_callable=on_hang_up,
-    )
 
 
 async def json_answer(services: Services, owner: Owner, turn: Turn, headers: dict[str, str]) -> Response:

@@ -47,6 +47,10 @@ def messages_body(request: ProviderRequest) -> dict[str, Any]:
         body["system"] = request.system
     if request.temperature is not None:
         body["temperature"] = min(request.temperature, 1.0)  # Anthropic's range is 0..1
+    if request.top_p is not None:
+        body["top_p"] = request.top_p
+    if request.stop:
+        body["stop_sequences"] = list(request.stop)
     return body
 
 
@@ -54,6 +58,7 @@ class AnthropicProvider:
     def __init__(self, api_key: str | None, base_url: str | None, connect_timeout_s: float,
                  idle_timeout_s: float) -> None:
         self.name = "anthropic"
+        self.models: tuple[str, ...] = ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1")
         self.has_credentials = bool(api_key)
         self.client = anthropic.AsyncAnthropic(
             api_key=api_key or "no-key-configured", base_url=base_url, max_retries=0,

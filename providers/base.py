@@ -30,6 +30,8 @@ class ProviderRequest:
     system: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -55,6 +57,8 @@ class Provider(Protocol):
     """A model vendor: ``stream`` yields text deltas, then usage (when known) and a finish."""
 
     name: str
+    models: tuple[str, ...]  # the models it is known to serve, for /v1/models
+    has_credentials: bool
 
     def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]: ...
 

@@ -89,6 +89,8 @@ class FakeProvider:
     """Streams deterministic text; counts how many of its streams run at once."""
 
     name = "fake"
+    models: tuple[str, ...] = ("echo",)
+    has_credentials = True
 
     def __init__(self) -> None:
         self.records: deque[FakeStreamRecord] = deque(maxlen=_RECORDS_KEPT)
@@ -123,6 +125,11 @@ class FakeProvider:
                     raise _failure(options.fail)
                 if index and options.gap_s:
                     await asyncio.sleep(options.gap_s)
+                cut = min((token.find(s) for s in request.stop if s in token), default=-1)
+                if cut >= 0:  # a stop sequence ends the reply before it
+                    if cut:
+                        yield token[:cut]
+                    break
                 yield token
                 record.tokens_sent += 1
             if options.fail_after is not None and options.fail_after >= len(tokens):

@@ -52,7 +52,10 @@ def generate_body(request: ProviderRequest) -> dict[str, Any]:
     body: dict[str, Any] = {"contents": [_wire(c) for c in contents]}
     if request.system:
         body["systemInstruction"] = _wire(types.Content(parts=[types.Part(text=request.system)]))
-    config = types.GenerationConfig(max_output_tokens=request.max_tokens, temperature=request.temperature)
+    config = types.GenerationConfig(
+        max_output_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+        stop_sequences=list(request.stop) or None,
+    )
     if generation := _wire(config):
         body["generationConfig"] = generation
     return body
@@ -62,6 +65,7 @@ class GeminiProvider:
     def __init__(self, api_key: str | None, base_url: str | None, connect_timeout_s: float,
                  idle_timeout_s: float) -> None:
         self.name = "gemini"
+        self.models: tuple[str, ...] = ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.5-flash-lite")
         self.api_key = api_key
         self.has_credentials = bool(api_key)
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")

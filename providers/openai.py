@@ -35,6 +35,9 @@ FINISH_REASONS: dict[str, FinishReason] = {
 }
 
 
+OPENAI_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "o4-mini")
+
+
 def chat_body(request: ProviderRequest) -> dict[str, Any]:
     messages: list[dict[str, str]] = [{"role": "system", "content": request.system}] if request.system else []
     messages += [{"role": m.role, "content": m.content} for m in request.messages]
@@ -45,6 +48,10 @@ def chat_body(request: ProviderRequest) -> dict[str, Any]:
         body["max_tokens"] = request.max_tokens
     if request.temperature is not None:
         body["temperature"] = request.temperature
+    if request.top_p is not None:
+        body["top_p"] = request.top_p
+    if request.stop:
+        body["stop"] = list(request.stop)
     return body
 
 
@@ -53,9 +60,10 @@ class OpenAIProvider:
 
     def __init__(
         self, name: str, api_key: str | None, base_url: str | None, connect_timeout_s: float,
-        idle_timeout_s: float, vendor: str = "OpenAI",
+        idle_timeout_s: float, vendor: str = "OpenAI", models: tuple[str, ...] = OPENAI_MODELS,
     ) -> None:
         self.name = name
+        self.models = models
         self.vendor = vendor
         self.has_credentials = bool(api_key)
         self.client = openai.AsyncOpenAI(

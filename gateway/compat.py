@@ -1,0 +1,226 @@
+"""The OpenAI-compatible surface: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+
+Any provider answers in OpenAI's exact chunk format, so the official ``openai`` SDKs and load-test tools
+work by changing only their base URL. Auth, quotas, cancellation on disconnect and the usage ledger are the
+chat stream's; nothing is stored in chats. Tool calls are not supported yet: requests that use them are
+refused with a 400 (as are ``n`` > 1, log probabilities, audio and structured output formats).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.auth import principal_of
+from gateway.dispatch import admit, event_stream, open_with_fallbacks, upstream_failure
+from gateway.errors import GatewayError, NotFound
+from gateway.responses import JSONBody
+from gateway.schemas import parse_body
+from gateway.services import services_of
+from gateway.turns import Turn
+from providers.base import ChatMessage, ProviderError, ProviderRequest, UnknownModel, Usage
+from storage.chats import Owner
+
+# Our endings, as OpenAI's finish reasons (it has no word for a cancelled or interrupted reply).
+FINISH = {"stop": "stop", "length": "length", "content_filter": "content_filter", "tool_calls": "tool_calls"}
+
+
+class BadRequest(GatewayError):
+    code, status, message = "unsupported_parameter", 400, "This parameter is not supported"
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class CompletionMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """The Chat Completions request. Harmless unknown fields are ignored, as OpenAI does."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    messages: list[CompletionMessage] = Field(min_length=1, max_length=1000)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    stop: str | list[str] | None = None
+    user: str | None = None
+    # Fields that would change the meaning of the answer; refused unless harmless.
+    n: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    logprobs: bool | None = None
+    response_format: dict[str, Any] | None = None
+    audio: Any = None
+    modalities: list[str] | None = None
+
+
+def refuse_unsupported(body: CompletionRequest) -> None:
+    refusals = {
+        "n": body.n not in (None, 1),
+        "tools": bool(body.tools) or bool(body.functions),
+        "tool_choice": body.tool_choice not in (None, "none") or body.function_call not in (None, "none"),
+        "logprobs": bool(body.logprobs),
+        "response_format": (body.response_format or {}).get("type", "text") != "text",
+        "audio": body.audio is not None or (body.modalities or ["text"]) != ["text"],
+        "stop": isinstance(body.stop, list) and len(body.stop) > 4,
+    }
+    for param, refused in refusals.items():
+        if refused:
+            raise BadRequest(f"'{param}' is not supported by this gateway",
+                             details=[{"loc": [param], "msg": "not supported", "type": "unsupported"}])
+
+
+def text_of(message: CompletionMessage) -> str:
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    for part in message.content:
+        if part.type != "text":
+            raise BadRequest(f"Content parts of type '{part.type}' are not supported",
+                             details=[{"loc": ["messages", "content"], "msg": "not supported", "type": "unsupported"}])
+    return "".join(part.text or "" for part in message.content)
+
+
+def provider_request(body: CompletionRequest, model_name: str) -> ProviderRequest:
+    system, messages = [], []
+    for message in body.messages:
+        if message.role in ("tool", "function"):
+            raise BadRequest("Tool messages are not supported",
+                             details=[{"loc": ["messages", "role"], "msg": "not supported", "type": "unsupported"}])
+        if message.role in ("system", "developer"):
+            system.append(text_of(message))
+        else:
+            messages.append(ChatMessage(message.role, text_of(message)))  # type: ignore[arg-type]
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    return ProviderRequest(
+        model_name, messages, system="\n\n".join(system) or None,
+        max_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
+        top_p=body.top_p, stop=stop,
+    )
+
+
+class CompletionChunks:
+    """OpenAI's ``chat.completion.chunk`` stream; the per-token frame is two constant byte strings and a dump."""
+
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+        head = orjson.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                             "model": model, "system_fingerprint": None})[:-1]
+        self.head = b"data: " + head
+        self.usage_tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+        self.include_usage = include_usage
+        self.prefix = self.head + b',"choices":[{"index":0,"delta":{"content":'
+        self.suffix = b'},"logprobs":null,"finish_reason":null}]' + self.usage_tail
+
+    def _choice(self, delta: bytes, finish: bytes = b"null") -> bytes:
+        return (self.head + b',"choices":[{"index":0,"delta":' + delta + b',"logprobs":null,"finish_reason":'
+                + finish + b"}]" + self.usage_tail)
+
+    def start(self, turn: Turn) -> bytes:
+        return self._choice(b'{"role":"assistant","content":""}')
+
+    def delta(self, text: str) -> bytes:
+        return self.prefix + orjson.dumps(text) + self.suffix
+
+    def usage(self, usage: Usage) -> None:
+        return None  # OpenAI reports usage once, after the last choice
+
+    def done(self, turn: Turn) -> bytes:
+        frames = self._choice(b"{}", orjson.dumps(FINISH.get(turn.ending or "", "stop")))
+        if self.include_usage:
+            frames += self.head + b',"choices":[],"usage":' + orjson.dumps(usage_object(turn)) + b"}\n\n"
+        return frames + b"data: [DONE]\n\n"
+
+    def error(self, turn: Turn, error: ProviderError) -> bytes:
+        body = {"error": {"message": error.message, "type": "api_error", "param": None, "code": error.code}}
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def usage_object(turn: Turn) -> dict[str, int]:
+    usage, _ = turn.final_usage()
+    return {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
+            "total_tokens": usage.input_tokens + usage.output_tokens}
+
+
+def completion_object(turn: Turn, completion_id: str, created: int) -> dict[str, Any]:
+    return {
+        "id": completion_id, "object": "chat.completion", "created": created, "model": turn.model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": turn.text, "refusal": None},
+                     "logprobs": None, "finish_reason": FINISH.get(turn.ending or "", "stop")}],
+        "usage": usage_object(turn),
+    }
+
+
+async def chat_completions(request: Request) -> Response:
+    principal = principal_of(request)
+    body = await parse_body(request, CompletionRequest)
+    refuse_unsupported(body)
+    services = services_of(request)
+    try:
+        provider, model_name = services.providers.resolve(body.model)
+    except UnknownModel as error:
+        missing = NotFound(str(error))
+        missing.code = "model_not_found"
+        raise missing from None
+    call = provider_request(body, model_name)
+    owner = Owner(principal.org_id, principal.user_id)
+    admission = await admit(services, owner, uuid.uuid4(), call)
+    turn = Turn(body.model, call, provider.stream(call), services.streams.finish)
+    turn.ticket, turn.owner = admission.ticket, owner
+    services.streams.add(turn)
+    try:
+        await open_with_fallbacks(services, turn, body.model)
+    except ProviderError as error:
+        await turn.finish(error=error)
+        raise upstream_failure(error) from None
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        codec = CompletionChunks(completion_id, created, turn.model, include_usage)
+        return event_stream(services, turn, codec, admission.headers)
+    await turn.collect()
+    if turn.error is not None:
+        raise upstream_failure(turn.error)
+    return JSONBody(completion_object(turn, completion_id, created), headers=admission.headers)
+
+
+async def list_models(request: Request) -> Response:
+    principal_of(request)
+    providers = services_of(request).providers
+    data = [
+        {"id": f"{provider.name}/{model}", "object": "model", "created": 0, "owned_by": provider.name,
+         "has_credentials": provider.has_credentials}
+        for provider in (providers.get(name) for name in providers.names()) for model in provider.models
+    ]
+    return JSONBody({"object": "list", "data": data})
+
+
+routes = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+]

@@ -1,0 +1,89 @@
+"""Calling a provider for a caller: the quota admission, the way to the first token, and its failures."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from dataclasses import replace
+
+from sse_starlette.event import ServerSentEvent
+from sse_starlette.sse import EventSourceResponse
+from starlette.responses import Response
+from starlette.types import Message
+
+from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
+from gateway.quotas import Admission
+from gateway.services import Services
+from gateway.sse import STREAM_HEADERS
+from gateway.turns import StreamCodec, Turn, estimate_tokens
+from providers.base import ProviderError, ProviderRequest, ProviderTimeout, UnknownModel
+from storage.chats import Owner
+
+
+def upstream_failure(error: ProviderError) -> GatewayError:
+    failure = (UpstreamTimeout if error.http_status == 504 else UpstreamError)(error.message)
+    failure.code = error.code
+    if error.retry_after is not None:
+        failure.headers["Retry-After"] = str(math.ceil(error.retry_after))
+    return failure
+
+
+async def admit(services: Services, owner: Owner, stream_id: uuid.UUID, request: ProviderRequest) -> Admission:
+    """Reserve the turn's estimated tokens: the prompt's estimate plus its ``max_tokens`` (or the default)."""
+    prompt_chars = sum(len(m.content) for m in request.messages) + len(request.system or "")
+    estimate = services.quotas.estimate(estimate_tokens(prompt_chars), request.max_tokens)
+    return await services.quotas.admit(owner.org_id, owner.user_id, str(stream_id), estimate)
+
+
+async def open_with_fallbacks(services: Services, turn: Turn, model: str) -> None:
+    """Reach the first token: retry a retryable failure with backoff, then try the model's fallbacks.
+
+    Nothing has been sent to the client yet, so a retry is invisible to it; after the first token a
+    failure is final. The model that answered is the one recorded on the reply.
+    """
+    settings = services.settings
+    error: ProviderError | None = None
+    for candidate in [model, *settings.fallbacks.get(model, [])]:
+        try:
+            provider, model_name = services.providers.resolve(candidate)
+        except UnknownModel:
+            continue
+        request = replace(turn.request, model=model_name)
+        for attempt in range(settings.retries + 1):
+            if error is not None:
+                await turn.switch_upstream(candidate, provider.stream(request))
+            try:
+                async with asyncio.timeout(settings.first_token_timeout_s):
+                    await turn.open()
+                return
+            except TimeoutError:
+                error = ProviderTimeout("No first token before the timeout")
+            except ProviderError as failure:
+                error = failure
+            if turn.stopped or not error.retryable:
+                break
+            if attempt < settings.retries:
+                wait = error.retry_after if error.retry_after is not None else settings.retry_backoff_s * 2**attempt
+                await asyncio.sleep(min(wait, settings.max_retry_wait_s))
+        if turn.stopped:
+            return
+    assert error is not None
+    raise error
+
+
+def event_stream(services: Services, turn: Turn, codec: StreamCodec, headers: dict[str, str]) -> Response:
+    """The turn as an SSE response: pings when quiet, sends bounded in time, a hang-up ends the turn."""
+
+    async def on_hang_up(message: Message) -> None:
+        turn.hang_up()
+
+    return EventSourceResponse(
+        turn.stream(codec),
+        headers={**STREAM_HEADERS, **headers},
+        ping=services.settings.ping_s,
+        ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
+        sep="\n",
+        send_timeout=services.settings.send_timeout_s,
+        client_close_handler_callable=on_hang_up,
+    )
