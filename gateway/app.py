@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 
-from gateway import chats, compat, health, send, usage
+from gateway import chats, compat, health, metrics, send, usage
 from gateway.auth import JWTBackend, on_auth_error
 from gateway.embedded import resolve_jwt_secret
 from gateway.errors import EXCEPTION_HANDLERS
@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None, providers: ProviderRegistry | N
         ),
     ]
     app = Starlette(
-        routes=[*health.routes, *chats.routes, *send.routes, *usage.routes, *compat.routes],
+        routes=[*health.routes, *metrics.routes, *chats.routes, *send.routes, *usage.routes, *compat.routes],
         middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,

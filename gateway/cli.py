@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import sys
+from pathlib import Path
 
 import uvicorn
 
@@ -30,6 +32,8 @@ def serve(settings: Settings, args: argparse.Namespace) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _note_signal)
     resolve_jwt_secret(settings)  # create the dev secret once, before any worker reads it
+    if args.workers > 1:
+        prepare_multiprocess_metrics(settings.data_dir / "metrics")
     with with_services(settings) as ready:
         # Workers build the app from the environment, so hand them the URLs of any embedded service.
         os.environ["GATEWAY_DATABASE_URL"] = ready.database_url or ""
@@ -46,6 +50,13 @@ def serve(settings: Settings, args: argparse.Namespace) -> None:
             log_config=None,
             timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]  # any number works
         )
+
+
+def prepare_multiprocess_metrics(folder: Path) -> None:
+    """Workers write their metrics to files in ``folder``; it must exist, empty, before any starts."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder.resolve())
 
 
 def run_migrations(settings: Settings, args: argparse.Namespace) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from redis.exceptions import RedisError
 
 from gateway.errors import GatewayError, Unavailable
+from gateway.metrics import QUOTA_REFUSALS, timed
 from storage.quotas import UNLIMITED, Decision, QuotaStore, Ticket
 
 logger = logging.getLogger("gateway.quotas")
@@ -63,7 +64,8 @@ class QuotaGuard:
 
     async def admit(self, org_id: str, user_id: str, stream_id: str, estimate: int) -> Admission:
         try:
-            decision = await self.store.reserve(org_id, user_id, stream_id, estimate)
+            with timed("redis", "quota"):
+                decision = await self.store.reserve(org_id, user_id, stream_id, estimate)
         except (RedisError, OSError):
             if not self.fail_open:
                 raise Unavailable("The quota store is unavailable") from None
@@ -72,6 +74,7 @@ class QuotaGuard:
             return Admission(None)
         headers = rate_limit_headers(decision)
         if not decision.admitted:
+            QUOTA_REFUSALS.labels(decision.code).inc()
             headers["Retry-After"] = str(max(decision.retry_after_s, 1))
             raise _REFUSALS[decision.code](headers=headers)
         return Admission(decision.ticket, headers)

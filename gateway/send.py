@@ -19,6 +19,7 @@ from gateway.errors import (
     StreamAlreadyActive,
     ValidationFailed,
 )
+from gateway.metrics import timed
 from gateway.responses import JSONBody
 from gateway.schemas import ChatTurn, SendMessage, TurnOptions, chat_id_of, parse_body
 from gateway.services import Services, services_of
@@ -170,7 +171,9 @@ async def store_turn(
         options.client_message_id,
         options.metadata or {},
     )
-    if not await messages.insert_turn(services.pool, owner, new_turn):
+    with timed("postgres", "insert_turn"):
+        stored = await messages.insert_turn(services.pool, owner, new_turn)
+    if not stored:
         raise ChatNotFound()
 
 

@@ -21,6 +21,15 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.errors import Unavailable
+from gateway.metrics import (
+    ACTIVE_STREAMS,
+    PROVIDER_ERRORS,
+    STREAM_DURATION,
+    STREAM_ENDINGS,
+    TIME_TO_FIRST_TOKEN,
+    TOKENS_OUT,
+    timed,
+)
 from gateway.quotas import QuotaGuard
 from gateway.settings import Settings
 from gateway.turns import Turn
@@ -41,6 +50,17 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 _RECONNECT_S = 1.0
+
+
+def record_ending(turn: Turn) -> None:
+    ACTIVE_STREAMS.dec()
+    STREAM_ENDINGS.labels(turn.ending or "stop").inc()
+    TOKENS_OUT.inc(len(turn.parts))
+    STREAM_DURATION.observe(turn.duration_ms / 1000)
+    if turn.first_token_s is not None:
+        TIME_TO_FIRST_TOKEN.observe(turn.first_token_s)
+    if turn.error is not None:
+        PROVIDER_ERRORS.labels(turn.error.code).inc()
 
 
 def reply_of(turn: Turn, charged: int) -> FinishedReply:
@@ -121,15 +141,18 @@ class StreamRegistry:
             self.turns[turn.ids.chat_id] = turn
         self.running.add(turn)
         self._idle.clear()
+        ACTIVE_STREAMS.inc()
 
     async def finish(self, turn: Turn) -> None:
         """Persist a turn's ending and its usage, settle its quota, free its chat. Called once, by the turn."""
         charged = turn.charged_tokens()
+        record_ending(turn)
         try:
-            if turn.ids is not None:
-                await finish_reply(self.pool, reply_of(turn, charged))
-            else:
-                await record_usage(self.pool, usage_of(turn, charged))
+            with timed("postgres", "finish"):
+                if turn.ids is not None:
+                    await finish_reply(self.pool, reply_of(turn, charged))
+                else:
+                    await record_usage(self.pool, usage_of(turn, charged))
         except Exception:
             logger.exception("storing a finished turn failed", extra={"model": turn.model})
         await self.quotas.settle(turn.ticket, charged)

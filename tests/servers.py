@@ -74,13 +74,13 @@ class GatewayProcess:
         self.process.send_signal(signum)
         return await self.process.wait()
 
-    async def wait_for_line(self, pattern: str, timeout: float = 30) -> re.Match[str]:
+    async def wait_for_line(self, pattern: str, timeout: float = 30, count: int = 1) -> re.Match[str]:
         async def scan() -> re.Match[str]:
             regex = re.compile(pattern)
-            seen = 0
+            seen, found = 0, 0
             while True:
                 for line in self.log[seen:]:
-                    if match := regex.search(line):
+                    if (match := regex.search(line)) and (found := found + 1) == count:
                         return match
                 seen = len(self.log)
                 await self._more.wait()
@@ -99,16 +99,24 @@ class GatewayProcess:
         self._more.set()
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 @contextlib.asynccontextmanager
 async def gateway_process(env: dict[str, str], *args: str) -> AsyncIterator[GatewayProcess]:
-    """Start ``gateway serve`` on an ephemeral port with ``env`` added; yield once it listens."""
+    """Start ``gateway serve`` on a free port with ``env`` added; yield once it listens."""
+    port = free_port() if "--workers" in args else 0  # with workers, uvicorn logs the port it was given
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "gateway",
         "serve",
         "--port",
-        "0",
+        str(port),
         *args,
         env={**os.environ, **env},
         stderr=asyncio.subprocess.PIPE,
@@ -118,7 +126,10 @@ async def gateway_process(env: dict[str, str], *args: str) -> AsyncIterator[Gate
     gateway._reader = asyncio.create_task(gateway._read())
     try:
         match = await gateway.wait_for_line(_LISTENING.pattern, timeout=60)
-        gateway.url = f"http://127.0.0.1:{match.group(1)}"
+        gateway.url = f"http://127.0.0.1:{port or match.group(1)}"
+        if "--workers" in args:  # the parent binds; only a started worker accepts connections
+            workers = int(args[args.index("--workers") + 1])
+            await gateway.wait_for_line("Application startup complete", timeout=60, count=workers)
         yield gateway
     finally:
         if process.returncode is None:
