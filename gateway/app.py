@@ -25,7 +25,7 @@ from gateway.services import Services
 from gateway.settings import Settings, load_settings
 from gateway.streams import StreamRegistry
 from providers.anthropic import AnthropicProvider
-from providers.base import Provider
+from providers.base import Provider, UpstreamConfig
 from providers.fake import FakeProvider
 from providers.gemini import GeminiProvider
 from providers.openai import OpenAIProvider
@@ -103,17 +103,16 @@ def quota_store(settings: Settings, pool: asyncpg.Pool, redis: Redis) -> QuotaSt
 def build_providers(settings: Settings) -> ProviderRegistry:
     """The fake, the three vendors (usable once their key is set) and every configured endpoint."""
     env = os.environ
-    connect, idle = settings.connect_timeout_s, settings.idle_timeout_s
+    config = UpstreamConfig(settings.connect_timeout_s, settings.idle_timeout_s, settings.upstream_max_connections)
     providers: list[Provider] = [
         FakeProvider(),
-        OpenAIProvider("openai", env.get("OPENAI_API_KEY"), env.get("OPENAI_BASE_URL"), connect, idle),
-        AnthropicProvider(env.get("ANTHROPIC_API_KEY"), env.get("ANTHROPIC_BASE_URL"), connect, idle),
-        GeminiProvider(env.get("GEMINI_API_KEY") or env.get("GOOGLE_API_KEY"), settings.gemini_base_url, connect,
-                       idle),
+        OpenAIProvider("openai", env.get("OPENAI_API_KEY"), env.get("OPENAI_BASE_URL"), config),
+        AnthropicProvider(env.get("ANTHROPIC_API_KEY"), env.get("ANTHROPIC_BASE_URL"), config),
+        GeminiProvider(env.get("GEMINI_API_KEY") or env.get("GOOGLE_API_KEY"), settings.gemini_base_url, config),
     ]
     for name, endpoint in settings.providers.items():
         key = env.get(endpoint.api_key_env) if endpoint.api_key_env else None
-        providers.append(
-            OpenAIProvider(name, key, endpoint.base_url, connect, idle, vendor=name, models=tuple(endpoint.models))
-        )
+        local = OpenAIProvider(name, key, endpoint.base_url, config, vendor=name, models=tuple(endpoint.models))
+        local.has_credentials = key is not None or endpoint.api_key_env is None  # some servers need no key
+        providers.append(local)
     return ProviderRegistry(providers)

@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     connect_timeout_s: float = Field(default=10.0, gt=0)
     first_token_timeout_s: float = Field(default=60.0, gt=0)
     idle_timeout_s: float = Field(default=60.0, gt=0)
+    upstream_max_connections: int = Field(default=10_000, ge=1)
     retries: int = Field(default=1, ge=0, le=5)
     retry_backoff_s: float = Field(default=0.25, ge=0)
     max_retry_wait_s: float = Field(default=5.0, ge=0)

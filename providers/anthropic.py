@@ -23,6 +23,7 @@ from providers.base import (
     ProviderStatusError,
     ProviderTimeout,
     StreamEvent,
+    UpstreamConfig,
     Usage,
     status_failure,
 )
@@ -55,14 +56,13 @@ def messages_body(request: ProviderRequest) -> dict[str, Any]:
 
 
 class AnthropicProvider:
-    def __init__(self, api_key: str | None, base_url: str | None, connect_timeout_s: float,
-                 idle_timeout_s: float) -> None:
+    def __init__(self, api_key: str | None, base_url: str | None, config: UpstreamConfig) -> None:
         self.name = "anthropic"
         self.models: tuple[str, ...] = ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1")
         self.has_credentials = bool(api_key)
         self.client = anthropic.AsyncAnthropic(
             api_key=api_key or "no-key-configured", base_url=base_url, max_retries=0,
-            timeout=httpx2.Timeout(idle_timeout_s, connect=connect_timeout_s),
+            http_client=anthropic.DefaultAsyncHttpxClient(timeout=config.timeout(), limits=config.limits()),
         )
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]:

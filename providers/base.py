@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+import httpx2
+
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "error"]
 
@@ -33,6 +35,22 @@ class ProviderRequest:
     top_p: float | None = None
     stop: tuple[str, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """How an adapter's HTTP client reaches its vendor: timeouts (the idle one is between two reads of the
+    stream, so it bounds a stall without a timer per token) and the size of its connection pool."""
+
+    connect_timeout_s: float = 10.0
+    idle_timeout_s: float = 60.0
+    max_connections: int = 10_000
+
+    def timeout(self) -> httpx2.Timeout:
+        return httpx2.Timeout(self.idle_timeout_s, connect=self.connect_timeout_s)
+
+    def limits(self) -> httpx2.Limits:
+        return httpx2.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from providers.base import (
     ProviderStatusError,
     ProviderTimeout,
     StreamEvent,
+    UpstreamConfig,
     Usage,
     status_failure,
 )
@@ -62,14 +63,13 @@ def generate_body(request: ProviderRequest) -> dict[str, Any]:
 
 
 class GeminiProvider:
-    def __init__(self, api_key: str | None, base_url: str | None, connect_timeout_s: float,
-                 idle_timeout_s: float) -> None:
+    def __init__(self, api_key: str | None, base_url: str | None, config: UpstreamConfig) -> None:
         self.name = "gemini"
         self.models: tuple[str, ...] = ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.5-flash-lite")
         self.api_key = api_key
         self.has_credentials = bool(api_key)
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
-        self.client = httpx2.AsyncClient(timeout=httpx2.Timeout(idle_timeout_s, connect=connect_timeout_s))
+        self.client = httpx2.AsyncClient(timeout=config.timeout(), limits=config.limits())
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]:
         if not self.has_credentials:

@@ -24,6 +24,7 @@ from providers.base import (
     ProviderStatusError,
     ProviderTimeout,
     StreamEvent,
+    UpstreamConfig,
     Usage,
     status_failure,
 )
@@ -59,8 +60,8 @@ class OpenAIProvider:
     """One OpenAI-kind endpoint: OpenAI itself or a named OpenAI-compatible server."""
 
     def __init__(
-        self, name: str, api_key: str | None, base_url: str | None, connect_timeout_s: float,
-        idle_timeout_s: float, vendor: str = "OpenAI", models: tuple[str, ...] = OPENAI_MODELS,
+        self, name: str, api_key: str | None, base_url: str | None, config: UpstreamConfig,
+        vendor: str = "OpenAI", models: tuple[str, ...] = OPENAI_MODELS,
     ) -> None:
         self.name = name
         self.models = models
@@ -68,7 +69,7 @@ class OpenAIProvider:
         self.has_credentials = bool(api_key)
         self.client = openai.AsyncOpenAI(
             api_key=api_key or "no-key-configured", base_url=base_url, max_retries=0,
-            timeout=httpx2.Timeout(idle_timeout_s, connect=connect_timeout_s),
+            http_client=openai.DefaultAsyncHttpxClient(timeout=config.timeout(), limits=config.limits()),
         )
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]:

@@ -17,6 +17,7 @@ from providers.base import (
     ProviderStatusError,
     ProviderTimeout,
     StreamEvent,
+    UpstreamConfig,
     Usage,
 )
 from providers.gemini import GeminiProvider
@@ -28,11 +29,12 @@ SECRET = {"openai": "sk-test-secret-openai", "anthropic": "sk-ant-test-secret", 
 
 def adapter_for(vendor: str, url: str, idle_timeout_s: float = 0.5, key: str | None = "") -> Provider:
     key = SECRET[vendor] if key == "" else key
+    config = UpstreamConfig(connect_timeout_s=2, idle_timeout_s=idle_timeout_s)
     if vendor == "openai":
-        return OpenAIProvider("openai", key, f"{url}/v1", 2, idle_timeout_s)
+        return OpenAIProvider("openai", key, f"{url}/v1", config)
     if vendor == "anthropic":
-        return AnthropicProvider(key, url, 2, idle_timeout_s)
-    return GeminiProvider(key, url, 2, idle_timeout_s)
+        return AnthropicProvider(key, url, config)
+    return GeminiProvider(key, url, config)
 
 
 async def run(provider: Provider, model: str) -> tuple[list[StreamEvent], BaseException | None]:

@@ -1,0 +1,191 @@
+"""A load generator for any Streamgate (or any OpenAI-format server): real HTTP, real SSE parsing.
+
+``gateway loadtest URL --concurrency 50 --duration 10`` keeps that many streams open in a closed loop and
+prints streams/s, tokens/s, time to first token and stalls. The benchmark uses the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import orjson
+
+from providers.sse import SSEDecoder
+
+_TOKEN_FRAME = b'"delta":{"content":'
+
+
+@dataclass(slots=True)
+class StreamResult:
+    status: int
+    started: float
+    ttft_s: float | None = None
+    duration_s: float = 0.0
+    tokens: int = 0
+    stalls: int = 0  # gaps between tokens longer than the stall threshold
+    gaps: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    host: str
+    port: int
+    path: str
+    headers: dict[str, str]
+
+    @classmethod
+    def of(cls, url: str, token: str | None) -> Target:
+        parts = urlsplit(url)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return cls(parts.hostname or "127.0.0.1", parts.port or 80, parts.path or "/", headers)
+
+
+def request_bytes(target: Target, path: str, body: dict[str, object]) -> bytes:
+    payload = orjson.dumps(body)
+    head = "".join(f"{k}: {v}\r\n" for k, v in target.headers.items())
+    return (f"POST {path} HTTP/1.0\r\nHost: {target.host}\r\nContent-Type: application/json\r\n{head}"
+            f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
+
+
+class Dechunker:
+    """Undoes HTTP/1.1 chunked transfer coding, incrementally (servers use it for streams)."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.left = 0  # bytes of the current chunk still to come, then its CRLF
+
+    def feed(self, data: bytes) -> bytes:
+        self.buffer += data
+        out = bytearray()
+        while self.buffer:
+            if self.left == 0:
+                end = self.buffer.find(b"\r\n")
+                if end < 0:
+                    break
+                size = int(self.buffer[:end].split(b";")[0] or b"0", 16)
+                self.buffer = self.buffer[end + 2:]
+                if size == 0:
+                    self.buffer = b""
+                    break
+                self.left = size + 2
+            take = self.buffer[: self.left]
+            self.buffer = self.buffer[len(take):]
+            self.left -= len(take)
+            out += take[: max(0, len(take) - max(0, 2 - self.left))] if self.left < 2 else take
+        return bytes(out)
+
+
+def is_token(name: bytes | None, data: bytes) -> bool:
+    """A text delta: our chat stream's ``delta`` event, or an OpenAI chunk with content."""
+    return name == b"delta" or _TOKEN_FRAME in data
+
+
+async def one_stream(
+    target: Target, request: bytes, stall_after_s: float | None = None,
+    on_first_token: Callable[[asyncio.StreamWriter], Awaitable[bool]] | None = None,
+    sink: list[StreamResult] | None = None,
+) -> StreamResult:
+    """Send one request and read its SSE answer to the end (or until ``on_first_token`` says to hang up).
+
+    With ``sink``, the result is put there as soon as the answer starts, so a stream cancelled by its
+    caller still reports what it saw.
+    """
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection(target.host, target.port)
+    try:
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        result = StreamResult(int(head[9:12]), started)
+        if sink is not None:
+            sink.append(result)
+        decoder, last = SSEDecoder(), 0.0
+        dechunk = Dechunker().feed if b"transfer-encoding: chunked" in head.lower() else None
+        while chunk := await reader.read(65536):
+            now = time.perf_counter()
+            for name, data in decoder.feed(dechunk(chunk) if dechunk else chunk):
+                if not is_token(name, data):
+                    continue
+                result.tokens += 1
+                if result.ttft_s is None:
+                    result.ttft_s = now - started
+                    if on_first_token is not None and await on_first_token(writer):
+                        result.duration_s = time.perf_counter() - started
+                        return result
+                elif stall_after_s is not None and now - last > stall_after_s:
+                    result.stalls += 1
+                result.gaps += result.tokens > 1
+                last = now
+        result.duration_s = time.perf_counter() - started
+        return result
+    finally:
+        writer.close()
+
+
+@dataclass
+class LoadReport:
+    results: list[StreamResult] = field(default_factory=list)
+    errors: int = 0
+    elapsed_s: float = 0.0
+
+    def summary(self) -> dict[str, float]:
+        ok = [r for r in self.results if r.status == 200]
+        ttfts = sorted(r.ttft_s for r in ok if r.ttft_s is not None)
+        gaps = sum(r.gaps for r in ok)
+        return {
+            "streams": len(ok), "errors": self.errors + len(self.results) - len(ok),
+            "streams_per_s": len(ok) / self.elapsed_s if self.elapsed_s else 0.0,
+            "tokens_per_s": sum(r.tokens for r in ok) / self.elapsed_s if self.elapsed_s else 0.0,
+            "ttft_p50_ms": percentile(ttfts, 50) * 1000, "ttft_p99_ms": percentile(ttfts, 99) * 1000,
+            "stall_fraction": sum(r.stalls for r in ok) / gaps if gaps else 0.0,
+        }
+
+
+def percentile(values: list[float], pct: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[max(0, min(98, round(pct) - 1))]
+
+
+async def closed_loop(
+    concurrency: int, duration_s: float, make_request: Callable[[int], bytes], target: Target,
+    stall_after_s: float | None = None,
+) -> LoadReport:
+    """Keep ``concurrency`` streams going for ``duration_s``; worker ``n`` builds its requests."""
+    report = LoadReport()
+    deadline = time.perf_counter() + duration_s
+
+    async def worker(n: int) -> None:
+        while time.perf_counter() < deadline:
+            try:
+                report.results.append(await one_stream(target, make_request(n), stall_after_s))
+            except OSError:
+                report.errors += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(n) for n in range(concurrency)))
+    report.elapsed_s = time.perf_counter() - started
+    return report
+
+
+def print_summary(title: str, summary: dict[str, float]) -> None:
+    print(f"{title}: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+
+
+def run_loadtest(url: str, token: str | None, concurrency: int, duration_s: float, model: str,
+                 message: str) -> None:
+    """``gateway loadtest``: the chat path when URL names a chat's messages, else OpenAI's completions."""
+    target = Target.of(url, token)
+    if target.path.endswith("/chat/completions"):
+        body: dict[str, object] = {"model": model, "stream": True, "messages": [{"role": "user", "content": message}]}
+    else:
+        body = {"message": message, "model": model} if target.path.endswith("/v1/chat") else {"content": message}
+    request = request_bytes(target, target.path, body)
+    report = asyncio.run(closed_loop(concurrency, duration_s, lambda n: request, target))
+    print_summary(f"{url} x{concurrency} for {duration_s:g}s", report.summary())

@@ -1,0 +1,105 @@
+"""A mock OpenAI-format streaming upstream for benchmarks, on raw asyncio (so it is never the bottleneck).
+
+The model name sets the stream: ``mock?tokens=64&gap_ms=0&ttft_ms=0&hold_ms=0`` sends ``tokens`` deltas,
+``gap_ms`` apart, after ``ttft_ms``; ``hold_ms`` keeps the stream open after the last delta. HTTP/1.1
+requests get a chunked, keep-alive answer (as an SDK expects); HTTP/1.0 ones an answer closed at its end.
+Streams cut short by the client are recorded with the time their connection closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from functools import lru_cache
+from urllib.parse import parse_qsl
+
+import orjson
+
+_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+
+
+@lru_cache(maxsize=64)
+def frames_for(model: str) -> tuple[bytes, tuple[bytes, ...], bytes, dict[str, float]]:
+    """The role frame, one frame per delta and the closing frames for ``model``, built once."""
+    params = {k: float(v) for k, v in parse_qsl(model.partition("?")[2])}
+    head = orjson.dumps({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0,
+                         "model": model})[:-1]
+
+    def frame(delta: bytes, finish: bytes = b"null") -> bytes:
+        return b"data: " + head + b',"choices":[{"index":0,"delta":' + delta + b',"finish_reason":' + finish + b"}]}\n\n"
+
+    tokens = int(params.get("tokens", 64))
+    deltas = tuple(frame(b'{"content":' + orjson.dumps(f"tok{n} ") + b"}") for n in range(tokens))
+    usage = orjson.dumps({"prompt_tokens": 10, "completion_tokens": tokens, "total_tokens": 10 + tokens})
+    tail = frame(b"{}", b'"stop"') + b"data: " + head + b',"choices":[],"usage":' + usage + b"}\n\ndata: [DONE]\n\n"
+    return frame(b'{"role":"assistant","content":""}'), deltas, tail, params
+
+
+class MockUpstream(asyncio.Protocol):
+    aborted: list[float] = []  # when each stream cut short by its client lost its connection
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.streaming = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        head, sep, rest = self.buffer.partition(b"\r\n\r\n")
+        if not sep:
+            return
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if len(rest) < length:
+            return
+        self.buffer = rest[length:]
+        body = orjson.loads(rest[:length] or b"{}")
+        http10 = head.split(b"\r\n", 1)[0].endswith(b"HTTP/1.0")
+        self.task = asyncio.get_running_loop().create_task(self.respond(str(body.get("model", "mock")), http10))
+
+    async def respond(self, model: str, http10: bool) -> None:
+        role, deltas, tail, params = frames_for(model)
+        transport = self.transport
+        assert transport is not None
+        write = transport.write if http10 else self._chunk
+        transport.write(_HEAD + (b"connection: close\r\n\r\n" if http10 else b"transfer-encoding: chunked\r\n\r\n"))
+        self.streaming = True
+        if params.get("ttft_ms"):
+            await asyncio.sleep(params["ttft_ms"] / 1000)
+        write(role)
+        gap = params.get("gap_ms", 0) / 1000
+        for n, delta in enumerate(deltas):
+            if gap and n:
+                await asyncio.sleep(gap)
+            if transport.is_closing():
+                return
+            write(delta)
+        if params.get("hold_ms"):
+            await asyncio.sleep(params["hold_ms"] / 1000)
+        write(tail)
+        self.streaming = False
+        if http10:
+            transport.close()
+        else:
+            transport.write(b"0\r\n\r\n")
+
+    def _chunk(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.streaming:
+            MockUpstream.aborted.append(time.monotonic())
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+async def start_mock(host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
+    return await asyncio.get_running_loop().create_server(MockUpstream, host, port, backlog=8192)
