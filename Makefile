@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check migrate bench
+.PHONY: run test check migrate bench test-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,12 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/gateway serve
 
-test: $(STAMP)
+# The browser test drives Debian's Chromium; the AI SDK test runs the pinned `ai` npm package.
+test-deps:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	@test -d tests/js/node_modules/ai || (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+
+test: $(STAMP) test-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 check: $(STAMP)
@@ -25,4 +30,4 @@ migrate: $(STAMP)
 	$(VENV)/bin/gateway migrate
 
 bench: $(STAMP)
-	@echo "the benchmark is not built yet"
+	$(VENV)/bin/gateway bench $(BENCH_ARGS)

@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from sse_starlette.sse import AppStatus
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 
-from gateway import chats, compat, health, metrics, send, usage
+from gateway import chats, compat, health, metrics, page, send, ui_stream, usage
 from gateway.auth import JWTBackend, on_auth_error
 from gateway.embedded import resolve_jwt_secret
 from gateway.errors import EXCEPTION_HANDLERS
@@ -55,7 +55,9 @@ def create_app(settings: Settings | None = None, providers: ProviderRegistry | N
         assert settings.database_url and settings.redis_url
         await migrate(settings.database_url)
         pool = await create_pool(settings.database_url, settings.db_pool_min, settings.db_pool_max)
-        redis = Redis.from_url(settings.redis_url)
+        # A bounded pool that waits for a free connection rather than failing under a burst.
+        redis = Redis(connection_pool=BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=settings.redis_max_connections, timeout=5))
         quotas = QuotaGuard(quota_store(settings, pool, redis), settings.quota_fail_mode,
                             settings.quota_default_max_tokens)
         streams = StreamRegistry(settings, pool, redis, quotas)
@@ -77,7 +79,8 @@ def create_app(settings: Settings | None = None, providers: ProviderRegistry | N
         ),
     ]
     app = Starlette(
-        routes=[*health.routes, *metrics.routes, *chats.routes, *send.routes, *usage.routes, *compat.routes],
+        routes=[*health.routes, *metrics.routes, *chats.routes, *send.routes, *usage.routes, *compat.routes,
+                *ui_stream.routes, *page.routes],
         middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,

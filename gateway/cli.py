@@ -38,6 +38,8 @@ def serve(settings: Settings, args: argparse.Namespace) -> None:
         # Workers build the app from the environment, so hand them the URLs of any embedded service.
         os.environ["GATEWAY_DATABASE_URL"] = ready.database_url or ""
         os.environ["GATEWAY_REDIS_URL"] = ready.redis_url or ""
+        if not settings.database_url and not settings.redis_url:  # the zero-setup default is development
+            os.environ.setdefault("GATEWAY_DEV_MODE", "true")
         logger.info("serving", extra={"host": args.host, "port": args.port, "workers": args.workers})
         uvicorn.run(
             "gateway.app:create_app",
@@ -69,6 +71,18 @@ def token(settings: Settings, args: argparse.Namespace) -> None:
     print(mint_token(resolve_jwt_secret(settings), args.user, args.org, args.role, args.ttl))
 
 
+def bench(settings: Settings, args: argparse.Namespace) -> None:
+    from gateway.bench import main as run_bench
+
+    run_bench(settings, args.seconds, args.quick, Path(args.out))
+
+
+def loadtest(settings: Settings, args: argparse.Namespace) -> None:
+    from gateway.loadtest import run_loadtest
+
+    run_loadtest(args.url, args.token, args.concurrency, args.duration, args.model, args.message)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="gateway", description="Streamgate, a streaming gateway for LLM chat")
     commands = root.add_subparsers(dest="command", required=True)
@@ -86,6 +100,19 @@ def parser() -> argparse.ArgumentParser:
     token_cmd.add_argument("--role", choices=["admin"])
     token_cmd.add_argument("--ttl", type=int, default=3600)
     token_cmd.set_defaults(handler=token)
+    bench_cmd = commands.add_parser("bench", help="benchmark the gateway against a direct baseline")
+    bench_cmd.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
+    bench_cmd.add_argument("--quick", action="store_true", help="fewer samples and smaller loads")
+    bench_cmd.add_argument("--out", default="bench/results")
+    bench_cmd.set_defaults(handler=bench)
+    load_cmd = commands.add_parser("loadtest", help="drive any Streamgate with streaming load")
+    load_cmd.add_argument("url", help="e.g. http://127.0.0.1:8000/v1/chat or .../v1/chat/completions")
+    load_cmd.add_argument("--token", help="a bearer token (see `gateway token`)")
+    load_cmd.add_argument("--concurrency", type=int, default=10)
+    load_cmd.add_argument("--duration", type=float, default=10.0)
+    load_cmd.add_argument("--model", default="fake/echo")
+    load_cmd.add_argument("--message", default="the quick brown fox jumps over the lazy dog")
+    load_cmd.set_defaults(handler=loadtest)
     return root
 
 

@@ -50,5 +50,8 @@ def configure_logging(level: str) -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
-    # The gateway writes its own access line with request id, user and org.
+    # The gateway writes its own access line with request id, user and org; the HTTP clients' line per
+    # upstream request would double it.
     logging.getLogger("uvicorn.access").disabled = True
+    for name in ("httpx", "httpx2", "httpcore", "httpcore2"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -24,7 +24,7 @@ from gateway.responses import JSONBody
 from gateway.schemas import ChatTurn, SendMessage, TurnOptions, chat_id_of, parse_body
 from gateway.services import Services, services_of
 from gateway.sse import ChatEvents
-from gateway.turns import Turn, TurnIds
+from gateway.turns import StreamCodec, Turn, TurnIds
 from providers.base import ChatMessage, ProviderError, ProviderRequest, UnknownModel
 from storage import chats, messages
 from storage.chats import ChatFields, ChatLimitExceeded, Owner
@@ -102,8 +102,11 @@ async def stop_stream(request: Request) -> Response:
 
 
 async def run_turn(
-    request: Request, services: Services, owner: Owner, chat_id: uuid.UUID, content: str, options: TurnOptions
+    request: Request, services: Services, owner: Owner, chat_id: uuid.UUID, content: str, options: TurnOptions,
+    codec: StreamCodec | None = None, headers: dict[str, str] | None = None,
 ) -> Response:
+    """Store the message, reach the first token, then answer as a stream (``codec``, chat events by default)
+    or, when the client accepts only JSON, as one body."""
     settings = services.settings
     context = await messages.chat_for_turn(services.pool, owner, chat_id, settings.history_messages)
     if context is None:
@@ -146,7 +149,7 @@ async def run_turn(
         raise
     if "application/json" in request.headers.get("accept", ""):
         return await json_answer(services, owner, turn, admission.headers)
-    return event_stream(services, turn, ChatEvents(), admission.headers)
+    return event_stream(services, turn, codec or ChatEvents(), {**admission.headers, **(headers or {})})
 
 
 async def store_turn(

@@ -30,10 +30,12 @@ class Settings(BaseSettings):
     database_url: str | None = None
     redis_url: str | None = None
     redis_prefix: str = "sg:"
+    redis_max_connections: int = Field(default=256, ge=4)
     jwt_secret: str | None = Field(default=None, min_length=16)
     default_model: str = "fake/echo"
     data_dir: Path = Path(".streamgate")
     instance_id: str | None = None
+    dev_mode: bool = False  # set by `gateway serve` when it starts embedded services
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     db_pool_min: int = Field(default=2, ge=1)

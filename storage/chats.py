@@ -55,10 +55,10 @@ def chat_record(row: asyncpg.Record | None) -> dict[str, Any]:
 
 
 async def create_chat(
-    pool: asyncpg.Pool, owner: Owner, fields: ChatFields, cap: int | None
+    pool: asyncpg.Pool, owner: Owner, fields: ChatFields, cap: int | None, chat_id: uuid.UUID | None = None
 ) -> dict[str, Any]:
     args = (
-        uuid.uuid4(),
+        chat_id or uuid.uuid4(),
         owner.org_id,
         owner.user_id,
         fields.title,

@@ -1,0 +1,316 @@
+"""``gateway bench`` (and ``make bench``): the gateway measured against a direct baseline in the same run.
+
+The gateway runs as ``gateway serve`` with one worker pinned to CPU 0; this harness (load generator and
+mock upstream, one event loop) is pinned to CPU 1. Every scenario also runs "direct" (load generator
+straight to the mock), and gateway figures are reported as overhead and as ratios to direct.
+Results go to ``bench/results/<date>.json``; docs/performance.md explains the method.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from gateway.auth import mint_token
+from gateway.embedded import with_services
+from gateway.loadtest import (
+    Dechunker,
+    StreamResult,
+    Target,
+    closed_loop,
+    one_stream,
+    percentile,
+    request_bytes,
+)
+from gateway.mock_upstream import MockUpstream, start_mock
+from gateway.settings import Settings
+from storage.quotas import QuotaDefaults, QuotaStore
+
+SECRET = "bench-secret-" + "b" * 32
+UNPACED = "mock?tokens=64"
+PACED = "mock?tokens=100000&gap_ms=100"  # 10 tokens/s, longer than any measurement window
+IDLE = "mock?tokens=1&hold_ms=3600000"
+
+
+def pin_to(cpu: int) -> None:
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > cpu:
+        os.sched_setaffinity(0, {cpu})
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def post_json(target: Target, path: str, body: dict[str, Any]) -> Any:
+    reader, writer = await asyncio.open_connection(target.host, target.port)
+    try:
+        writer.write(request_bytes(target, path, body))
+        raw = await reader.read()
+    finally:
+        writer.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        payload = Dechunker().feed(payload)
+    return orjson.loads(payload)
+
+
+@contextlib.asynccontextmanager
+async def gateway_server(settings: Settings, mock_port: int, log: Path) -> AsyncIterator[tuple[int, int]]:
+    """``gateway serve`` pinned to CPU 0; yields its port and pid once /ready answers."""
+    with socket_port() as port:
+        env = {**os.environ, "GATEWAY_DATABASE_URL": settings.database_url or "",
+               "GATEWAY_REDIS_URL": settings.redis_url or "", "GATEWAY_JWT_SECRET": SECRET,
+               "GATEWAY_REDIS_PREFIX": f"bench-{uuid.uuid4().hex[:6]}:",
+               "OPENAI_BASE_URL": f"http://127.0.0.1:{mock_port}/v1", "OPENAI_API_KEY": "bench"}
+        pin = ["taskset", "-c", "0"] if (os.cpu_count() or 1) > 1 else []
+        with log.open("wb") as out:
+            process = subprocess.Popen([*pin, sys.executable, "-m", "gateway", "serve", "--port", str(port)],
+                                       env=env, stdout=out, stderr=out)
+        try:
+            target = Target("127.0.0.1", port, "/", {})
+            for _ in range(600):
+                with contextlib.suppress(OSError):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.write(b"GET /ready HTTP/1.0\r\n\r\n")
+                    if b" 200 " in await reader.readline():
+                        writer.close()
+                        break
+                    writer.close()
+                await asyncio.sleep(0.1)  # waiting for a subprocess to boot: nothing to await but time
+            del target
+            yield port, process.pid
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
+@contextlib.contextmanager
+def socket_port() -> Any:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    yield port
+
+
+async def until_started(sink: list[StreamResult], tasks: list[asyncio.Task[StreamResult]], count: int) -> None:
+    """Until ``count`` streams have their first token, every task has ended, or a minute has passed."""
+    deadline = time.monotonic() + 60
+    while (sum(1 for r in sink if r.ttft_s is not None) < count and time.monotonic() < deadline
+           and not all(task.done() for task in tasks)):
+        await asyncio.sleep(0.1)
+
+
+class Bench:
+    def __init__(self, gateway_port: int, gateway_pid: int, mock_port: int, seconds: float) -> None:
+        token = mint_token(SECRET, "bench", "bench-org", ttl_s=86_400)
+        self.gateway = Target("127.0.0.1", gateway_port, "/", {"Authorization": f"Bearer {token}"})
+        self.mock = Target("127.0.0.1", mock_port, "/", {})
+        self.pid = gateway_pid
+        self.seconds = seconds
+        self.chats: list[str] = []
+
+    async def make_chats(self, count: int) -> None:
+        while len(self.chats) < count:
+            chat = await post_json(self.gateway, "/v1/chats", {"model": f"openai/{UNPACED}"})
+            self.chats.append(chat["id"])
+
+    def request(self, path: str, model: str, n: int) -> bytes:
+        if path == "direct":
+            return request_bytes(self.mock, "/v1/chat/completions", {
+                "model": model, "stream": True, "messages": [{"role": "user", "content": "bench"}]})
+        if path == "completions":
+            return request_bytes(self.gateway, "/v1/chat/completions", {
+                "model": f"openai/{model}", "stream": True, "messages": [{"role": "user", "content": "bench"}]})
+        if path == "chat":
+            return request_bytes(self.gateway, f"/v1/chats/{self.chats[n]}/messages",
+                                 {"content": "bench", "model": f"openai/{model}"})
+        return request_bytes(self.gateway, "/v1/chat", {"message": "bench", "model": f"openai/{model}"})
+
+    def target(self, path: str) -> Target:
+        return self.mock if path == "direct" else self.gateway
+
+    async def load(self, path: str, concurrency: int, model: str = UNPACED) -> dict[str, float]:
+        requests = [self.request(path, model, n) for n in range(concurrency)]
+        report = await closed_loop(concurrency, self.seconds, lambda n: requests[n], self.target(path))
+        return report.summary()
+
+    async def ttft_and_throughput(self) -> dict[str, Any]:
+        await self.make_chats(100)
+        out: dict[str, Any] = {}
+        for concurrency in (1, 100):
+            for path in ("direct", "completions", "chat"):
+                out[f"c{concurrency}_{path}"] = await self.load(path, concurrency)
+        for path in ("direct", "completions", "chat"):
+            out[f"saturation_{path}"] = await self.load(path, 64)
+        return out
+
+    async def capacity(self, levels: tuple[int, ...]) -> list[dict[str, float]]:
+        """Streams at 10 tokens/s, more at each level, until over 0.1% of them stall (a gap over 200 ms)."""
+        steps = []
+        for level in levels:
+            sink: list[StreamResult] = []
+            tasks = []
+            for n in range(level):
+                tasks.append(asyncio.create_task(one_stream(
+                    self.gateway, self.request("new-chat", PACED, n), stall_after_s=0.2, sink=sink)))
+                if n % 200 == 199:
+                    await asyncio.sleep(0.05)  # open the connections in waves, as a listen backlog wants
+            await until_started(sink, tasks, level)
+            window_start = {id(r): r.stalls for r in sink}
+            await asyncio.sleep(self.seconds)
+            stalled = sum(1 for r in sink if r.stalls > window_start.get(id(r), 0))
+            opened = sum(1 for r in sink if r.status == 200)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            steps.append({"streams": level, "opened": opened, "stalled": stalled,
+                          "stall_fraction": stalled / max(opened, 1), "rss_mib": rss_kib(self.pid) / 1024})
+            await asyncio.sleep(1)  # let the gateway store the cancelled streams before the next level
+            if opened < level or stalled / max(opened, 1) > 0.001:
+                break
+        return steps
+
+    async def memory(self, low: int, high: int) -> dict[str, float]:
+        """RSS with idle open streams (first token sent, then silence): the slope between two counts."""
+        boot = rss_kib(self.pid)
+        tasks: list[asyncio.Task[StreamResult]] = []
+        sink: list[StreamResult] = []
+        readings = {}
+        for count in (low, high):
+            while len(tasks) < count:
+                tasks.append(asyncio.create_task(one_stream(
+                    self.gateway, self.request("completions", IDLE, 0), sink=sink)))
+                if len(tasks) % 200 == 0:
+                    await asyncio.sleep(0.05)
+            await until_started(sink, tasks, count)
+            await asyncio.sleep(1)
+            readings[count] = rss_kib(self.pid)
+            readings[-count] = sum(1 for r in sink if r.ttft_s is not None)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return {"boot_mib": boot / 1024, "opened_low": readings[-low], "opened_high": readings[-high],
+                f"rss_at_{low}_mib": readings[low] / 1024,
+                f"rss_at_{high}_mib": readings[high] / 1024,
+                "kib_per_idle_stream": (readings[high] - readings[low]) / (high - low)}
+
+    async def abort(self, samples: int) -> dict[str, float]:
+        """From the client hanging up to the upstream connection closing, through the chat path."""
+        await self.make_chats(1)
+        latencies = []
+        for _ in range(samples):
+            hung_up = 0.0
+            before = len(MockUpstream.aborted)
+
+            async def hang_up(writer: asyncio.StreamWriter) -> bool:
+                nonlocal hung_up
+                writer.transport.abort()
+                hung_up = time.monotonic()
+                return True
+
+            await one_stream(self.gateway, self.request("new-chat", PACED, 0), on_first_token=hang_up)
+            for _ in range(1000):
+                if len(MockUpstream.aborted) > before:
+                    break
+                await asyncio.sleep(0.001)
+            if len(MockUpstream.aborted) > before:
+                latencies.append(MockUpstream.aborted[-1] - hung_up)
+        latencies.sort()
+        return {"samples": len(latencies), "p50_ms": percentile(latencies, 50) * 1000,
+                "p99_ms": percentile(latencies, 99) * 1000}
+
+
+async def quota_check(redis_url: str, samples: int) -> dict[str, float]:
+    """The quota admission's own latency: one EVALSHA per check, measured from here."""
+    redis = Redis.from_url(redis_url)
+    store = QuotaStore(redis, f"bench-q-{uuid.uuid4().hex[:6]}:", QuotaDefaults(10**12, 10**12, "day", 10**9, 10**6),
+                       30, lambda *_: _none())
+    timings = []
+    for n in range(samples):
+        started = time.perf_counter()
+        decision = await store.reserve("bench-org", "bench", f"s{n}", 100)
+        timings.append(time.perf_counter() - started)
+        if decision.ticket:
+            await store.settle(decision.ticket, 50)
+    await redis.aclose()
+    timings.sort()
+    return {"samples": samples, "p50_ms": percentile(timings, 50) * 1000, "p99_ms": percentile(timings, 99) * 1000}
+
+
+async def _none() -> None:
+    return None
+
+
+def report(results: dict[str, Any]) -> str:
+    t = results["throughput"]
+    lines = ["scenario                                   direct    /v1/chat/completions   chat path"]
+
+    def row(name: str, key: str, suffix: str, fmt: str = "{:.1f}") -> None:
+        values = [t[f"{suffix}_{p}"][key] for p in ("direct", "completions", "chat")]
+        lines.append(f"{name:<40} " + "  ".join(f"{fmt.format(v):>12}" for v in values))
+
+    row("TTFT p50 ms, c=1", "ttft_p50_ms", "c1", "{:.2f}")
+    row("TTFT p99 ms, c=1", "ttft_p99_ms", "c1", "{:.2f}")
+    row("TTFT p50 ms, c=100", "ttft_p50_ms", "c100", "{:.2f}")
+    row("TTFT p99 ms, c=100", "ttft_p99_ms", "c100", "{:.2f}")
+    row("streams/s, 64 unpaced deltas, c=64", "streams_per_s", "saturation")
+    row("tokens/s, 64 unpaced deltas, c=64", "tokens_per_s", "saturation", "{:.0f}")
+    for path in ("completions", "chat"):
+        added = t[f"c1_{path}"]["ttft_p50_ms"] - t["c1_direct"]["ttft_p50_ms"]
+        ratio = t[f"saturation_{path}"]["streams_per_s"] / t["saturation_direct"]["streams_per_s"]
+        lines.append(f"{path}: added TTFT p50 at c=1 {added:.2f} ms; saturation {ratio:.2f}x direct")
+    cap = results["capacity"]
+    best = max((s["streams"] for s in cap if s["stall_fraction"] <= 0.001 and s["opened"] == s["streams"]),
+               default=0)
+    lines.append(f"capacity at 10 tokens/s with <=0.1% stalls: {best} streams ({cap})")
+    lines.append(f"memory: {results['memory']}")
+    lines.append(f"abort to upstream close: {results['abort']}")
+    lines.append(f"quota check: {results['quota']}")
+    return "\n".join(lines)
+
+
+async def run_bench(settings: Settings, seconds: float, quick: bool) -> dict[str, Any]:
+    pin_to(1)
+    mock = await start_mock()
+    mock_port = mock.sockets[0].getsockname()[1]
+    log = Path(tempfile.gettempdir()) / "streamgate-bench-gateway.log"
+    async with gateway_server(settings, mock_port, log) as (port, pid):
+        bench = Bench(port, pid, mock_port, seconds)
+        results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                                   "seconds_per_measurement": seconds}
+        results["throughput"] = await bench.ttft_and_throughput()
+        results["abort"] = await bench.abort(20 if quick else 100)
+        results["capacity"] = await bench.capacity((500, 1000) if quick else (500, 1000, 2000, 3000, 4000))
+        results["memory"] = await bench.memory(200, 1000) if quick else await bench.memory(1000, 5000)
+    assert settings.redis_url
+    results["quota"] = await quota_check(settings.redis_url, 2000 if quick else 10_000)
+    mock.close()
+    return results
+
+
+def main(settings: Settings, seconds: float, quick: bool, out_dir: Path) -> None:
+    with with_services(settings) as ready:
+        results = asyncio.run(run_bench(ready, seconds, quick))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{datetime.date.today().isoformat()}.json"
+    path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    print(report(results))
+    print(f"results written to {path}")
