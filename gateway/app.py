@@ -8,8 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
-from redis.asyncio import BlockingConnectionPool, Redis
-from sse_starlette.sse import AppStatus
+from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
@@ -47,17 +46,13 @@ def create_app(settings: Settings | None = None, providers: ProviderRegistry | N
         )
 
     providers = providers or build_providers(settings)
-    # Streams end on our terms at shutdown (grace period, then stored as interrupted), not the SSE library's.
-    AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         assert settings.database_url and settings.redis_url
         await migrate(settings.database_url)
         pool = await create_pool(settings.database_url, settings.db_pool_min, settings.db_pool_max)
-        # A bounded pool that waits for a free connection rather than failing under a burst.
-        redis = Redis(connection_pool=BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=settings.redis_max_connections, timeout=5))
+        redis = Redis.from_url(settings.redis_url, max_connections=settings.redis_max_connections)
         quotas = QuotaGuard(quota_store(settings, pool, redis), settings.quota_fail_mode,
                             settings.quota_default_max_tokens)
         streams = StreamRegistry(settings, pool, redis, quotas)

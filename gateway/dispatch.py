@@ -7,15 +7,10 @@ import math
 import uuid
 from dataclasses import replace
 
-from sse_starlette.event import ServerSentEvent
-from sse_starlette.sse import EventSourceResponse
-from starlette.responses import Response
-from starlette.types import Message
-
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
 from gateway.quotas import Admission
 from gateway.services import Services
-from gateway.sse import STREAM_HEADERS
+from gateway.sse import EventStream
 from gateway.turns import StreamCodec, Turn, estimate_tokens
 from providers.base import ProviderError, ProviderRequest, ProviderTimeout, UnknownModel
 from storage.chats import Owner
@@ -72,18 +67,7 @@ async def open_with_fallbacks(services: Services, turn: Turn, model: str) -> Non
     raise error
 
 
-def event_stream(services: Services, turn: Turn, codec: StreamCodec, headers: dict[str, str]) -> Response:
-    """The turn as an SSE response: pings when quiet, sends bounded in time, a hang-up ends the turn."""
-
-    async def on_hang_up(message: Message) -> None:
-        turn.hang_up()
-
-    return EventSourceResponse(
-        turn.stream(codec),
-        headers={**STREAM_HEADERS, **headers},
-        ping=services.settings.ping_s,
-        ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
-        sep="\n",
-        send_timeout=services.settings.send_timeout_s,
-        client_close_handler_callable=on_hang_up,
-    )
+def event_stream(services: Services, turn: Turn, codec: StreamCodec, headers: dict[str, str]) -> EventStream:
+    """The turn as an SSE response: pings when quiet, a stuck send bounded in time, a hang-up ends the turn."""
+    settings = services.settings
+    return EventStream(turn.stream(codec), headers, settings.ping_s, settings.send_timeout_s, turn.hang_up)

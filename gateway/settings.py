@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     database_url: str | None = None
     redis_url: str | None = None
     redis_prefix: str = "sg:"
-    redis_max_connections: int = Field(default=256, ge=4)
+    redis_max_connections: int = Field(default=2000, ge=4)
     jwt_secret: str | None = Field(default=None, min_length=16)
     default_model: str = "fake/echo"
     data_dir: Path = Path(".streamgate")

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -97,7 +97,8 @@ class Turn:
         self._upstream_finish: str | None = None
         self._stop_reason: str | None = None
         self._hung_up = False
-        self._task: asyncio.Task[Any] | None = None
+        self._task: asyncio.Task[Any] | None = None  # the task pulling events, set once per phase
+        self._waiting = False  # whether that task is waiting on the provider right now
         self._finishing: asyncio.Task[None] | None = None
         self._stored = asyncio.Event()
 
@@ -111,7 +112,7 @@ class Turn:
         """
         if self._stop_reason is None and self.ending is None:
             self._stop_reason = reason
-            if self._task is not None:
+            if self._waiting and self._task is not None:
                 self._task.cancel()
 
     def hang_up(self) -> None:
@@ -126,8 +127,7 @@ class Turn:
             return self._buffered.pop(0)
         if self._stop_reason is not None:
             return None
-        task = self._task = asyncio.current_task()
-        assert task is not None
+        self._waiting = True
         try:
             return await anext(self._upstream)
         except StopAsyncIteration:
@@ -136,10 +136,10 @@ class Turn:
             if self._stop_reason is None:
                 raise
             # Our own interrupt: the provider call is closed, and the turn goes on to report it.
-            task.uncancel()
+            self._task.uncancel()
             return None
         finally:
-            self._task = None
+            self._waiting = False
 
     @property
     def stopped(self) -> bool:
@@ -152,6 +152,7 @@ class Turn:
 
     async def open(self) -> None:
         """Wait for the first token (or the end), so a failure before it can still be a plain JSON error."""
+        self._task = asyncio.current_task()
         while True:
             event = await self._pull()
             if event is None:
@@ -173,8 +174,9 @@ class Turn:
 
     # -- the two ways to deliver a turn -----------------------------------------------------------
 
-    async def stream(self, codec: StreamCodec) -> AsyncIterator[bytes]:
+    async def stream(self, codec: StreamCodec) -> AsyncGenerator[bytes, None]:
         """The turn as a stream of frames; whatever stops it, the ending is stored before the last frame."""
+        self._task = asyncio.current_task()
         try:
             if first := codec.start(self):
                 yield first
@@ -203,6 +205,7 @@ class Turn:
 
     async def collect(self) -> None:
         """Run the turn to its end without a client stream (the JSON answer)."""
+        self._task = asyncio.current_task()
         try:
             while (event := await self._pull()) is not None:
                 if type(event) is str:

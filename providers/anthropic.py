@@ -1,4 +1,5 @@
-"""Anthropic Messages streaming through the official SDK, read raw through our SSE decoder.
+"""Anthropic Messages streaming through the official SDK (its ``client.post`` for a raw response, on its
+aiohttp transport, as for OpenAI), read through our SSE decoder.
 
 Events: ``message_start`` (input usage), ``content_block_delta`` (text), ``message_delta`` (stop reason and
 the output usage, which is cumulative), ``message_stop``, ``ping`` and ``error``.
@@ -62,16 +63,21 @@ class AnthropicProvider:
         self.has_credentials = bool(api_key)
         self.client = anthropic.AsyncAnthropic(
             api_key=api_key or "no-key-configured", base_url=base_url, max_retries=0,
-            http_client=anthropic.DefaultAsyncHttpxClient(timeout=config.timeout(), limits=config.limits()),
+            http_client=anthropic.DefaultAioHttpClient(timeout=config.timeout(), limits=config.limits()),
         )
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]:
         if not self.has_credentials:
             raise ProviderStatusError(401, "No API key is configured for anthropic (ANTHROPIC_API_KEY)")
         try:
-            async with self.client.messages.with_streaming_response.create(**messages_body(request)) as response:
-                async for event in self._events(response.iter_bytes()):
+            response = await self.client.post(
+                "/v1/messages", body=messages_body(request), cast_to=httpx2.Response, stream=True
+            )
+            try:
+                async for event in self._events(response.aiter_bytes()):
                     yield event
+            finally:
+                await response.aclose()
         except anthropic.APIStatusError as error:
             raise status_failure(VENDOR, error.status_code, error.body, error.response.headers) from None
         except (anthropic.APITimeoutError, httpx2.TimeoutException):
