@@ -111,9 +111,10 @@ class QuotaStore:
         self.load_limits = load_limits
         self.limits_cache_s = limits_cache_s
         self.clock = clock
-        self._reserve = redis.register_script((_LUA / "reserve.lua").read_text())
+        prelude = (_LUA / "limits.lua").read_text()
+        self._reserve = redis.register_script(prelude + (_LUA / "reserve.lua").read_text())
         self._settle = redis.register_script((_LUA / "settle.lua").read_text())
-        self._usage = redis.register_script((_LUA / "usage.lua").read_text())
+        self._usage = redis.register_script(prelude + (_LUA / "usage.lua").read_text())
 
     # -- keys ---------------------------------------------------------------------------------------
 

@@ -12,13 +12,6 @@
 --          user_period, org_period}; code 'limits' (with the scope) asks the caller to load overrides.
 local now, id, estimate = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 
-local function limits(key, default_tokens)
-  local v = redis.call('HMGET', key, 'loaded', 'tokens', 'period', 'rpm', 'concurrent')
-  if not v[1] then return nil end
-  return {tokens = tonumber(v[2] or default_tokens), period = v[3] or ARGV[9],
-          rpm = tonumber(v[4] or ARGV[10]), concurrent = tonumber(v[5] or ARGV[11])}
-end
-
 -- Drop slots and reservations whose stream died without settling; return the live reserved total.
 local function purge(active, reserved)
   local expired = redis.call('ZRANGEBYSCORE', active, '-inf', now)

@@ -4,13 +4,6 @@
 -- minute, concurrency limit, active streams, user period, org period}.
 local now = tonumber(ARGV[1])
 
-local function limits(key, default_tokens)
-  local v = redis.call('HMGET', key, 'loaded', 'tokens', 'period', 'rpm', 'concurrent')
-  if not v[1] then return nil end
-  return {tokens = tonumber(v[2] or default_tokens), period = v[3] or ARGV[9],
-          rpm = tonumber(v[4] or ARGV[10]), concurrent = tonumber(v[5] or ARGV[11])}
-end
-
 local function reserved(active, hash)
   local expired = redis.call('ZRANGEBYSCORE', active, '-inf', now)
   local amounts = #expired > 0 and redis.call('HMGET', hash, unpack(expired)) or {}
