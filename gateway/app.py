@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None, providers: ProviderRegistry | N
             yield
         finally:
             await streams.close(settings.shutdown_grace_s + 5)
+            await providers.aclose()
             await redis.aclose()
             await pool.close()
 

@@ -66,6 +66,9 @@ class AnthropicProvider:
             http_client=anthropic.DefaultAioHttpClient(timeout=config.timeout(), limits=config.limits()),
         )
 
+    async def aclose(self) -> None:
+        await self.client.close()
+
     async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]:
         if not self.has_credentials:
             raise ProviderStatusError(401, "No API key is configured for anthropic (ANTHROPIC_API_KEY)")

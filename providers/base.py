@@ -80,6 +80,9 @@ class Provider(Protocol):
 
     def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]: ...
 
+    async def aclose(self) -> None:
+        """Close the adapter's HTTP client (its pooled connections)."""
+
 
 class ProviderError(Exception):
     """A provider call failed. ``code`` is stable and goes to clients; the message never holds secrets."""

@@ -108,6 +108,9 @@ class FakeProvider:
         spaced = [word if word[-1].isspace() else word + " " for word in words]
         return [spaced[n % len(spaced)] for n in range(options.tokens)]
 
+    async def aclose(self) -> None:
+        pass
+
     async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]:
         options = FakeOptions.parse(request.model, request.options)
         prompt = next((m.content for m in reversed(request.messages) if m.role == "user"), "")

@@ -71,6 +71,9 @@ class GeminiProvider:
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
         self.client = httpx2.AsyncClient(timeout=config.timeout(), limits=config.limits())
 
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
     async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]:
         if not self.has_credentials:
             raise ProviderStatusError(401, "No API key is configured for gemini (GEMINI_API_KEY)")

@@ -74,6 +74,9 @@ class OpenAIProvider:
             http_client=openai.DefaultAioHttpClient(timeout=config.timeout(), limits=config.limits()),
         )
 
+    async def aclose(self) -> None:
+        await self.client.close()
+
     async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]:
         if not self.has_credentials and self.name == "openai":
             raise ProviderStatusError(401, "No API key is configured for openai (OPENAI_API_KEY)")

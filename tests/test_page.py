@@ -57,7 +57,8 @@ async def test_chat_in_a_real_browser(start_gateway: Any, db: asyncpg.Pool) -> N
         await page.get_by_label("Model").fill("fake/echo?tokens=400&gap_ms=50")
         await page.get_by_label("Message").fill("a long and slow answer please")
         await page.get_by_role("button", name="Send").click()
-        slow = page.locator("#messages li.assistant").last
+        await expect(page.locator("#messages li.assistant")).to_have_count(2)
+        slow = page.locator("#messages li.assistant").nth(1)
         await expect(slow.locator(".text")).not_to_have_text("")
         message_id = uuid.UUID(await slow.get_attribute("data-id") or "")
         await page.get_by_role("button", name="Stop").click()

@@ -45,6 +45,8 @@ async def run(provider: Provider, model: str) -> tuple[list[StreamEvent], BaseEx
             events.append(event)
     except ProviderError as error:
         return events, error
+    finally:
+        await provider.aclose()
     return events, None
 
 
