@@ -1,17 +1,22 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
 
 .PHONY: run test check migrate bench test-deps
 
-$(STAMP): pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
-	touch $(STAMP)
 
-run: $(STAMP)
+# `make run` installs only what the gateway needs; the test and check tools come with `make test`.
+$(VENV)/.run: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(VENV)/.run $@
+
+run: $(VENV)/.run
 	$(VENV)/bin/gateway serve
 
 # The browser test drives Debian's Chromium; the AI SDK test runs the pinned `ai` npm package.
@@ -19,15 +24,15 @@ test-deps:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	@test -d tests/js/node_modules/ai || (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
 
-test: $(STAMP) test-deps
+test: $(VENV)/.dev test-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-check: $(STAMP)
+check: $(VENV)/.dev
 	$(VENV)/bin/ruff check gateway providers storage tests
 	$(VENV)/bin/mypy
 
-migrate: $(STAMP)
+migrate: $(VENV)/.run
 	$(VENV)/bin/gateway migrate
 
-bench: $(STAMP)
+bench: $(VENV)/.run
 	$(VENV)/bin/gateway bench $(BENCH_ARGS)
