@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -23,12 +24,9 @@ from gateway.quotas import QuotaGuard
 from gateway.services import Services
 from gateway.settings import Settings, load_settings
 from gateway.streams import StreamRegistry
-from providers.anthropic import AnthropicProvider
-from providers.base import Provider, UpstreamConfig
+from providers.base import ANTHROPIC_MODELS, GEMINI_MODELS, OPENAI_MODELS, Provider, UpstreamConfig
 from providers.fake import FakeProvider
-from providers.gemini import GeminiProvider
-from providers.openai import OpenAIProvider
-from providers.registry import ProviderRegistry
+from providers.registry import LazyProvider, ProviderRegistry
 from storage.db import create_pool
 from storage.migrations import migrate
 from storage.quotas import QuotaDefaults, QuotaStore
@@ -100,18 +98,41 @@ def quota_store(settings: Settings, pool: asyncpg.Pool, redis: Redis) -> QuotaSt
 
 
 def build_providers(settings: Settings) -> ProviderRegistry:
-    """The fake, the three vendors (usable once their key is set) and every configured endpoint."""
+    """The fake, the three vendors (usable once their key is set) and every configured endpoint.
+
+    Vendor adapters load their SDK on first use (see LazyProvider)."""
     env = os.environ
     config = UpstreamConfig(settings.connect_timeout_s, settings.idle_timeout_s, settings.upstream_max_connections)
+
+    def openai_kind(name: str, key: str | None, base_url: str | None, vendor: str, models: tuple[str, ...]) -> Provider:
+        from providers.openai import OpenAIProvider
+
+        return OpenAIProvider(name, key, base_url, config, vendor=vendor, models=models)
+
+    def anthropic_adapter() -> Provider:
+        from providers.anthropic import AnthropicProvider
+
+        return AnthropicProvider(env.get("ANTHROPIC_API_KEY"), env.get("ANTHROPIC_BASE_URL"), config)
+
+    def gemini_adapter() -> Provider:
+        from providers.gemini import GeminiProvider
+
+        return GeminiProvider(gemini_key, settings.gemini_base_url, config)
+
+    gemini_key = env.get("GEMINI_API_KEY") or env.get("GOOGLE_API_KEY")
+    openai_key = env.get("OPENAI_API_KEY")
     providers: list[Provider] = [
         FakeProvider(),
-        OpenAIProvider("openai", env.get("OPENAI_API_KEY"), env.get("OPENAI_BASE_URL"), config),
-        AnthropicProvider(env.get("ANTHROPIC_API_KEY"), env.get("ANTHROPIC_BASE_URL"), config),
-        GeminiProvider(env.get("GEMINI_API_KEY") or env.get("GOOGLE_API_KEY"), settings.gemini_base_url, config),
+        LazyProvider("openai", OPENAI_MODELS, bool(openai_key),
+                     lambda: openai_kind("openai", openai_key, env.get("OPENAI_BASE_URL"), "OpenAI", OPENAI_MODELS)),
+        LazyProvider("anthropic", ANTHROPIC_MODELS, bool(env.get("ANTHROPIC_API_KEY")), anthropic_adapter),
+        LazyProvider("gemini", GEMINI_MODELS, bool(gemini_key), gemini_adapter),
     ]
     for name, endpoint in settings.providers.items():
         key = env.get(endpoint.api_key_env) if endpoint.api_key_env else None
-        local = OpenAIProvider(name, key, endpoint.base_url, config, vendor=name, models=tuple(endpoint.models))
-        local.has_credentials = key is not None or endpoint.api_key_env is None  # some servers need no key
-        providers.append(local)
+        models = tuple(endpoint.models)
+        providers.append(LazyProvider(
+            name, models, key is not None or endpoint.api_key_env is None,  # some servers need no key
+            functools.partial(openai_kind, name, key, endpoint.base_url, name, models),
+        ))
     return ProviderRegistry(providers)

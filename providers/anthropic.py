@@ -15,6 +15,7 @@ import httpx2
 import orjson
 
 from providers.base import (
+    ANTHROPIC_MODELS,
     Finish,
     FinishReason,
     ProviderConnectionError,
@@ -59,7 +60,7 @@ def messages_body(request: ProviderRequest) -> dict[str, Any]:
 class AnthropicProvider:
     def __init__(self, api_key: str | None, base_url: str | None, config: UpstreamConfig) -> None:
         self.name = "anthropic"
-        self.models: tuple[str, ...] = ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1")
+        self.models: tuple[str, ...] = ANTHROPIC_MODELS
         self.has_credentials = bool(api_key)
         self.client = anthropic.AsyncAnthropic(
             api_key=api_key or "no-key-configured", base_url=base_url, max_retries=0,

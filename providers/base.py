@@ -14,6 +14,11 @@ from typing import Any, Literal, Protocol
 import httpx2
 
 Role = Literal["system", "user", "assistant"]
+
+# The models each vendor is known to serve, for /v1/models (any other name is passed through as is).
+OPENAI_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "o4-mini")
+ANTHROPIC_MODELS = ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1")
+GEMINI_MODELS = ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.5-flash-lite")
 FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "error"]
 
 

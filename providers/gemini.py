@@ -17,6 +17,7 @@ import orjson
 from google.genai import types
 
 from providers.base import (
+    GEMINI_MODELS,
     Finish,
     FinishReason,
     ProviderConnectionError,
@@ -65,7 +66,7 @@ def generate_body(request: ProviderRequest) -> dict[str, Any]:
 class GeminiProvider:
     def __init__(self, api_key: str | None, base_url: str | None, config: UpstreamConfig) -> None:
         self.name = "gemini"
-        self.models: tuple[str, ...] = ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.5-flash-lite")
+        self.models: tuple[str, ...] = GEMINI_MODELS
         self.api_key = api_key
         self.has_credentials = bool(api_key)
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")

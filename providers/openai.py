@@ -17,6 +17,7 @@ import openai
 import orjson
 
 from providers.base import (
+    OPENAI_MODELS,
     Finish,
     FinishReason,
     ProviderConnectionError,
@@ -36,9 +37,6 @@ FINISH_REASONS: dict[str, FinishReason] = {
     "stop": "stop", "length": "length", "content_filter": "content_filter", "tool_calls": "tool_calls",
     "function_call": "tool_calls",
 }
-
-
-OPENAI_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "o4-mini")
 
 
 def chat_body(request: ProviderRequest) -> dict[str, Any]:

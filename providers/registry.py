@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from providers.base import Provider, UnknownModel
+from collections.abc import AsyncIterator, Callable
+
+from providers.base import Provider, ProviderRequest, StreamEvent, UnknownModel
 
 
 class ProviderRegistry:
@@ -28,3 +30,25 @@ class ProviderRegistry:
     async def aclose(self) -> None:
         for provider in self._providers.values():
             await provider.aclose()
+
+
+class LazyProvider:
+    """A vendor adapter built on its first call: each SDK costs tens of MiB to import, and a gateway that
+    never calls that vendor should not pay for it. Name, models and credentials are known up front."""
+
+    def __init__(self, name: str, models: tuple[str, ...], has_credentials: bool,
+                 build: Callable[[], Provider]) -> None:
+        self.name = name
+        self.models = models
+        self.has_credentials = has_credentials
+        self._build = build
+        self._adapter: Provider | None = None
+
+    def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]:
+        if self._adapter is None:
+            self._adapter = self._build()
+        return self._adapter.stream(request)
+
+    async def aclose(self) -> None:
+        if self._adapter is not None:
+            await self._adapter.aclose()
