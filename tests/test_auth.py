@@ -64,3 +64,21 @@ async def test_bad_token_gets_401_envelope(
     assert response.json() == {
         "error": {"code": "unauthorized", "message": message, "status": 401, "request_id": "auth-1"}
     }
+
+
+def test_a_verified_token_is_reused_only_until_it_expires() -> None:
+    from gateway.auth import VerifiedTokens, mint_token
+
+    now = [1_000_000.0]
+    tokens = VerifiedTokens(JWT_SECRET, clock=lambda: now[0])
+    token = jwt.encode({"sub": "u1", "org": "o1", "exp": 1_000_060}, JWT_SECRET)
+    with pytest.raises(Exception, match="expired"):  # the real clock is far past this exp
+        tokens.principal(token)
+    fresh = mint_token(JWT_SECRET, "u2", "o2", ttl_s=60)
+    assert tokens.principal(fresh).user_id == "u2"
+    now[0] = float(jwt.decode(fresh, options={"verify_signature": False})["exp"]) - 1
+    assert tokens.principal(fresh).org_id == "o2"  # cached, not yet expired
+    now[0] += 2
+    tokens.secret = "another-secret-" + "y" * 32  # a re-verification now fails: the entry was not used
+    with pytest.raises(Exception, match="Invalid"):
+        tokens.principal(fresh)
