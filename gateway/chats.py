@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -20,7 +23,7 @@ from gateway.schemas import (
     parse_body,
     parse_query,
 )
-from gateway.services import services_of
+from gateway.services import Services, services_of
 from storage import chats, messages
 from storage.chats import ChatFields, ChatLimitExceeded, Owner
 
@@ -30,19 +33,25 @@ def owner_of(request: Request) -> Owner:
     return Owner(principal.org_id, principal.user_id)
 
 
+async def new_chat(
+    services: Services, owner: Owner, fields: ChatFields, chat_id: uuid.UUID | None = None
+) -> dict[str, Any]:
+    """Create a chat for the caller; past ``GATEWAY_MAX_CHATS_PER_USER`` it is a 403 ``chat_limit_reached``."""
+    try:
+        return await chats.create_chat(
+            services.pool, owner, fields, services.settings.max_chats_per_user, chat_id
+        )
+    except ChatLimitExceeded:
+        raise ChatLimitReached() from None
+
+
 async def create_chat(request: Request) -> Response:
     body = await parse_body(request, ChatCreate)
     services = services_of(request)
     fields = ChatFields(
         body.title, body.model or services.settings.default_model, body.system_prompt, body.metadata
     )
-    try:
-        chat = await chats.create_chat(
-            services.pool, owner_of(request), fields, services.settings.max_chats_per_user
-        )
-    except ChatLimitExceeded:
-        raise ChatLimitReached() from None
-    return JSONBody(chat, status_code=201)
+    return JSONBody(await new_chat(services, owner_of(request), fields), status_code=201)
 
 
 async def list_chats(request: Request) -> Response:
@@ -84,17 +93,11 @@ async def list_messages(request: Request) -> Response:
 async def patch_chat(request: Request) -> Response:
     chat_id = chat_id_of(request)
     body = await parse_body(request, ChatPatch)
+    # Only the fields the client sent are applied; a null model resets the chat to the default model.
+    model = body.model or services_of(request).settings.default_model
     fields = ChatFields(
-        body.title, body.model, body.system_prompt, body.metadata, frozenset(body.model_fields_set)
+        body.title, model, body.system_prompt, body.metadata, frozenset(body.model_fields_set)
     )
-    if "model" in fields.present and body.model is None:
-        fields = ChatFields(
-            body.title,
-            services_of(request).settings.default_model,
-            body.system_prompt,
-            body.metadata,
-            fields.present,
-        )
     chat = await chats.update_chat(services_of(request).pool, owner_of(request), chat_id, fields)
     if chat is None:
         raise ChatNotFound()

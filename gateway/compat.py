@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.auth import principal_of
-from gateway.dispatch import admit, event_stream, open_with_fallbacks, upstream_failure
+from gateway.dispatch import admit, event_stream, start_turn, upstream_failure
 from gateway.errors import GatewayError, NotFound
 from gateway.responses import JSONBody
 from gateway.schemas import parse_body
@@ -192,12 +192,7 @@ async def chat_completions(request: Request) -> Response:
     admission = await admit(services, owner, uuid.uuid4(), call)
     turn = Turn(body.model, call, provider.stream(call), services.streams.finish)
     turn.ticket, turn.owner = admission.ticket, owner
-    services.streams.add(turn)
-    try:
-        await open_with_fallbacks(services, turn, body.model)
-    except ProviderError as error:
-        await turn.finish(error=error)
-        raise upstream_failure(error) from None
+    await start_turn(services, turn, body.model)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -26,9 +26,22 @@ def upstream_failure(error: ProviderError) -> GatewayError:
 
 async def admit(services: Services, owner: Owner, stream_id: uuid.UUID, request: ProviderRequest) -> Admission:
     """Reserve the turn's estimated tokens: the prompt's estimate plus its ``max_tokens`` (or the default)."""
-    prompt_chars = sum(len(m.content) for m in request.messages) + len(request.system or "")
-    estimate = services.quotas.estimate(estimate_tokens(prompt_chars), request.max_tokens)
+    estimate = services.quotas.estimate(estimate_tokens(request.prompt_chars), request.max_tokens)
     return await services.quotas.admit(owner.org_id, owner.user_id, str(stream_id), estimate)
+
+
+async def start_turn(services: Services, turn: Turn, model: str) -> None:
+    """Register the turn and reach its first token; a failure before it is stored, then raised as the
+    JSON error the client gets."""
+    services.streams.add(turn)
+    try:
+        await open_with_fallbacks(services, turn, model)
+    except ProviderError as error:
+        await turn.finish(error=error)
+        raise upstream_failure(error) from None
+    except asyncio.CancelledError:
+        await turn.finish(ending="interrupted", shielded=True)
+        raise
 
 
 async def open_with_fallbacks(services: Services, turn: Turn, model: str) -> None:

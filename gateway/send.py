@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import Any
 
@@ -10,10 +9,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.chats import owner_of
-from gateway.dispatch import admit, event_stream, open_with_fallbacks, upstream_failure
+from gateway.chats import new_chat, owner_of
+from gateway.dispatch import admit, event_stream, start_turn
 from gateway.errors import (
-    ChatLimitReached,
     ChatNotFound,
     NotFound,
     StreamAlreadyActive,
@@ -25,9 +23,9 @@ from gateway.schemas import ChatTurn, SendMessage, TurnOptions, chat_id_of, pars
 from gateway.services import Services, services_of
 from gateway.sse import ChatEvents
 from gateway.turns import StreamCodec, Turn, TurnIds
-from providers.base import ChatMessage, ProviderError, ProviderRequest, UnknownModel
+from providers.base import ChatMessage, ProviderRequest, UnknownModel
 from storage import chats, messages
-from storage.chats import ChatFields, ChatLimitExceeded, Owner
+from storage.chats import ChatFields, Owner
 from storage.messages import NewTurn, TurnContext
 
 TITLE_CHARS = 80
@@ -81,11 +79,7 @@ async def send_chat(request: Request) -> Response:
     chat_id = body.chat_id
     if chat_id is None:
         fields = ChatFields(body.title, body.model or services.settings.default_model, body.system_prompt)
-        try:
-            chat = await chats.create_chat(services.pool, owner, fields, services.settings.max_chats_per_user)
-        except ChatLimitExceeded:
-            raise ChatLimitReached() from None
-        chat_id = chat["id"]
+        chat_id = (await new_chat(services, owner, fields))["id"]
     return await run_turn(request, services, owner, chat_id, content, body)
 
 
@@ -138,15 +132,7 @@ async def run_turn(
         raise
     turn = Turn(model, provider_request, provider.stream(provider_request), services.streams.finish, ids)
     turn.ticket = admission.ticket
-    services.streams.add(turn)
-    try:
-        await open_with_fallbacks(services, turn, model)
-    except ProviderError as error:
-        await turn.finish(error=error)
-        raise upstream_failure(error) from None
-    except asyncio.CancelledError:
-        await turn.finish(ending="interrupted", shielded=True)
-        raise
+    await start_turn(services, turn, model)
     if "application/json" in request.headers.get("accept", ""):
         return await json_answer(services, owner, turn, admission.headers)
     return event_stream(services, turn, codec or ChatEvents(), {**admission.headers, **(headers or {})})

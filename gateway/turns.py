@@ -263,8 +263,7 @@ class Turn:
         """The provider's usage when it reported one, else the documented estimate (and True)."""
         if self.usage is not None:
             return self.usage, False
-        prompt = sum(len(m.content) for m in self.request.messages) + len(self.request.system or "")
-        return Usage(estimate_tokens(prompt), estimate_tokens(len(self.text))), True
+        return Usage(estimate_tokens(self.request.prompt_chars), estimate_tokens(len(self.text))), True
 
     def charged_tokens(self) -> int:
         """What the turn costs: nothing when it failed before producing anything, else prompt and output."""

@@ -19,15 +19,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.chats import owner_of
-from gateway.errors import ChatLimitReached, ValidationFailed
+from gateway.chats import new_chat, owner_of
+from gateway.errors import ValidationFailed
 from gateway.schemas import ModelName, TurnOptions, parse_body
 from gateway.send import checked_content, run_turn
 from gateway.services import services_of
 from gateway.turns import Turn
 from providers.base import ProviderError, Usage
 from storage import chats
-from storage.chats import ChatFields, ChatLimitExceeded, Owner
+from storage.chats import ChatFields, Owner
 
 HEADERS = {"x-vercel-ai-ui-message-stream": "v1"}
 # The namespace of chat ids derived from a caller and a client's chat id.
@@ -114,10 +114,7 @@ async def ui_chat(request: Request) -> Response:
     chat_id = chat_id_for(owner, body.id)
     if await chats.get_chat(services.pool, owner, chat_id) is None:
         fields = ChatFields(None, body.model or services.settings.default_model, None, {"client_chat_id": body.id})
-        try:
-            await chats.create_chat(services.pool, owner, fields, services.settings.max_chats_per_user, chat_id)
-        except ChatLimitExceeded:
-            raise ChatLimitReached() from None
+        await new_chat(services, owner, fields, chat_id)
     options = TurnOptions(model=body.model, client_message_id=body.messageId)
     return await run_turn(request, services, owner, chat_id, content, options, UIMessageChunks(), HEADERS)
 

@@ -41,6 +41,11 @@ class ProviderRequest:
     stop: tuple[str, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def prompt_chars(self) -> int:
+        """The prompt's size in characters: the system prompt and every message."""
+        return sum(len(m.content) for m in self.messages) + len(self.system or "")
+
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
