@@ -19,7 +19,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from providers.base import Finish, ProviderError, ProviderRequest, StreamEvent, Usage
+from providers.base import Finish, ProviderError, ProviderRequest, StreamBatch, StreamEvent, Usage
 from storage.chats import Owner
 from storage.quotas import Ticket
 
@@ -74,7 +74,7 @@ class Turn:
         self,
         model: str,
         request: ProviderRequest,
-        upstream: AsyncIterator[StreamEvent],
+        upstream: AsyncIterator[StreamBatch],
         finisher: Callable[[Turn], Awaitable[None]],
         ids: TurnIds | None = None,
     ) -> None:
@@ -93,7 +93,7 @@ class Turn:
         self.owner: Owner | None = None  # who is charged, for a turn with no chat
         self._upstream = upstream
         self._finisher = finisher
-        self._buffered: list[StreamEvent] = []
+        self._buffered: list[StreamBatch] = []
         self._upstream_finish: str | None = None
         self._stop_reason: str | None = None
         self._hung_up = False
@@ -121,8 +121,8 @@ class Turn:
 
     # -- pulling events ---------------------------------------------------------------------------
 
-    async def _pull(self) -> StreamEvent | None:
-        """The next provider event, or None once the provider is done or the turn was interrupted."""
+    async def _pull(self) -> StreamBatch | None:
+        """The next batch of provider events, or None once the provider is done or the turn was interrupted."""
         if self._buffered:
             return self._buffered.pop(0)
         if self._stop_reason is not None:
@@ -145,7 +145,7 @@ class Turn:
     def stopped(self) -> bool:
         return self._stop_reason is not None
 
-    async def switch_upstream(self, model: str, upstream: AsyncIterator[StreamEvent]) -> None:
+    async def switch_upstream(self, model: str, upstream: AsyncIterator[StreamBatch]) -> None:
         """Before the first token only: drop the failed provider call and go on with another."""
         await self._upstream.aclose()  # type: ignore[attr-defined]
         self.model, self._upstream, self._buffered = model, upstream, []
@@ -154,11 +154,11 @@ class Turn:
         """Wait for the first token (or the end), so a failure before it can still be a plain JSON error."""
         self._task = asyncio.current_task()
         while True:
-            event = await self._pull()
-            if event is None:
+            batch = await self._pull()
+            if batch is None:
                 return
-            self._buffered.append(event)
-            if isinstance(event, (str, Finish)):
+            self._buffered.append(batch)
+            if any(isinstance(event, (str, Finish)) for event in batch):
                 return
 
     def _take(self, event: StreamEvent) -> None:
@@ -167,32 +167,40 @@ class Turn:
         elif isinstance(event, Finish):
             self._upstream_finish = event.reason
 
-    def _append(self, text: str) -> None:
+    def _delivered(self, texts: list[str]) -> None:
         if self.first_token_s is None:
             self.first_token_s = time.perf_counter() - self.started
-        self.parts.append(text)
+        self.parts += texts
 
     # -- the two ways to deliver a turn -----------------------------------------------------------
 
     async def stream(self, codec: StreamCodec) -> AsyncGenerator[bytes, None]:
-        """The turn as a stream of frames; whatever stops it, the ending is stored before the last frame."""
+        """The turn as a stream of writes, one per batch of provider events (the opening frame goes with the
+        first); whatever stops it, the ending is stored before the last frame."""
         self._task = asyncio.current_task()
+        head = codec.start(self) or b""
         try:
-            if first := codec.start(self):
-                yield first
-            while (event := await self._pull()) is not None:
-                if type(event) is str:
-                    yield codec.delta(event)
-                    self._append(event)  # only once handed to the transport
-                elif isinstance(event, Usage):
-                    self.usage = event
-                    if frame := codec.usage(event):
-                        yield frame
-                else:
-                    self._take(event)
+            while (batch := await self._pull()) is not None:
+                frames: list[bytes] = [head] if head else []
+                texts: list[str] = []
+                for event in batch:
+                    if type(event) is str:
+                        frames.append(codec.delta(event))
+                        texts.append(event)
+                    elif isinstance(event, Usage):
+                        self.usage = event
+                        if frame := codec.usage(event):
+                            frames.append(frame)
+                    else:
+                        self._take(event)
+                if frames:
+                    yield b"".join(frames)
+                    head = b""
+                if texts:
+                    self._delivered(texts)  # only once handed to the transport
         except ProviderError as error:
             await self.finish(error=error)
-            yield codec.error(self, error)
+            yield head + codec.error(self, error)
             return
         except GeneratorExit:  # the send failed or timed out: the client is gone or frozen
             await self.finish(ending="client_disconnected", shielded=True)
@@ -201,17 +209,18 @@ class Turn:
             await self.finish(ending="client_disconnected" if self._hung_up else "interrupted", shielded=True)
             raise
         await self.finish()
-        yield codec.done(self)
+        yield head + codec.done(self)
 
     async def collect(self) -> None:
         """Run the turn to its end without a client stream (the JSON answer)."""
         self._task = asyncio.current_task()
         try:
-            while (event := await self._pull()) is not None:
-                if type(event) is str:
-                    self._append(event)
-                else:
-                    self._take(event)
+            while (batch := await self._pull()) is not None:
+                if texts := [event for event in batch if type(event) is str]:
+                    self._delivered(texts)
+                for event in batch:
+                    if type(event) is not str:
+                        self._take(event)
         except ProviderError as error:
             await self.finish(error=error)
             return

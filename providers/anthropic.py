@@ -1,5 +1,6 @@
-"""Anthropic Messages streaming through the official SDK (its ``client.post`` for a raw response, on its
-aiohttp transport, as for OpenAI), read through our SSE decoder.
+"""Anthropic Messages streaming: the official SDK client holds the configuration (base URL, key, its
+``anthropic-version`` and other headers); the request goes over our aiohttp pool, as for OpenAI, and the
+stream is read through our SSE decoder.
 
 Events: ``message_start`` (input usage), ``content_block_delta`` (text), ``message_delta`` (stop reason and
 the output usage, which is cumulative), ``message_stop``, ``ping`` and ``error``.
@@ -11,7 +12,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anthropic
-import httpx2
 import orjson
 
 from providers.base import (
@@ -20,16 +20,14 @@ from providers.base import (
     FinishReason,
     ProviderConnectionError,
     ProviderError,
-    ProviderProtocolError,
     ProviderRequest,
     ProviderStatusError,
-    ProviderTimeout,
-    StreamEvent,
+    StreamBatch,
     UpstreamConfig,
     Usage,
-    status_failure,
 )
-from providers.sse import SSEDecoder
+from providers.http import Upstream, sdk_headers
+from providers.sse import json_frame
 
 VENDOR = "Anthropic"
 DEFAULT_MAX_TOKENS = 4096  # the Messages API requires max_tokens
@@ -62,67 +60,54 @@ class AnthropicProvider:
         self.name = "anthropic"
         self.models: tuple[str, ...] = ANTHROPIC_MODELS
         self.has_credentials = bool(api_key)
-        self.client = anthropic.AsyncAnthropic(
-            api_key=api_key or "no-key-configured", base_url=base_url, max_retries=0,
-            http_client=anthropic.DefaultAioHttpClient(timeout=config.timeout(), limits=config.limits()),
-        )
+        client = anthropic.AsyncAnthropic(api_key=api_key or "no-key-configured", base_url=base_url)
+        self.url = f"{str(client.base_url).rstrip('/')}/v1/messages"
+        self.headers = sdk_headers(client)
+        self.upstream = Upstream(VENDOR, config)
 
     async def aclose(self) -> None:
-        await self.client.close()
+        await self.upstream.aclose()
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamBatch]:
         if not self.has_credentials:
             raise ProviderStatusError(401, "No API key is configured for anthropic (ANTHROPIC_API_KEY)")
-        try:
-            response = await self.client.post(
-                "/v1/messages", body=messages_body(request), cast_to=httpx2.Response, stream=True
-            )
-            try:
-                async for event in self._events(response.aiter_bytes()):
-                    yield event
-            finally:
-                await response.aclose()
-        except anthropic.APIStatusError as error:
-            raise status_failure(VENDOR, error.status_code, error.body, error.response.headers) from None
-        except (anthropic.APITimeoutError, httpx2.TimeoutException):
-            raise ProviderTimeout(f"{VENDOR} timed out") from None
-        except (anthropic.APIConnectionError, httpx2.TransportError, httpx2.StreamError):
-            raise ProviderConnectionError(f"The connection to {VENDOR} failed") from None
+        body = orjson.dumps(messages_body(request))
+        async for batch in self.upstream.stream(self.url, body, self.headers, MessageReader()):
+            yield batch
 
-    async def _events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[StreamEvent]:
-        decoder = SSEDecoder()
-        input_tokens = output_tokens = 0
-        finish: FinishReason = "stop"
-        async for chunk in chunks:
-            for name, data in decoder.feed(chunk):
-                if name == b"content_block_delta":
-                    text = _frame(data)["delta"].get("text")
-                    if text:
-                        yield text
-                elif name == b"message_start":
-                    usage = _frame(data)["message"].get("usage") or {}
-                    input_tokens = usage.get("input_tokens") or 0
-                    output_tokens = usage.get("output_tokens") or 0
-                elif name == b"message_delta":
-                    frame = _frame(data)
-                    reason = (frame.get("delta") or {}).get("stop_reason")
-                    if reason:
-                        finish = FINISH_REASONS.get(reason, "stop")
-                    output_tokens = (frame.get("usage") or {}).get("output_tokens", output_tokens)
-                elif name == b"message_stop":
-                    yield Usage(input_tokens, output_tokens)
-                    yield Finish(finish)
-                    return
-                elif name == b"error":
-                    raise _stream_error(_frame(data))
+
+class MessageReader:
+    """Named events: ``message_start`` (input usage), ``content_block_delta`` (text), ``message_delta`` (stop
+    reason and the cumulative output usage), ``message_stop``; ``ping`` is skipped and ``error`` raised."""
+
+    def __init__(self) -> None:
+        self.input_tokens = self.output_tokens = 0
+        self.finish: FinishReason = "stop"
+
+    def event(self, name: bytes | None, data: bytes, batch: StreamBatch) -> bool:
+        if name == b"content_block_delta":
+            text = json_frame(data, VENDOR)["delta"].get("text")
+            if text:
+                batch.append(text)
+        elif name == b"message_start":
+            usage = json_frame(data, VENDOR)["message"].get("usage") or {}
+            self.input_tokens = usage.get("input_tokens") or 0
+            self.output_tokens = usage.get("output_tokens") or 0
+        elif name == b"message_delta":
+            frame = json_frame(data, VENDOR)
+            reason = (frame.get("delta") or {}).get("stop_reason")
+            if reason:
+                self.finish = FINISH_REASONS.get(reason, "stop")
+            self.output_tokens = (frame.get("usage") or {}).get("output_tokens", self.output_tokens)
+        elif name == b"message_stop":
+            batch += [Usage(self.input_tokens, self.output_tokens), Finish(self.finish)]
+            return True
+        elif name == b"error":
+            raise _stream_error(json_frame(data, VENDOR))
+        return False
+
+    def end(self, batch: StreamBatch) -> None:
         raise ProviderConnectionError(f"The {VENDOR} stream ended before it was complete")
-
-
-def _frame(data: bytes) -> Any:
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise ProviderProtocolError(f"{VENDOR} sent a malformed frame") from None
 
 
 def _stream_error(frame: Any) -> ProviderError:

@@ -1,8 +1,8 @@
 """The adapter Protocol every provider implements, its events and its errors.
 
 An adapter translates one vendor's wire format and nothing else: the gateway owns persistence, quotas,
-pings, timeouts and cancellation. ``stream`` is an async generator; closing it (``aclose`` or cancelling the
-task that awaits it) must close the upstream connection at once.
+pings, timeouts and cancellation. ``stream`` is an async generator of event batches; closing it (``aclose``
+or cancelling the task that awaits it) must close the upstream connection at once.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
-
-import httpx2
 
 Role = Literal["system", "user", "assistant"]
 
@@ -56,12 +54,6 @@ class UpstreamConfig:
     idle_timeout_s: float = 60.0
     max_connections: int = 10_000
 
-    def timeout(self) -> httpx2.Timeout:
-        return httpx2.Timeout(self.idle_timeout_s, connect=self.connect_timeout_s)
-
-    def limits(self) -> httpx2.Limits:
-        return httpx2.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections)
-
 
 @dataclass(frozen=True, slots=True)
 class Usage:
@@ -79,16 +71,20 @@ class Finish:
 # The closed union of what an adapter yields. A text delta is a plain ``str``: it is by far the most
 # frequent event, and a bare string costs no allocation beyond the text itself.
 StreamEvent = str | Usage | Finish
+# What ``stream`` yields: the events one read from the vendor carried, in order. A read of an unpaced
+# stream holds dozens of deltas; taking them together lets the gateway write all their frames in one send
+# instead of one send (and one system call) per token.
+StreamBatch = list[StreamEvent]
 
 
 class Provider(Protocol):
-    """A model vendor: ``stream`` yields text deltas, then usage (when known) and a finish."""
+    """A model vendor: ``stream`` yields batches of text deltas, then usage (when known) and a finish."""
 
     name: str
     models: tuple[str, ...]  # the models it is known to serve, for /v1/models
     has_credentials: bool
 
-    def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]: ...
+    def stream(self, request: ProviderRequest) -> AsyncIterator[StreamBatch]: ...
 
     async def aclose(self) -> None:
         """Close the adapter's HTTP client (its pooled connections)."""

@@ -31,7 +31,7 @@ from providers.base import (
     ProviderRequest,
     ProviderStatusError,
     ProviderTimeout,
-    StreamEvent,
+    StreamBatch,
     Usage,
 )
 
@@ -86,7 +86,7 @@ def _failure(kind: str) -> ProviderError:
 
 
 class FakeProvider:
-    """Streams deterministic text; counts how many of its streams run at once."""
+    """Streams deterministic text, a token a batch; counts how many of its streams run at once."""
 
     name = "fake"
     models: tuple[str, ...] = ("echo",)
@@ -111,7 +111,7 @@ class FakeProvider:
     async def aclose(self) -> None:
         pass
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamBatch]:
         options = FakeOptions.parse(request.model, request.options)
         prompt = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
         tokens = self.tokens_for(prompt, options)
@@ -131,17 +131,17 @@ class FakeProvider:
                 cut = min((token.find(s) for s in request.stop if s in token), default=-1)
                 if cut >= 0:  # a stop sequence ends the reply before it
                     if cut:
-                        yield token[:cut]
+                        yield [token[:cut]]
                     break
-                yield token
+                yield [token]
                 record.tokens_sent += 1
             if options.fail_after is not None and options.fail_after >= len(tokens):
                 record.outcome = "failed"
                 raise _failure(options.fail)
+            ending: StreamBatch = [Finish(cast(FinishReason, options.finish))]
             if options.usage:
-                prompt_chars = sum(len(m.content) for m in request.messages) + len(request.system or "")
-                yield Usage(input_tokens=max(1, prompt_chars // 4), output_tokens=len(tokens))
-            yield Finish(cast(FinishReason, options.finish))
+                ending.insert(0, Usage(input_tokens=max(1, request.prompt_chars // 4), output_tokens=len(tokens)))
+            yield ending
             record.outcome = "complete"
         finally:
             if record.outcome == "open":

@@ -2,9 +2,8 @@
 
 google-genai parses the stream itself into one pydantic object per frame and offers no raw byte stream; its
 line parser also rejects SSE comment lines. So the request body is assembled from the SDK's own request
-types (``types.Content``, ``types.GenerationConfig``, dumped by their wire aliases) and sent with httpx2,
-the SDK's HTTP library, and the stream is read through our SSE decoder and orjson like every other vendor.
-docs/performance.md records the per-token cost of both ways.
+types (``types.Content``, ``types.GenerationConfig``, dumped by their wire aliases), sent over our aiohttp
+pool like every other vendor's, and read through our SSE decoder and orjson.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx2
 import orjson
 from google.genai import types
 
@@ -25,13 +23,12 @@ from providers.base import (
     ProviderProtocolError,
     ProviderRequest,
     ProviderStatusError,
-    ProviderTimeout,
-    StreamEvent,
+    StreamBatch,
     UpstreamConfig,
     Usage,
-    status_failure,
 )
-from providers.sse import SSEDecoder
+from providers.http import Upstream
+from providers.sse import json_frame
 
 VENDOR = "Gemini"
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
@@ -67,60 +64,50 @@ class GeminiProvider:
     def __init__(self, api_key: str | None, base_url: str | None, config: UpstreamConfig) -> None:
         self.name = "gemini"
         self.models: tuple[str, ...] = GEMINI_MODELS
-        self.api_key = api_key
         self.has_credentials = bool(api_key)
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
-        self.client = httpx2.AsyncClient(timeout=config.timeout(), limits=config.limits())
+        self.headers = {"x-goog-api-key": api_key or "", "content-type": "application/json"}
+        self.upstream = Upstream(VENDOR, config)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.upstream.aclose()
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamBatch]:
         if not self.has_credentials:
             raise ProviderStatusError(401, "No API key is configured for gemini (GEMINI_API_KEY)")
         url = f"{self.base_url}/v1beta/models/{request.model}:streamGenerateContent?alt=sse"
-        headers = {"x-goog-api-key": self.api_key or "", "content-type": "application/json"}
-        try:
-            async with self.client.stream("POST", url, content=orjson.dumps(generate_body(request)),
-                                          headers=headers) as response:
-                if response.status_code >= 400:
-                    body = await response.aread()
-                    raise status_failure(VENDOR, response.status_code, _json_or_none(body), response.headers)
-                async for event in self._events(response.aiter_bytes()):
-                    yield event
-        except httpx2.TimeoutException:
-            raise ProviderTimeout(f"{VENDOR} timed out") from None
-        except (httpx2.TransportError, httpx2.StreamError):
-            raise ProviderConnectionError(f"The connection to {VENDOR} failed") from None
+        body = orjson.dumps(generate_body(request))
+        async for batch in self.upstream.stream(url, body, self.headers, ResponseReader()):
+            yield batch
 
-    async def _events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[StreamEvent]:
-        decoder = SSEDecoder()
-        usage: dict[str, Any] | None = None
-        finish: FinishReason | None = None
-        async for chunk in chunks:
-            for _, data in decoder.feed(chunk):
-                frame = _json_or_none(data)
-                if not isinstance(frame, dict):
-                    raise ProviderProtocolError(f"{VENDOR} sent a malformed frame")
-                if "error" in frame:
-                    raise ProviderError(f"{VENDOR} reported an error mid-stream")
-                for candidate in frame.get("candidates") or ():
-                    for part in (candidate.get("content") or {}).get("parts") or ():
-                        text = part.get("text")
-                        if text:
-                            yield text
-                    if candidate.get("finishReason"):
-                        finish = FINISH_REASONS.get(candidate["finishReason"], "stop")
-                usage = frame.get("usageMetadata") or usage
-        if finish is None:
+
+class ResponseReader:
+    """``GenerateContentResponse`` frames: candidates' text parts and finish reason, ``usageMetadata``
+    (running totals); the stream is complete when its bytes end after a finish reason."""
+
+    def __init__(self) -> None:
+        self.usage: dict[str, Any] | None = None
+        self.finish: FinishReason | None = None
+
+    def event(self, name: bytes | None, data: bytes, batch: StreamBatch) -> bool:
+        frame = json_frame(data, VENDOR)
+        if not isinstance(frame, dict):
+            raise ProviderProtocolError(f"{VENDOR} sent a malformed frame")
+        if "error" in frame:
+            raise ProviderError(f"{VENDOR} reported an error mid-stream")
+        for candidate in frame.get("candidates") or ():
+            for part in (candidate.get("content") or {}).get("parts") or ():
+                text = part.get("text")
+                if text:
+                    batch.append(text)
+            if candidate.get("finishReason"):
+                self.finish = FINISH_REASONS.get(candidate["finishReason"], "stop")
+        self.usage = frame.get("usageMetadata") or self.usage
+        return False
+
+    def end(self, batch: StreamBatch) -> None:
+        if self.finish is None:
             raise ProviderConnectionError(f"The {VENDOR} stream ended before it was complete")
-        if usage is not None:
-            yield Usage(usage.get("promptTokenCount") or 0, usage.get("candidatesTokenCount") or 0)
-        yield Finish(finish)
-
-
-def _json_or_none(data: bytes) -> Any:
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
+        if self.usage is not None:
+            batch.append(Usage(self.usage.get("promptTokenCount") or 0, self.usage.get("candidatesTokenCount") or 0))
+        batch.append(Finish(self.finish))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 
-from providers.base import Provider, ProviderRequest, StreamEvent, UnknownModel
+from providers.base import Provider, ProviderRequest, StreamBatch, UnknownModel
 
 
 class ProviderRegistry:
@@ -44,7 +44,7 @@ class LazyProvider:
         self._build = build
         self._adapter: Provider | None = None
 
-    def stream(self, request: ProviderRequest) -> AsyncIterator[StreamEvent]:
+    def stream(self, request: ProviderRequest) -> AsyncIterator[StreamBatch]:
         if self._adapter is None:
             self._adapter = self._build()
         return self._adapter.stream(request)

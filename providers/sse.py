@@ -3,11 +3,17 @@
 Lines are split on bytes and only whole lines are kept, so a multi-byte character split across network
 chunks is never decoded in halves (data stays bytes; the adapters hand it to orjson). ``\\n``, ``\\r\\n``
 and ``\\r`` all end a line. A line or an event past its cap is a protocol error, not unbounded memory.
+``read_batches`` drives it for the adapters: each vendor supplies only what one event means.
 """
 
 from __future__ import annotations
 
-from providers.base import ProviderProtocolError
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import orjson
+
+from providers.base import ProviderError, ProviderProtocolError, StreamBatch
 
 MAX_LINE_BYTES = 1 << 20
 MAX_EVENT_BYTES = 4 << 20
@@ -66,3 +72,46 @@ class SSEDecoder:
             self._data.append(value)
         elif field == b"event":
             self._name = value
+
+
+class StreamReader(Protocol):
+    """One stream's reading of a vendor's SSE events as our events."""
+
+    def event(self, name: bytes | None, data: bytes, batch: StreamBatch) -> bool:
+        """Append what one event means to ``batch``; True once the stream is complete."""
+
+    def end(self, batch: StreamBatch) -> None:
+        """The bytes ended before ``event`` said the stream was complete: append the last events or raise."""
+
+
+def json_frame(data: bytes, vendor: str) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise ProviderProtocolError(f"{vendor} sent a malformed frame") from None
+
+
+async def read_batches(chunks: AsyncIterator[bytes], reader: StreamReader) -> AsyncIterator[StreamBatch]:
+    """A vendor's byte stream as batches, one per network read. When a read holds both deltas and a
+    failure, the deltas are yielded first: the client gets everything the vendor sent before it failed."""
+    decoder = SSEDecoder()
+    async for chunk in chunks:
+        batch: StreamBatch = []
+        try:
+            for name, data in decoder.feed(chunk):
+                if reader.event(name, data, batch):
+                    yield batch
+                    return
+        except ProviderError:
+            if batch:
+                yield batch
+            raise
+        if batch:
+            yield batch
+    batch = []
+    for name, data in decoder.close():
+        if reader.event(name, data, batch):
+            yield batch
+            return
+    reader.end(batch)
+    yield batch

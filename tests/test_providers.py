@@ -41,8 +41,9 @@ async def run(provider: Provider, model: str) -> tuple[list[StreamEvent], BaseEx
     events: list[StreamEvent] = []
     request = ProviderRequest(model, [ChatMessage("user", "hi")], system="be brief", max_tokens=50)
     try:
-        async for event in provider.stream(request):
-            events.append(event)
+        async for batch in provider.stream(request):
+            assert batch, "a batch is never empty"
+            events += batch
     except ProviderError as error:
         return events, error
     finally:
