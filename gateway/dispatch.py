@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
+from collections.abc import Awaitable
 from dataclasses import replace
 
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
@@ -30,12 +31,29 @@ async def admit(services: Services, owner: Owner, stream_id: uuid.UUID, request:
     return await services.quotas.admit(owner.org_id, owner.user_id, str(stream_id), estimate)
 
 
-async def start_turn(services: Services, turn: Turn, model: str) -> None:
+async def start_turn(services: Services, turn: Turn, model: str, storing: Awaitable[None] | None = None) -> None:
     """Register the turn and reach its first token; a failure before it is stored, then raised as the
-    JSON error the client gets."""
+    JSON error the client gets.
+
+    With ``storing`` (the writes of the turn's messages), the provider is called while they run rather
+    than after them, and the turn goes on only once they are done: no token reaches the client before the
+    message it answers is stored. If storing fails, the provider call is closed, the turn is dropped
+    without a trace (its quota reservation and chat freed) and the failure is raised.
+    """
     services.streams.add(turn)
+    opening: Awaitable[None] = open_with_fallbacks(services, turn, model)
+    if storing is not None:
+        opening = asyncio.ensure_future(opening)
+        try:
+            await storing
+        except BaseException:
+            opening.cancel()
+            await asyncio.gather(opening, return_exceptions=True)
+            await turn.close_upstream()
+            await services.streams.abandon(turn)
+            raise
     try:
-        await open_with_fallbacks(services, turn, model)
+        await opening
     except ProviderError as error:
         await turn.finish(error=error)
         raise upstream_failure(error) from None

@@ -122,17 +122,12 @@ async def run_turn(
     try:
         if not await services.streams.claim(chat_id, ids.assistant_message_id):
             raise StreamAlreadyActive()
-        try:
-            await store_turn(services, owner, ids, content, model, options, context)
-        except BaseException:
-            await services.streams.release(chat_id, ids.assistant_message_id)
-            raise
     except BaseException:
         await services.quotas.settle(admission.ticket, 0)
         raise
     turn = Turn(model, provider_request, provider.stream(provider_request), services.streams.finish, ids)
     turn.ticket = admission.ticket
-    await start_turn(services, turn, model)
+    await start_turn(services, turn, model, store_turn(services, owner, ids, content, model, options, context))
     if "application/json" in request.headers.get("accept", ""):
         return await json_answer(services, owner, turn, admission.headers)
     return event_stream(services, turn, codec or ChatEvents(), {**admission.headers, **(headers or {})})

@@ -155,6 +155,13 @@ class StreamRegistry:
                     await record_usage(self.pool, usage_of(turn, charged))
         except Exception:
             logger.exception("storing a finished turn failed", extra={"model": turn.model})
+        await self._free(turn, charged)
+
+    async def abandon(self, turn: Turn) -> None:
+        """A turn whose messages could not be stored: nothing to persist or charge; its chat is freed."""
+        await self._free(turn, 0)
+
+    async def _free(self, turn: Turn, charged: int) -> None:
         await self.quotas.settle(turn.ticket, charged)
         if turn.ids is not None:
             await self.release(turn.ids.chat_id, turn.ids.assistant_message_id)

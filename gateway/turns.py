@@ -250,11 +250,14 @@ class Turn:
         """Wait until the turn has ended and its ending is stored."""
         await self._stored.wait()
 
-    async def _close_and_persist(self) -> None:
+    async def close_upstream(self) -> None:
         try:
             await self._upstream.aclose()  # type: ignore[attr-defined]
         except Exception:
             logger.warning("closing the provider stream failed", exc_info=True)
+
+    async def _close_and_persist(self) -> None:
+        await self.close_upstream()
         try:
             await self._finisher(self)
         finally:

@@ -324,3 +324,36 @@ async def test_frozen_client_cannot_hold_a_stream(
     row = await reply_row(db, str(turn.ids.assistant_message_id))
     assert (row["status"], row["finish_reason"]) == ("cancelled", "client_disconnected")
     assert 0 < len(row["content"]) < len("flood ") * 10_000_000
+
+
+async def test_a_turn_whose_message_cannot_be_stored_leaves_nothing_behind(
+    client: httpx.AsyncClient, alice: dict[str, str], db: asyncpg.Pool, gateway: Gateway
+) -> None:
+    # The provider is called while the message is written; when the write fails, the provider call is
+    # closed, nothing is stored or charged, and the chat is free again. A trigger makes the write fail.
+    prompt = f"unstorable {uuid.uuid4().hex}"
+    await db.execute(f"""
+        CREATE OR REPLACE FUNCTION refuse_unstorable() RETURNS trigger AS $$
+        BEGIN
+            IF NEW.content = '{prompt}' THEN RAISE EXCEPTION 'refused by the test'; END IF;
+            RETURN NEW;
+        END $$ LANGUAGE plpgsql;
+        CREATE OR REPLACE TRIGGER refuse_unstorable BEFORE INSERT ON messages
+            FOR EACH ROW EXECUTE FUNCTION refuse_unstorable();
+    """)
+    try:
+        chat_id = await new_chat(client, alice, model="fake/echo?ttft_ms=2000")
+        response = await client.post(f"/v1/chats/{chat_id}/messages", headers=alice, json={"content": prompt})
+    finally:
+        await db.execute("DROP TRIGGER refuse_unstorable ON messages; DROP FUNCTION refuse_unstorable()")
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "internal_error"
+    record = gateway.fake.find(prompt)
+    await asyncio.wait_for(record.closed.wait(), 0.5)
+    assert (record.outcome, record.tokens_sent) == ("closed", 0)
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE chat_id = $1", uuid.UUID(chat_id)) == 0
+    usage = (await client.get("/v1/usage", headers=alice)).json()
+    assert usage["user_tokens"]["used"] == 0 and usage["concurrent_streams"]["active"] == 0
+    again = await client.post(f"/v1/chats/{chat_id}/messages", headers=alice,
+                              json={"content": "stored", "model": "fake/echo"})
+    assert again.status_code == 200
