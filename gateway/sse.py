@@ -11,6 +11,7 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from gateway.middleware import BODY_SEND
 from gateway.turns import Turn
 from providers.base import ProviderError, Usage
 
@@ -96,9 +97,11 @@ class EventStream(Response):
         self.task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         listener = loop.create_task(self._listen(receive))
-        watch = _Watch(self, send, loop)
+        watch: _Watch | None = None
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            send = scope.get(BODY_SEND, send)
+            watch = _Watch(self, send, loop)
             async with contextlib.aclosing(self.frames) as frames:
                 async for frame in frames:
                     self.sending = True
@@ -112,7 +115,8 @@ class EventStream(Response):
             if (task := asyncio.current_task()) is not None and task.cancelling():
                 task.uncancel()
         finally:
-            watch.stop()
+            if watch is not None:
+                watch.stop()
             listener.cancel()
 
     async def _listen(self, receive: Receive) -> None:
