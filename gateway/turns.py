@@ -89,6 +89,7 @@ class Turn:
         self.first_token_s: float | None = None
         self.duration_ms = 0.0
         self.checkpointed_parts = 0
+        self.checkpointed_at = self.started
         self.ticket: Ticket | None = None  # its quota reservation, settled when the turn is stored
         self.owner: Owner | None = None  # who is charged, for a turn with no chat
         self._upstream = upstream
