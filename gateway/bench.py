@@ -23,6 +23,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+import uvloop
 from redis.asyncio import Redis
 
 from gateway.auth import mint_token
@@ -324,7 +325,7 @@ async def run_bench(settings: Settings, seconds: float, quick: bool) -> dict[str
 
 def main(settings: Settings, seconds: float, quick: bool, out_dir: Path) -> None:
     with with_services(settings) as ready:
-        results = asyncio.run(run_bench(ready, seconds, quick))
+        results = uvloop.run(run_bench(ready, seconds, quick))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{datetime.date.today().isoformat()}.json"
     path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import orjson
+import uvloop
 
 from providers.sse import SSEDecoder
 
@@ -187,5 +188,5 @@ def run_loadtest(url: str, token: str | None, concurrency: int, duration_s: floa
     else:
         body = {"message": message, "model": model} if target.path.endswith("/v1/chat") else {"content": message}
     request = request_bytes(target, target.path, body)
-    report = asyncio.run(closed_loop(concurrency, duration_s, lambda n: request, target))
+    report = uvloop.run(closed_loop(concurrency, duration_s, lambda n: request, target))
     print_summary(f"{url} x{concurrency} for {duration_s:g}s", report.summary())

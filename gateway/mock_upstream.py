@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from urllib.parse import parse_qsl
 
@@ -75,12 +76,18 @@ class MockUpstream(asyncio.Protocol):
             await asyncio.sleep(params["ttft_ms"] / 1000)
         write(role)
         gap = params.get("gap_ms", 0) / 1000
-        for n, delta in enumerate(deltas):
-            if gap and n:
-                await asyncio.sleep(gap)
-            if transport.is_closing():
+        if gap:
+            # Paced: each delta is written by a timer callback, with no task step or future per token, so
+            # thousands of paced streams cost the harness little.
+            done = asyncio.get_running_loop().create_future()
+            self._pace(write, iter(deltas), gap, done)
+            if not await done:
                 return
-            write(delta)
+        else:
+            for delta in deltas:
+                if transport.is_closing():
+                    return
+                write(delta)
         if params.get("hold_ms"):
             await asyncio.sleep(params["hold_ms"] / 1000)
         write(tail)
@@ -89,6 +96,22 @@ class MockUpstream(asyncio.Protocol):
             transport.close()
         else:
             transport.write(b"0\r\n\r\n")
+
+    def _pace(self, write: Callable[[bytes], None], deltas: Iterator[bytes], gap: float,
+              done: asyncio.Future[bool]) -> None:
+        """Write the next delta now and schedule the one after; ``done`` says whether all were written."""
+        if done.done():
+            return
+        assert self.transport is not None
+        if self.transport.is_closing():
+            done.set_result(False)
+            return
+        delta = next(deltas, None)
+        if delta is None:
+            done.set_result(True)
+            return
+        write(delta)
+        asyncio.get_running_loop().call_later(gap, self._pace, write, deltas, gap, done)
 
     def _chunk(self, data: bytes) -> None:
         assert self.transport is not None
