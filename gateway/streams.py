@@ -248,12 +248,13 @@ class StreamRegistry:
         """Write the partial text of every turn that grew and is due (its last checkpoint ``checkpoint_s``
         ago), in one statement."""
         ids, texts = [], []
-        due = time.perf_counter() - self.settings.checkpoint_s
+        now = time.perf_counter()
+        due = now - self.settings.checkpoint_s
         for chat_turn in self.turns.values():
             if (chat_turn.ending is None and chat_turn.checkpointed_at <= due
                     and len(chat_turn.parts) != chat_turn.checkpointed_parts):
                 chat_turn.checkpointed_parts = len(chat_turn.parts)
-                chat_turn.checkpointed_at = time.perf_counter()
+                chat_turn.checkpointed_at = now
                 assert chat_turn.ids is not None
                 ids.append(chat_turn.ids.assistant_message_id)
                 texts.append(chat_turn.text)

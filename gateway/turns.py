@@ -109,7 +109,7 @@ class Turn:
         """End the turn with ``reason`` (``cancelled`` or ``interrupted``) as soon as possible.
 
         When the streaming task is waiting on the provider it is cancelled there, which closes the
-        upstream call at once; otherwise the flag is seen before the next event is sent.
+        upstream call at once; otherwise the flag is seen before the next batch of events is sent.
         """
         if self._stop_reason is None and self.ending is None:
             self._stop_reason = reason
