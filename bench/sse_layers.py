@@ -1,7 +1,8 @@
 """The SSE layer alone: sse-starlette's EventSourceResponse against the gateway's EventStream.
 
-Both serve the same 64 pre-encoded frames from an async generator under uvicorn (one worker, CPU 0);
-the load generator (CPU 1) keeps 64 streams going. Run: .venv/bin/python bench/sse_layers.py
+Both serve the same 64 deltas from an async generator under uvicorn (one worker, CPU 0): sse-starlette as
+pre-encoded frames, ours as a turn relayed through the chat events' codec. The load generator (CPU 1)
+keeps 64 streams going. Run: .venv/bin/python bench/sse_layers.py
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ import time
 from gateway.loadtest import Target, closed_loop, print_summary, request_bytes
 
 APP = '''
+import uuid
+
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.routing import Route
-from gateway.sse import EventStream
+from gateway.sse import ChatEvents, EventStream
+from gateway.turns import Turn, TurnIds
+from providers.base import Finish, ProviderRequest, Pump
 
 FRAMES = [b"id: %d\\nevent: delta\\ndata: {\\"text\\":\\"tok%d \\"}\\n\\n" % (n, n) for n in range(64)]
 
@@ -29,8 +34,18 @@ async def frames():
 async def library(request):
     return EventSourceResponse(frames(), send_timeout=30, ping=15)
 
+async def batches():
+    for n in range(64):
+        yield ["tok%d " % n]
+    yield [Finish("stop")]
+
+async def stored(turn):
+    pass
+
 async def own(request):
-    return EventStream(frames(), {}, 15, 30, lambda: None)
+    turn = Turn("bench", ProviderRequest("bench", []), Pump(batches()), stored,
+                TurnIds(uuid.uuid4(), uuid.uuid4(), uuid.uuid4()))
+    return EventStream(turn, ChatEvents(), {}, 15, 30)
 
 app = Starlette(routes=[Route("/library", library, methods=["POST"]), Route("/own", own, methods=["POST"])])
 '''

@@ -101,4 +101,4 @@ async def open_with_fallbacks(services: Services, turn: Turn, model: str) -> Non
 def event_stream(services: Services, turn: Turn, codec: StreamCodec, headers: dict[str, str]) -> EventStream:
     """The turn as an SSE response: pings when quiet, a stuck send bounded in time, a hang-up ends the turn."""
     settings = services.settings
-    return EventStream(turn.stream(codec), headers, settings.ping_s, settings.send_timeout_s, turn.hang_up)
+    return EventStream(turn, codec, headers, settings.ping_s, settings.send_timeout_s)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, cast
 
 import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gateway.middleware import BODY_SEND
-from gateway.turns import Turn
+from gateway.turns import StreamCodec, Turn
 from providers.base import ProviderError, Usage
 
 PING = b": ping\n\n"
@@ -67,105 +66,174 @@ class ChatEvents:
 
 
 class EventStream(Response):
-    """An SSE response: the body is sent from the request's own task; one more task waits for the client.
+    """A turn as an SSE response, relayed: the provider's reads are written to the client from the
+    provider connection's own callbacks, and the request's task only waits, in ``receive``, for the client
+    to hang up or for the turn to wake it at its end. No task, timer or lock per frame, and no task but the
+    request's own per stream.
 
-    Kept lean for the per-token path: no task, timer or lock per frame. A timer that re-arms itself every
-    quarter of the shorter of ``ping_s`` and ``send_timeout_s`` sends ``: ping`` once the stream has been
-    quiet for ``ping_s``, and ends the stream when one send has been stuck for ``send_timeout_s`` (a client
-    that stopped reading). A client hang-up or a stuck send calls ``on_hang_up`` and then closes the body
-    (its ``GeneratorExit`` or ``CancelledError`` says the client is gone).
+    One timer per stream re-arms itself every quarter of the shorter of ``ping_s`` and ``send_timeout_s``:
+    it writes ``: ping`` once the stream has been quiet for ``ping_s``, and hangs up when one write has been
+    stuck for ``send_timeout_s`` (a client that stopped reading).
     """
 
     def __init__(
-        self, body: AsyncGenerator[bytes, None], headers: dict[str, str], ping_s: float, send_timeout_s: float,
-        on_hang_up: Callable[[], None],
+        self, turn: Turn, codec: StreamCodec, headers: dict[str, str], ping_s: float, send_timeout_s: float
     ) -> None:
-        self.frames = body
+        self.turn = turn
+        self.codec = codec
         self.background = None
         self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8")] + [
             (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in {**STREAM_HEADERS, **headers}.items()
         ]
         self.ping_s = ping_s
         self.send_timeout_s = send_timeout_s
-        self.on_hang_up = on_hang_up
-        self.sends = 0
-        self.sending = False
-        self.gone = False
+        self.gone = False  # the client hung up, or stopped reading
+        self.over = False  # nothing more to wait for: the turn ended or the client is gone
+        self.listening = False  # the request's task is waiting in ``receive``
+        self.woken = False  # ... and was cancelled out of it by ``wake``
         self.task: asyncio.Task[Any] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.task = asyncio.current_task()
         loop = asyncio.get_running_loop()
-        listener = loop.create_task(self._listen(receive))
+        out = Writer(scope.get(BODY_SEND, send), self.turn)
         watch: _Watch | None = None
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            send = scope.get(BODY_SEND, send)
-            watch = _Watch(self, send, loop)
-            async with contextlib.aclosing(self.frames) as frames:
-                async for frame in frames:
-                    self.sending = True
-                    await send({"type": "http.response.body", "body": frame, "more_body": True})
-                    self.sending = False
-                    self.sends += 1
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except (asyncio.CancelledError, OSError):
+            watch = _Watch(self, out, loop)
+            self.turn.relay(self.codec, out.write, self.wake)
+            await self._wait(receive)
             if not self.gone:
-                raise  # not the client going: the server is stopping
-            if (task := asyncio.current_task()) is not None and task.cancelling():
-                task.uncancel()
+                await out.drain()
+                last = await self.turn.last_frame()
+                await out.send({"type": "http.response.body", "body": last, "more_body": False})
+        except asyncio.CancelledError:
+            # Not a wake-up: the server is giving up on the stream (shutdown); the registry stores the turn.
+            self.listening = False
+            self.turn.interrupt("interrupted")
+            await self.turn.finish(ending="interrupted", shielded=True)
+            raise
+        except (OSError, RuntimeError):  # the client's connection failed under a send
+            self.gone = True
         finally:
             if watch is not None:
                 watch.stop()
-            listener.cancel()
+            out.stop()
+        if self.gone:
+            await self.turn.finish(ending="client_disconnected")
 
-    async def _listen(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self.hang_up()
+    async def _wait(self, receive: Receive) -> None:
+        task = self.task
+        assert task is not None
+        while not self.over:
+            self.listening = True
+            try:
+                message = await receive()
+            except asyncio.CancelledError:
+                if not self.woken or task.uncancel() > 0:
+                    raise
+                self.woken = False
+                continue
+            finally:
+                self.listening = False
+            if message["type"] == "http.disconnect":
+                self.hang_up()
+
+    def wake(self) -> None:
+        """The turn is over (or the client gone): end the wait in ``receive``."""
+        if not self.over:
+            self.over = True
+            if self.listening and self.task is not None:
+                self.woken = True
+                self.task.cancel()
 
     def hang_up(self) -> None:
         if not self.gone:
             self.gone = True
-            self.on_hang_up()
-            if self.task is not None:
-                self.task.cancel()
+            self.turn.hang_up()
+            self.wake()
+
+
+class Writer:
+    """Writes body frames from any callback without a task of its own: the ASGI send runs at once, and
+    only when it has to wait (the client's socket is full) does the rest of it go to a task, while later
+    frames queue and the provider is paused until the client catches up."""
+
+    __slots__ = ("blocked", "queued", "send", "sends", "turn")
+
+    def __init__(self, send: Send, turn: Turn) -> None:
+        self.send = send
+        self.turn = turn
+        self.sends = 0
+        self.blocked: asyncio.Task[None] | None = None
+        self.queued: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if self.blocked is not None:
+            self.queued.append(data)
+            return
+        # An ASGI send is a coroutine (uvicorn's are): stepped here once, it usually finishes at once.
+        step = cast(Coroutine[Any, Any, None], self.send({"type": "http.response.body", "body": data, "more_body": True}))
+        try:
+            waiting = step.send(None)
+        except StopIteration:
+            self.sends += 1
+            return
+        self.turn.pause()
+        self.blocked = asyncio.get_running_loop().create_task(self._finish(step, waiting))
+
+    async def _finish(self, step: Coroutine[Any, Any, None], waiting: Any) -> None:
+        try:
+            while True:
+                if waiting is None:
+                    await asyncio.sleep(0)
+                else:
+                    waiting._asyncio_future_blocking = False  # as a task does with the future it is given
+                    await waiting
+                try:
+                    waiting = step.send(None)
+                except StopIteration:
+                    break
+            self.sends += 1
+            while self.queued:
+                data = b"".join(self.queued)
+                self.queued.clear()
+                await self.send({"type": "http.response.body", "body": data, "more_body": True})
+                self.sends += 1
+        finally:
+            step.close()
+            self.blocked = None
+            self.turn.resume()
+
+    async def drain(self) -> None:
+        """Until every frame written so far has been handed to the transport."""
+        if self.blocked is not None:
+            await asyncio.wait([self.blocked])
+
+    def stop(self) -> None:
+        if self.blocked is not None:
+            self.blocked.cancel()
 
 
 class _Watch:
-    """The stream's one timer: pings when quiet, and the end of a send that never finishes."""
+    """The stream's one timer: pings when quiet, and the end of a write that never finishes."""
 
-    def __init__(self, stream: EventStream, send: Send, loop: asyncio.AbstractEventLoop) -> None:
-        self.stream, self.send, self.loop = stream, send, loop
+    def __init__(self, stream: EventStream, out: Writer, loop: asyncio.AbstractEventLoop) -> None:
+        self.stream, self.out, self.loop = stream, out, loop
         self.tick = min(stream.ping_s, stream.send_timeout_s) / 4
         self.seen, self.quiet_since = -1, loop.time()
         self.handle = loop.call_later(self.tick, self.check)
-        self.ping_task: asyncio.Task[None] | None = None
 
     def check(self) -> None:
-        stream, now = self.stream, self.loop.time()
-        if stream.sends != self.seen:
-            self.seen, self.quiet_since = stream.sends, now
-        elif stream.sending and now - self.quiet_since >= stream.send_timeout_s:
+        stream, out, now = self.stream, self.out, self.loop.time()
+        if out.sends != self.seen:
+            self.seen, self.quiet_since = out.sends, now
+        elif out.blocked is not None and now - self.quiet_since >= stream.send_timeout_s:
             stream.hang_up()  # the client stopped reading
             return
-        elif not stream.sending and now - self.quiet_since >= stream.ping_s and self.ping_task is None:
-            self.ping_task = self.loop.create_task(self.ping())
+        elif out.blocked is None and now - self.quiet_since >= stream.ping_s:
+            out.write(PING)
         self.handle = self.loop.call_later(self.tick, self.check)
-
-    async def ping(self) -> None:
-        stream = self.stream
-        try:
-            stream.sending = True
-            await self.send({"type": "http.response.body", "body": PING, "more_body": True})
-            stream.sending = False
-            stream.sends += 1
-        except (OSError, RuntimeError):
-            pass
-        finally:
-            self.ping_task = None
 
     def stop(self) -> None:
         self.handle.cancel()
-        if self.ping_task is not None:
-            self.ping_task.cancel()

@@ -41,6 +41,7 @@ from storage.messages import (
     interrupt_replies,
     streaming_replies,
 )
+from storage.quotas import REDIS_BATCH
 from storage.usage import UsageEntry, record_usage
 
 logger = logging.getLogger("gateway.streams")
@@ -263,9 +264,10 @@ class StreamRegistry:
 
     async def renew(self) -> None:
         """Push back the leases, quota slots and reservations of every running turn."""
-        if self.turns:
+        chat_ids = list(self.turns)
+        for start in range(0, len(chat_ids), REDIS_BATCH):
             async with self.redis.pipeline(transaction=False) as pipe:
-                for chat_id in self.turns:
+                for chat_id in chat_ids[start:start + REDIS_BATCH]:
                     pipe.pexpire(self._lease_key(chat_id), self._lease_ms)
                 await pipe.execute()
         tickets = [turn.ticket for turn in self.running if turn.ticket]
@@ -277,7 +279,10 @@ class StreamRegistry:
         rows = await streaming_replies(self.pool, 0)
         if not rows:
             return 0
-        leases = await self.redis.mget([self._lease_key(chat_id) for _, chat_id in rows])
+        keys = [self._lease_key(chat_id) for _, chat_id in rows]
+        leases = []
+        for start in range(0, len(keys), REDIS_BATCH):
+            leases += await self.redis.mget(keys[start:start + REDIS_BATCH])
         ours = f"{self.instance_id} ".encode()
         lease: bytes | None
         dead, stale_leases = [], []

@@ -15,11 +15,19 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from providers.base import Finish, ProviderError, ProviderRequest, StreamBatch, StreamEvent, Usage
+from providers.base import (
+    Finish,
+    ProviderError,
+    ProviderRequest,
+    ProviderStream,
+    StreamBatch,
+    StreamEvent,
+    Usage,
+)
 from storage.chats import Owner
 from storage.quotas import Ticket
 
@@ -74,7 +82,7 @@ class Turn:
         self,
         model: str,
         request: ProviderRequest,
-        upstream: AsyncIterator[StreamBatch],
+        upstream: ProviderStream,
         finisher: Callable[[Turn], Awaitable[None]],
         ids: TurnIds | None = None,
     ) -> None:
@@ -102,23 +110,35 @@ class Turn:
         self._waiting = False  # whether that task is waiting on the provider right now
         self._finishing: asyncio.Task[None] | None = None
         self._stored = asyncio.Event()
+        # While relaying: the codec, where frames go, who to wake at the end, and how the provider ended.
+        self._codec: StreamCodec | None = None
+        self._write: Callable[[bytes], None] | None = None
+        self._wake: Callable[[], None] | None = None
+        self._head = b""
+        self._failure: ProviderError | None = None
 
     # -- control from outside the streaming task --------------------------------------------------
 
     def interrupt(self, reason: str) -> None:
         """End the turn with ``reason`` (``cancelled`` or ``interrupted``) as soon as possible.
 
-        When the streaming task is waiting on the provider it is cancelled there, which closes the
-        upstream call at once; otherwise the flag is seen before the next batch of events is sent.
+        A relayed turn closes the provider call at once and wakes its stream to end; a task waiting on the
+        provider is cancelled there, which closes the call; otherwise the flag is seen before the next batch.
         """
         if self._stop_reason is None and self.ending is None:
             self._stop_reason = reason
-            if self._waiting and self._task is not None:
+            if self._wake is not None:
+                self._upstream.close()
+                self._wake()
+            elif self._waiting and self._task is not None:
                 self._task.cancel()
 
     def hang_up(self) -> None:
-        """The client went away; the cancellation that follows ends the turn as ``client_disconnected``."""
+        """The client went away: a relayed turn stops reading the provider now; either way the turn then
+        ends as ``client_disconnected``."""
         self._hung_up = True
+        if self._wake is not None:
+            self._upstream.close()
 
     # -- pulling events ---------------------------------------------------------------------------
 
@@ -146,9 +166,9 @@ class Turn:
     def stopped(self) -> bool:
         return self._stop_reason is not None
 
-    async def switch_upstream(self, model: str, upstream: AsyncIterator[StreamBatch]) -> None:
+    async def switch_upstream(self, model: str, upstream: ProviderStream) -> None:
         """Before the first token only: drop the failed provider call and go on with another."""
-        await self._upstream.aclose()  # type: ignore[attr-defined]
+        await self._upstream.aclose()
         self.model, self._upstream, self._buffered = model, upstream, []
 
     async def open(self) -> None:
@@ -175,42 +195,63 @@ class Turn:
 
     # -- the two ways to deliver a turn -----------------------------------------------------------
 
-    async def stream(self, codec: StreamCodec) -> AsyncGenerator[bytes, None]:
-        """The turn as a stream of writes, one per batch of provider events (the opening frame goes with the
-        first); whatever stops it, the ending is stored before the last frame."""
-        self._task = asyncio.current_task()
-        head = codec.start(self) or b""
-        try:
-            while (batch := await self._pull()) is not None:
-                frames: list[bytes] = [head] if head else []
-                texts: list[str] = []
-                for event in batch:
-                    if type(event) is str:
-                        frames.append(codec.delta(event))
-                        texts.append(event)
-                    elif isinstance(event, Usage):
-                        self.usage = event
-                        if frame := codec.usage(event):
-                            frames.append(frame)
-                    else:
-                        self._take(event)
-                if frames:
-                    yield b"".join(frames)
-                    head = b""
-                if texts:
-                    self._delivered(texts)  # only once handed to the transport
-        except ProviderError as error:
-            await self.finish(error=error)
-            yield head + codec.error(self, error)
-            return
-        except GeneratorExit:  # the send failed or timed out: the client is gone or frozen
-            await self.finish(ending="client_disconnected", shielded=True)
-            raise
-        except asyncio.CancelledError:  # a hang-up, or the server giving up on us at shutdown
-            await self.finish(ending="client_disconnected" if self._hung_up else "interrupted", shielded=True)
-            raise
+    def relay(self, codec: StreamCodec, write: Callable[[bytes], None], wake: Callable[[], None]) -> None:
+        """Stream the rest of the turn from the provider's own callbacks: each batch of events becomes one
+        ``write`` (the opening frame goes with the first), and ``wake`` is called once the provider is done,
+        failed, or the turn was stopped. Then ``last_frame`` stores the ending and gives the closing frame."""
+        self._codec, self._write, self._wake = codec, write, wake
+        self._head = codec.start(self) or b""
+        self._task = None  # no task waits on the provider from here on
+        buffered, self._buffered = self._buffered, []
+        for batch in buffered:
+            self.deliver(batch)
+        if self._stop_reason is not None:
+            self._upstream.close()
+            wake()
+        else:
+            self._upstream.relay(self)
+
+    def deliver(self, batch: StreamBatch) -> None:
+        codec = self._codec
+        assert codec is not None and self._write is not None
+        frames: list[bytes] = [self._head] if self._head else []
+        texts: list[str] = []
+        for event in batch:
+            if type(event) is str:
+                frames.append(codec.delta(event))
+                texts.append(event)
+            elif isinstance(event, Usage):
+                self.usage = event
+                if frame := codec.usage(event):
+                    frames.append(frame)
+            else:
+                self._take(event)
+        if frames:
+            self._write(b"".join(frames))
+            self._head = b""
+        if texts:
+            self._delivered(texts)  # handed to the transport, or queued behind a write the client is slow to take
+
+    def ended(self, failure: ProviderError | None) -> None:
+        self._failure = failure
+        if self._wake is not None:
+            self._wake()
+
+    def pause(self) -> None:
+        self._upstream.pause()
+
+    def resume(self) -> None:
+        self._upstream.resume()
+
+    async def last_frame(self) -> bytes:
+        """Once the relay is over: the ending stored, then the frame that tells the client how it ended."""
+        assert self._codec is not None
+        head, self._head = self._head, b""
+        if self._failure is not None:
+            await self.finish(error=self._failure)
+            return head + self._codec.error(self, self._failure)
         await self.finish()
-        yield head + codec.done(self)
+        return head + self._codec.done(self)
 
     async def collect(self) -> None:
         """Run the turn to its end without a client stream (the JSON answer)."""
@@ -253,7 +294,7 @@ class Turn:
 
     async def close_upstream(self) -> None:
         try:
-            await self._upstream.aclose()  # type: ignore[attr-defined]
+            await self._upstream.aclose()
         except Exception:
             logger.warning("closing the provider stream failed", exc_info=True)
 

@@ -8,7 +8,6 @@ the output usage, which is cumulative), ``message_stop``, ``ping`` and ``error``
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anthropic
@@ -22,9 +21,11 @@ from providers.base import (
     ProviderError,
     ProviderRequest,
     ProviderStatusError,
+    ProviderStream,
     StreamBatch,
     UpstreamConfig,
     Usage,
+    failed,
 )
 from providers.http import Upstream, sdk_headers
 from providers.sse import json_frame
@@ -68,12 +69,11 @@ class AnthropicProvider:
     async def aclose(self) -> None:
         await self.upstream.aclose()
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamBatch]:
+    def stream(self, request: ProviderRequest) -> ProviderStream:
         if not self.has_credentials:
-            raise ProviderStatusError(401, "No API key is configured for anthropic (ANTHROPIC_API_KEY)")
+            return failed(ProviderStatusError(401, "No API key is configured for anthropic (ANTHROPIC_API_KEY)"))
         body = orjson.dumps(messages_body(request))
-        async for batch in self.upstream.stream(self.url, body, self.headers, MessageReader()):
-            yield batch
+        return self.upstream.stream(self.url, body, self.headers, MessageReader())
 
 
 class MessageReader:

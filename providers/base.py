@@ -1,15 +1,20 @@
 """The adapter Protocol every provider implements, its events and its errors.
 
 An adapter translates one vendor's wire format and nothing else: the gateway owns persistence, quotas,
-pings, timeouts and cancellation. ``stream`` is an async generator of event batches; closing it (``aclose``
-or cancelling the task that awaits it) must close the upstream connection at once.
+pings, timeouts and cancellation. ``stream`` returns a ``ProviderStream``: an async iterator of event
+batches that can be switched to pushing them into a ``BatchSink``; closing it (``close``, ``aclose`` or
+cancelling the task that awaits it) must close the upstream connection at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
+
+logger = logging.getLogger("providers")
 
 Role = Literal["system", "user", "assistant"]
 
@@ -77,14 +82,106 @@ StreamEvent = str | Usage | Finish
 StreamBatch = list[StreamEvent]
 
 
+class BatchSink(Protocol):
+    """Where a relayed stream's batches go, from whatever callback read them."""
+
+    def deliver(self, batch: StreamBatch) -> None: ...
+
+    def ended(self, failure: ProviderError | None) -> None:
+        """Called once, after the last batch: the stream completed (None) or failed."""
+
+
+class ProviderStream(Protocol):
+    """One call's answer. Pulled (``async for``) it yields batches; ``relay`` then hands every later batch to
+    a sink as it arrives, so a stream that relays costs no task step per network read."""
+
+    def __aiter__(self) -> ProviderStream: ...
+
+    async def __anext__(self) -> StreamBatch: ...
+
+    def relay(self, sink: BatchSink) -> None: ...
+
+    def pause(self) -> None:
+        """Stop reading the vendor for now (the client is not keeping up)."""
+
+    def resume(self) -> None: ...
+
+    def close(self) -> None:
+        """Abandon the call at once: no more batches, no ``ended``, the connection closed."""
+
+    async def aclose(self) -> None: ...
+
+
+class Pump:
+    """A ProviderStream over an async generator of batches, relayed by a task that pulls them."""
+
+    def __init__(self, batches: AsyncGenerator[StreamBatch, None]) -> None:
+        self._batches = batches
+        self._task: asyncio.Task[None] | None = None
+        self._paused: asyncio.Future[None] | None = None  # set while the sink cannot take more
+
+    def __aiter__(self) -> Pump:
+        return self
+
+    async def __anext__(self) -> StreamBatch:
+        return await anext(self._batches)
+
+    def relay(self, sink: BatchSink) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._pump(sink))
+
+    async def _pump(self, sink: BatchSink) -> None:
+        try:
+            async for batch in self._batches:
+                sink.deliver(batch)
+                if self._paused is not None:
+                    await self._paused
+        except ProviderError as failure:
+            sink.ended(failure)
+            return
+        except Exception:
+            logger.exception("a provider stream failed")
+            sink.ended(ProviderError())
+            return
+        sink.ended(None)
+
+    def pause(self) -> None:
+        if self._paused is None:
+            self._paused = asyncio.get_running_loop().create_future()
+
+    def resume(self) -> None:
+        paused, self._paused = self._paused, None
+        if paused is not None and not paused.done():
+            paused.set_result(None)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._batches.aclose()
+
+
+async def _raising(failure: ProviderError) -> AsyncGenerator[StreamBatch, None]:
+    raise failure
+    yield []  # an async generator that fails on its first step
+
+
+def failed(failure: ProviderError) -> Pump:
+    """A stream whose first read raises ``failure`` (a call refused before it was made)."""
+    return Pump(_raising(failure))
+
+
 class Provider(Protocol):
-    """A model vendor: ``stream`` yields batches of text deltas, then usage (when known) and a finish."""
+    """A model vendor: its streams yield batches of text deltas, then usage (when known) and a finish."""
 
     name: str
     models: tuple[str, ...]  # the models it is known to serve, for /v1/models
     has_credentials: bool
 
-    def stream(self, request: ProviderRequest) -> AsyncIterator[StreamBatch]: ...
+    def stream(self, request: ProviderRequest) -> ProviderStream: ...
 
     async def aclose(self) -> None:
         """Close the adapter's HTTP client (its pooled connections)."""

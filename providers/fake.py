@@ -18,7 +18,7 @@ import asyncio
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import parse_qsl
@@ -30,7 +30,9 @@ from providers.base import (
     ProviderError,
     ProviderRequest,
     ProviderStatusError,
+    ProviderStream,
     ProviderTimeout,
+    Pump,
     StreamBatch,
     Usage,
 )
@@ -111,7 +113,10 @@ class FakeProvider:
     async def aclose(self) -> None:
         pass
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamBatch]:
+    def stream(self, request: ProviderRequest) -> ProviderStream:
+        return Pump(self._stream(request))
+
+    async def _stream(self, request: ProviderRequest) -> AsyncGenerator[StreamBatch, None]:
         options = FakeOptions.parse(request.model, request.options)
         prompt = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
         tokens = self.tokens_for(prompt, options)

@@ -8,7 +8,6 @@ pool like every other vendor's, and read through our SSE decoder and orjson.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -23,9 +22,11 @@ from providers.base import (
     ProviderProtocolError,
     ProviderRequest,
     ProviderStatusError,
+    ProviderStream,
     StreamBatch,
     UpstreamConfig,
     Usage,
+    failed,
 )
 from providers.http import Upstream
 from providers.sse import json_frame
@@ -72,13 +73,12 @@ class GeminiProvider:
     async def aclose(self) -> None:
         await self.upstream.aclose()
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamBatch]:
+    def stream(self, request: ProviderRequest) -> ProviderStream:
         if not self.has_credentials:
-            raise ProviderStatusError(401, "No API key is configured for gemini (GEMINI_API_KEY)")
+            return failed(ProviderStatusError(401, "No API key is configured for gemini (GEMINI_API_KEY)"))
         url = f"{self.base_url}/v1beta/models/{request.model}:streamGenerateContent?alt=sse"
         body = orjson.dumps(generate_body(request))
-        async for batch in self.upstream.stream(url, body, self.headers, ResponseReader()):
-            yield batch
+        return self.upstream.stream(url, body, self.headers, ResponseReader())
 
 
 class ResponseReader:

@@ -1,31 +1,51 @@
-"""The HTTP client the vendor adapters stream through: one aiohttp connection pool per adapter.
+"""The HTTP/1.1 client the vendor adapters stream through: one pool of keep-alive connections per adapter.
 
 Each vendor's SDK still decides what a request looks like (base URL, key, the headers it sends, see
-``sdk_headers``); the bytes go through here. Measured client-side on one core, 64-delta streams from a
-local mock (docs/performance.md): 820-830 streams/s through the SDK's ``client.post`` on the SDK's own
-aiohttp transport, 1,550-2,160 on aiohttp directly, and 1.3 ms against 0.9 ms for one stream alone.
+``sdk_headers``); the bytes go through here, parsed by httptools (the parser uvicorn serves with). A call
+is read two ways: pulled batch by batch (``async for``) until its first token, then, for a stream, relayed:
+every network read is decoded and handed to a sink from the connection's own callback, with no task step
+per read (docs/performance.md has the measurements that chose this over aiohttp and over the SDKs).
 
-Errors leave as our own: a status of 400 or more as ``status_failure`` (the vendor's text left out), a
-read stalled past the idle timeout as ``ProviderTimeout``, anything else on the wire as
-``ProviderConnectionError``.
+Errors leave as our own: a status of 400 or more as ``status_failure`` (the vendor's text left out), no
+byte for ``idle_timeout_s`` as ``ProviderTimeout`` (checked by one timer per pool, so a stall ends between
+one and one and a quarter idle timeouts), anything else on the wire as ``ProviderConnectionError``.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Mapping
+from typing import Any, cast
+from urllib.parse import urlsplit
 
-import aiohttp
+import httptools
 import orjson
 
 from providers.base import (
+    BatchSink,
     ProviderConnectionError,
+    ProviderError,
+    ProviderProtocolError,
     ProviderTimeout,
     StreamBatch,
     UpstreamConfig,
     status_failure,
 )
-from providers.sse import StreamReader, read_batches
+from providers.sse import SSEDecoder, StreamReader
+
+logger = logging.getLogger("providers.http")
+
+# Headers the client owns: the body's length and the connection are ours to state; we cannot decompress.
+_OWN_HEADERS = frozenset({"host", "content-length", "connection", "transfer-encoding", "accept-encoding"})
+# How much of an error answer is kept to find the vendor's error kind in.
+MAX_ERROR_BODY = 64 << 10
+# How long a pooled connection may sit unused before it is closed (vendors close theirs after a while).
+KEEPALIVE_S = 15.0
+# Idle-timeout checks per timeout: a stall is noticed after 4 to 5 quarters of it.
+_TICKS = 4
 
 
 def sdk_headers(client: Any) -> dict[str, str]:
@@ -41,64 +61,432 @@ def json_or_none(data: bytes) -> Any:
         return None
 
 
+def request_head(url: str, length: int, headers: Mapping[str, str]) -> tuple[tuple[str, str, int], bytes]:
+    """The pool key (scheme, host, port) and the request's head for a JSON POST of ``length`` bytes."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ProviderConnectionError(f"Cannot call {url!r}: not an http(s) URL")
+    https = parts.scheme == "https"
+    port = parts.port or (443 if https else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    host = parts.netloc.rpartition("@")[2]
+    lines = [f"POST {target} HTTP/1.1", f"Host: {host}", f"Content-Length: {length}"]
+    if not any(name.lower() == "content-type" for name in headers):
+        lines.append("Content-Type: application/json")
+    for name, value in headers.items():
+        if name.lower() in _OWN_HEADERS:
+            continue
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+            raise ProviderConnectionError(f"The header {name!r} holds a line break")
+        lines.append(f"{name}: {value}")
+    return (parts.scheme, parts.hostname, port), ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
 class Upstream:
-    """A vendor's connection pool: ``stream`` posts a JSON body and yields the answer's event batches."""
+    """A vendor's connection pool: ``stream`` starts a call that posts a JSON body and reads the answer."""
 
     def __init__(self, vendor: str, config: UpstreamConfig) -> None:
         self.vendor = vendor
         self.config = config
-        self._session: aiohttp.ClientSession | None = None
+        self.active: set[UpstreamCall] = set()  # calls waiting on the vendor, for the idle check
+        self._idle: dict[tuple[str, str, int], list[tuple[float, _Connection]]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._tls: ssl.SSLContext | None = None
 
-    def session(self) -> aiohttp.ClientSession:
-        # Built on first use: a session belongs to the event loop that runs it.
-        if self._session is None:
-            config = self.config
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=config.max_connections, limit_per_host=0),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout_s,
-                                              sock_read=config.idle_timeout_s),
-                auto_decompress=False, skip_auto_headers=("Accept-Encoding",),
-            )
-        return self._session
+    def stream(self, url: str, body: bytes, headers: Mapping[str, str], reader: StreamReader) -> UpstreamCall:
+        return UpstreamCall(self, url, body, headers, reader)
 
-    async def stream(
-        self, url: str, body: bytes, headers: Mapping[str, str], reader: StreamReader
-    ) -> AsyncIterator[StreamBatch]:
-        response = await self.open(url, body, headers)
+    async def connect(self, key: tuple[str, str, int]) -> _Connection:
+        """A pooled connection to ``key`` when one is open, else a new one (within the connect timeout)."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.config.max_connections)
+        await self._slots.acquire()
         try:
-            async for batch in read_batches(self.chunks(response), reader):
-                yield batch
-        finally:
-            # Back to the pool only when read to its end; an abandoned stream closes its connection.
-            if response.content.is_eof():
-                response.release()
-            else:
-                response.close()
+            idle = self._idle.get(key)
+            while idle:
+                _, connection = idle.pop()
+                if connection.is_open():
+                    return connection
+            return await self._open(key)
+        except BaseException:
+            self._slots.release()
+            raise
 
-    async def open(self, url: str, body: bytes, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
+    async def _open(self, key: tuple[str, str, int]) -> _Connection:
+        scheme, host, port = key
+        tls = None
+        if scheme == "https":
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
+            tls = self._tls
+        loop = asyncio.get_running_loop()
         try:
-            response = await self.session().post(url, data=body, headers=headers)
-            if response.status < 400:
-                return response
-            try:
-                payload = await response.read()
-            finally:
-                response.release()
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(self, key), host, port, ssl=tls, server_hostname=host if tls else None)
         except TimeoutError:
-            raise ProviderTimeout(f"{self.vendor} timed out") from None
-        except aiohttp.ClientError:
+            raise ProviderTimeout(f"Connecting to {self.vendor} timed out") from None
+        except OSError:
             raise ProviderConnectionError(f"The connection to {self.vendor} failed") from None
-        raise status_failure(self.vendor, response.status, json_or_none(payload), response.headers)
+        return connection
 
-    async def chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in response.content.iter_any():
-                yield chunk
-        except TimeoutError:
-            raise ProviderTimeout(f"{self.vendor} timed out") from None
-        except aiohttp.ClientError:
-            raise ProviderConnectionError(f"The connection to {self.vendor} failed") from None
+    def done_with(self, connection: _Connection, reusable: bool) -> None:
+        """A call is over with ``connection``: back to the pool, or closed."""
+        assert self._slots is not None
+        self._slots.release()
+        if reusable and connection.is_open():
+            self._idle.setdefault(connection.key, []).append((time.monotonic(), connection))
+            self.watch()
+        else:
+            connection.abort()
+
+    def forget(self, connection: _Connection) -> None:
+        """A pooled connection was closed by the vendor."""
+        idle = self._idle.get(connection.key)
+        if idle:
+            idle[:] = [entry for entry in idle if entry[1] is not connection]
+
+    def watch(self) -> None:
+        """Keep the idle check running while a call waits on the vendor or a connection sits in the pool."""
+        if self._timer is None:
+            tick = min(self.config.idle_timeout_s, KEEPALIVE_S) / _TICKS
+            self._timer = asyncio.get_running_loop().call_later(tick, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        for call in list(self.active):
+            call.check_idle()
+        expired = time.monotonic() - KEEPALIVE_S
+        for key, idle in list(self._idle.items()):
+            for _, connection in [entry for entry in idle if entry[0] < expired]:
+                connection.abort()
+            idle[:] = [entry for entry in idle if entry[0] >= expired]
+            if not idle:
+                del self._idle[key]
+        if self.active or self._idle:
+            self.watch()
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for call in list(self.active):
+            call.close()
+        for idle in self._idle.values():
+            for _, connection in idle:
+                connection.abort()
+        self._idle.clear()
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; while a call owns it, every read goes to that call's parser."""
+
+    __slots__ = ("call", "key", "transport", "upstream")
+
+    def __init__(self, upstream: Upstream, key: tuple[str, str, int]) -> None:
+        self.upstream = upstream
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.call: UpstreamCall | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
+
+    def is_open(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        call = self.call
+        if call is None:  # bytes nobody asked for: the connection can't be trusted for the next call
+            self.abort()
+            return
+        call.feed(data)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        call, self.call = self.call, None
+        if call is not None:
+            call.lost()
+        else:
+            self.upstream.forget(self)
+
+    def pause_writing(self) -> None:
+        pass  # a request body is small; nothing waits to write more
+
+    def resume_writing(self) -> None:
+        pass
+
+
+class UpstreamCall:
+    """One request and its answer's event batches: an async iterator of batches that can be turned into a
+    relay (``relay``) once the first has been read. Closing it closes its connection at once unless the
+    answer was read to its end, in which case the connection goes back to the pool."""
+
+    __slots__ = (
+        "body",
+        "connection",
+        "decoder",
+        "error_body",
+        "error_headers",
+        "failure",
+        "framed",
+        "headers",
+        "over",
+        "parser",
+        "paused",
+        "quiet",
+        "reader",
+        "reads",
+        "ready",
+        "seen",
+        "sink",
+        "started",
+        "status",
+        "upstream",
+        "url",
+        "waiter",
+    )
+
+    def __init__(
+        self, upstream: Upstream, url: str, body: bytes, headers: Mapping[str, str], reader: StreamReader
+    ) -> None:
+        self.upstream = upstream
+        self.url = url
+        self.body: bytes | None = body
+        self.headers = headers
+        self.reader = reader
+        self.decoder = SSEDecoder()
+        self.connection: _Connection | None = None
+        self.parser: httptools.HttpResponseParser | None = None
+        self.status = 0
+        self.framed = False  # the answer states its length or is chunked (else it ends with the connection)
+        self.error_headers: dict[str, str] = {}
+        self.error_body = bytearray()
+        self.ready: list[StreamBatch] = []
+        self.waiter: asyncio.Future[None] | None = None
+        self.sink: BatchSink | None = None
+        self.failure: ProviderError | None = None
+        self.over = False  # no more events will come: complete, failed or closed
+        self.started = False
+        self.reads = self.seen = self.quiet = 0
+        self.paused = False  # by the consumer: a stall is then the client's, not the vendor's
+
+    # -- the consumer's side ------------------------------------------------------------------------
+
+    def __aiter__(self) -> UpstreamCall:
+        return self
+
+    async def __anext__(self) -> StreamBatch:
+        if not self.started:
+            self.started = True
+            try:
+                await self._start()
+            except BaseException:
+                self.close()
+                raise
+        while not self.ready:
+            if self.over:
+                if self.failure is not None:
+                    raise self.failure
+                raise StopAsyncIteration
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            except asyncio.CancelledError:
+                self.close()
+                raise
+            finally:
+                self.waiter = None
+        return self.ready.pop(0)
+
+    def relay(self, sink: BatchSink) -> None:
+        """From now on hand every batch to ``sink`` as it is read, then call its ``ended`` once."""
+        assert self.started, "relay a call once its first batch has been read"
+        self.sink = sink
+        ready, self.ready = self.ready, []
+        for batch in ready:
+            self._deliver(batch)
+        if self.over and self.sink is not None:
+            self.sink.ended(self.failure)
+            self.sink = None
+
+    def pause(self) -> None:
+        self.paused = True
+        if self.connection is not None and self.connection.transport is not None:
+            self.connection.transport.pause_reading()
+
+    def resume(self) -> None:
+        self.paused = False
+        if self.connection is not None and self.connection.transport is not None:
+            self.connection.transport.resume_reading()
+
+    def close(self) -> None:
+        """Stop at once: no more batches, and the connection closed (or pooled, when read to its end)."""
+        self.sink = None
+        if not self.over:
+            self.over = True
+            self._wake()
+        self._release(reusable=False)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    # -- the connection's side ----------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        upstream = self.upstream
+        assert self.body is not None
+        key, head = request_head(self.url, len(self.body), self.headers)
+        connection = await upstream.connect(key)
+        assert connection.transport is not None
+        self.connection, connection.call = connection, self
+        self.parser = httptools.HttpResponseParser(self)
+        connection.transport.write(head + self.body)
+        self.body = None  # a stream can outlive its request by minutes; its body need not
+        upstream.active.add(self)
+        upstream.watch()
+
+    def feed(self, data: bytes) -> None:
+        self.reads += 1
+        assert self.parser is not None
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._end(ProviderProtocolError(f"{self.upstream.vendor} sent a malformed HTTP answer"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lowered = name.lower()
+        if lowered in (b"content-length", b"transfer-encoding"):
+            self.framed = True
+        if len(self.error_headers) < 64:
+            self.error_headers[lowered.decode("latin-1")] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        assert self.parser is not None
+        self.status = self.parser.get_status_code()
+        if self.status < 400:
+            self.error_headers = {}
+
+    def on_body(self, body: bytes) -> None:
+        if self.status >= 400:
+            if len(self.error_body) < MAX_ERROR_BODY:
+                self.error_body += body[: MAX_ERROR_BODY - len(self.error_body)]
+            return
+        if self.over:
+            return
+        batch: StreamBatch = []
+        try:
+            for name, data in self.decoder.feed(body):
+                if self.reader.event(name, data, batch):
+                    self._emit(batch)
+                    self._end(None)
+                    return
+        except Exception as error:  # deltas read before a failure still reach the client
+            self._emit(batch)
+            self._end(self._as_failure(error))
+            return
+        self._emit(batch)
+
+    def on_message_complete(self) -> None:
+        assert self.parser is not None
+        keep_alive = self.parser.should_keep_alive()
+        if self.status >= 400:
+            self._end(status_failure(self.upstream.vendor, self.status, json_or_none(bytes(self.error_body)),
+                                     self.error_headers))
+        elif not self.over:
+            self._bytes_ended()
+        self._release(reusable=keep_alive)
+
+    def lost(self) -> None:
+        """The connection closed under the call."""
+        self.connection = None
+        if self.over:
+            return
+        if self.status and self.status < 400 and not self.framed:
+            self._bytes_ended()  # an answer without a length ends with its connection
+        else:
+            self._end(ProviderConnectionError(f"The connection to {self.upstream.vendor} failed"))
+        self._release(reusable=False)
+
+    def check_idle(self) -> None:
+        if self.reads != self.seen or self.paused:
+            self.seen, self.quiet = self.reads, 0
+            return
+        self.quiet += 1
+        if self.quiet > _TICKS:
+            self._end(ProviderTimeout(f"{self.upstream.vendor} timed out"))
+            self._release(reusable=False)
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _bytes_ended(self) -> None:
+        batch: StreamBatch = []
+        try:
+            for name, data in self.decoder.close():
+                if self.reader.event(name, data, batch):
+                    break
+            else:
+                self.reader.end(batch)
+        except Exception as error:
+            self._emit(batch)
+            self._end(self._as_failure(error))
+            return
+        self._emit(batch)
+        self._end(None)
+
+    def _as_failure(self, error: Exception) -> ProviderError:
+        if isinstance(error, ProviderError):
+            return error
+        logger.warning("a %s frame could not be read", self.upstream.vendor, exc_info=True)
+        return ProviderProtocolError(f"{self.upstream.vendor} sent a frame that could not be read")
+
+    def _emit(self, batch: StreamBatch) -> None:
+        if not batch:
+            return
+        if self.sink is not None:
+            self._deliver(batch)
+        else:
+            self.ready.append(batch)
+            self._wake()
+
+    def _deliver(self, batch: StreamBatch) -> None:
+        assert self.sink is not None
+        try:
+            self.sink.deliver(batch)
+        except Exception:
+            logger.exception("relaying a %s batch failed", self.upstream.vendor)
+            sink = self.sink
+            self.close()
+            sink.ended(ProviderError("The gateway failed to relay the stream"))
+
+    def _end(self, failure: ProviderError | None) -> None:
+        if self.over:
+            return
+        self.over, self.failure = True, failure
+        self.upstream.active.discard(self)
+        if self.sink is not None:
+            sink, self.sink = self.sink, None
+            sink.ended(failure)
+        else:
+            self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def _release(self, reusable: bool) -> None:
+        self.upstream.active.discard(self)
+        connection, self.connection = self.connection, None
+        if connection is None:
+            return
+        connection.call = None
+        # Only an answer read to its end, with no failure, leaves the connection fit for another call.
+        self.upstream.done_with(connection, reusable and self.failure is None and self.over)

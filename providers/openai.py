@@ -9,7 +9,6 @@ building the request (12 ms with 20 history messages) and parses a pydantic obje
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
@@ -23,9 +22,11 @@ from providers.base import (
     ProviderError,
     ProviderRequest,
     ProviderStatusError,
+    ProviderStream,
     StreamBatch,
     UpstreamConfig,
     Usage,
+    failed,
 )
 from providers.http import Upstream, sdk_headers
 from providers.sse import json_frame
@@ -72,12 +73,11 @@ class OpenAIProvider:
     async def aclose(self) -> None:
         await self.upstream.aclose()
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamBatch]:
+    def stream(self, request: ProviderRequest) -> ProviderStream:
         if not self.has_credentials and self.name == "openai":
-            raise ProviderStatusError(401, "No API key is configured for openai (OPENAI_API_KEY)")
+            return failed(ProviderStatusError(401, "No API key is configured for openai (OPENAI_API_KEY)"))
         body = orjson.dumps(chat_body(request))
-        async for batch in self.upstream.stream(self.url, body, self.headers, ChunkReader(self.vendor)):
-            yield batch
+        return self.upstream.stream(self.url, body, self.headers, ChunkReader(self.vendor))
 
 
 class ChunkReader:

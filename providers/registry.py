@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
-from providers.base import Provider, ProviderRequest, StreamBatch, UnknownModel
+from providers.base import Provider, ProviderRequest, ProviderStream, UnknownModel
 
 
 class ProviderRegistry:
@@ -44,7 +44,7 @@ class LazyProvider:
         self._build = build
         self._adapter: Provider | None = None
 
-    def stream(self, request: ProviderRequest) -> AsyncIterator[StreamBatch]:
+    def stream(self, request: ProviderRequest) -> ProviderStream:
         if self._adapter is None:
             self._adapter = self._build()
         return self._adapter.stream(request)
