@@ -1,5 +1,5 @@
 """Anthropic Messages streaming: the official SDK client holds the configuration (base URL, key, its
-``anthropic-version`` and other headers); the request goes over our aiohttp pool, as for OpenAI, and the
+``anthropic-version`` and other headers); the request goes over our connection pool, as for OpenAI, and the
 stream is read through our SSE decoder.
 
 Events: ``message_start`` (input usage), ``content_block_delta`` (text), ``message_delta`` (stop reason and

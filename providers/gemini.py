@@ -2,7 +2,7 @@
 
 google-genai parses the stream itself into one pydantic object per frame and offers no raw byte stream; its
 line parser also rejects SSE comment lines. So the request body is assembled from the SDK's own request
-types (``types.Content``, ``types.GenerationConfig``, dumped by their wire aliases), sent over our aiohttp
+types (``types.Content``, ``types.GenerationConfig``, dumped by their wire aliases), sent over our
 pool like every other vendor's, and read through our SSE decoder and orjson.
 """
 

@@ -1,7 +1,7 @@
 """OpenAI Chat Completions streaming, and any OpenAI-compatible server (vLLM, Ollama, LM Studio, ...).
 
 The official SDK client holds the configuration (base URL, ``OPENAI_BASE_URL``, key, the headers it sends);
-the request goes over our aiohttp pool (providers/http.py) and the stream is read through our SSE decoder
+the request goes over our connection pool (providers/http.py) and the stream is read through our SSE decoder
 and orjson. Measured on one core (docs/performance.md): the SDK's typed ``create()`` spends 3.4 ms per call
 building the request (12 ms with 20 history messages) and parses a pydantic object per chunk; its raw
 ``client.post`` costs 1.2 ms per 64-delta stream, this path 0.5 ms.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from providers.base import (
     ProviderRequest,
     ProviderStatusError,
     ProviderTimeout,
+    StreamBatch,
     StreamEvent,
     UpstreamConfig,
     Usage,
@@ -128,3 +130,61 @@ async def test_missing_key_is_an_auth_failure_without_a_call(vendors: dict[str, 
     _, error = await run(adapter_for(vendor, url, key=None), "normal")
     assert isinstance(error, ProviderStatusError) and error.code == "upstream_auth_failed"
     assert len(server.requests) == before
+
+
+class Collected:
+    """A relay's sink: every batch it was handed, and how the stream ended."""
+
+    def __init__(self) -> None:
+        self.events: list[StreamEvent] = []
+        self.ending: asyncio.Future[ProviderError | None] = asyncio.get_running_loop().create_future()
+
+    def deliver(self, batch: StreamBatch) -> None:
+        assert batch, "a batch is never empty"
+        self.events += batch
+
+    def ended(self, failure: ProviderError | None) -> None:
+        assert not self.ending.done(), "ended is called once"
+        self.ending.set_result(failure)
+
+
+async def relayed(provider: Provider, model: str) -> tuple[list[StreamEvent], ProviderError | None]:
+    """The first batch pulled, the rest relayed, as a stream to a client is read."""
+    stream = provider.stream(ProviderRequest(model, [ChatMessage("user", "hi")]))
+    try:
+        first = await anext(stream)
+        sink = Collected()
+        stream.relay(sink)
+        failure = await asyncio.wait_for(sink.ending, 5)
+        return first + sink.events, failure
+    finally:
+        await stream.aclose()
+        await provider.aclose()
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+async def test_relay_hands_over_every_event_then_ends(vendors: dict[str, Any], vendor: str) -> None:
+    events, failure = await relayed(adapter_for(vendor, vendors[vendor][1]), "split-utf8")
+    assert failure is None
+    assert text_of(events) == TEXT
+    assert events[-2:] == [Usage(PROMPT_TOKENS, OUTPUT_TOKENS), Finish("stop")]
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+async def test_relay_ends_with_the_failure_after_the_deltas_before_it(vendors: dict[str, Any], vendor: str) -> None:
+    events, failure = await relayed(adapter_for(vendor, vendors[vendor][1]), "drop")
+    assert isinstance(failure, ProviderConnectionError)
+    assert text_of(events) == "".join(TOKENS[:2])
+
+
+async def test_a_connection_read_to_its_end_serves_the_next_call(vendors: dict[str, Any]) -> None:
+    server, url = vendors["openai"]
+    provider = adapter_for("openai", url)
+    request = ProviderRequest("normal", [ChatMessage("user", "hi")])
+    try:
+        for _ in range(3):
+            assert text_of([e async for batch in provider.stream(request) for e in batch]) == TEXT
+    finally:
+        await provider.aclose()
+    clients = {r["client"] for r in server.requests[-3:]}
+    assert len(clients) == 1, f"three calls, one connection: {clients}"

@@ -94,7 +94,7 @@ ERROR_BODIES = {
 
 @dataclass
 class VendorServer:
-    """One vendor's fake. ``requests`` keeps each request's path, headers and body."""
+    """One vendor's fake. ``requests`` keeps each request's path, headers, body and client address."""
 
     vendor: str
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -119,7 +119,8 @@ class VendorServer:
             if not message.get("more_body"):
                 break
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
-        self.requests.append({"path": scope["path"], "headers": headers, "body": orjson.loads(body or b"{}")})
+        self.requests.append({"path": scope["path"], "headers": headers, "body": orjson.loads(body or b"{}"),
+                              "client": tuple(scope["client"])})
         scenario = self._scenario(scope["path"], orjson.loads(body or b"{}"))
         await self._answer(scenario, receive, send)
 
