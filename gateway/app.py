@@ -13,13 +13,14 @@ from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.types import Receive, Scope, Send
 
 from gateway import chats, compat, health, metrics, page, send, ui_stream, usage
 from gateway.auth import JWTBackend, on_auth_error
 from gateway.embedded import resolve_jwt_secret
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.logs import configure_logging
-from gateway.middleware import RequestContextMiddleware
+from gateway.middleware import BODY_SEND, RequestContextMiddleware
 from gateway.quotas import QuotaGuard
 from gateway.services import Services
 from gateway.settings import Settings, load_settings
@@ -33,6 +34,15 @@ from storage.quotas import QuotaDefaults, QuotaStore
 from storage.usage import QuotaOverride, get_override
 
 logger = logging.getLogger("gateway.app")
+
+
+class Gateway(Starlette):
+    """The Starlette app, keeping the server's own ``send`` in the scope (``BODY_SEND``): a stream writes
+    its body frames there, below every wrapper of the middleware stack, Starlette's outermost included."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[BODY_SEND] = send
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, providers: ProviderRegistry | None = None) -> Starlette:
@@ -72,7 +82,7 @@ def create_app(settings: Settings | None = None, providers: ProviderRegistry | N
             on_error=on_auth_error,
         ),
     ]
-    app = Starlette(
+    app = Gateway(
         routes=[*health.routes, *metrics.routes, *chats.routes, *send.routes, *usage.routes, *compat.routes,
                 *ui_stream.routes, *page.routes],
         middleware=middleware,

@@ -33,6 +33,7 @@ from gateway.loadtest import (
     StreamResult,
     Target,
     closed_loop,
+    counted_stream,
     one_stream,
     percentile,
     request_bytes,
@@ -112,7 +113,7 @@ def socket_port() -> Any:
     yield port
 
 
-async def until_started(sink: list[StreamResult], tasks: list[asyncio.Task[StreamResult]], count: int) -> None:
+async def until_started(sink: list[StreamResult], tasks: list[asyncio.Task[Any]], count: int) -> None:
     """Until ``count`` streams have their first token, every task has ended, or a minute has passed."""
     deadline = time.monotonic() + 60
     while (sum(1 for r in sink if r.ttft_s is not None) < count and time.monotonic() < deadline
@@ -183,8 +184,8 @@ class Bench:
             sink: list[StreamResult] = []
             tasks = []
             for n in range(level):
-                tasks.append(asyncio.create_task(one_stream(
-                    self.gateway, self.request("new-chat", PACED, n), stall_after_s=0.2, sink=sink)))
+                tasks.append(asyncio.create_task(counted_stream(
+                    self.gateway, self.request("new-chat", PACED, n), 0.2, sink)))
                 if n % 200 == 199:
                     await asyncio.sleep(0.05)  # open the connections in waves, as a listen backlog wants
             await until_started(sink, tasks, level)
@@ -205,13 +206,13 @@ class Bench:
     async def memory(self, low: int, high: int) -> dict[str, float]:
         """RSS with idle open streams (first token sent, then silence): the slope between two counts."""
         boot = rss_kib(self.pid)
-        tasks: list[asyncio.Task[StreamResult]] = []
+        tasks: list[asyncio.Task[None]] = []
         sink: list[StreamResult] = []
         readings = {}
         for count in (low, high):
             while len(tasks) < count:
-                tasks.append(asyncio.create_task(one_stream(
-                    self.gateway, self.request("completions", IDLE, 0), sink=sink)))
+                tasks.append(asyncio.create_task(counted_stream(
+                    self.gateway, self.request("completions", IDLE, 0), None, sink)))
                 if len(tasks) % 200 == 0:
                     await asyncio.sleep(0.05)
             await until_started(sink, tasks, count)

@@ -127,6 +127,73 @@ async def one_stream(
         writer.close()
 
 
+class StreamCounter(asyncio.Protocol):
+    """A lean client for many long streams: counts token frames and the gaps between them from the
+    transport's callback, with no task step or SSE decoding per read (the capacity and memory scenarios
+    hold thousands of streams, and the harness must not be what stalls first)."""
+
+    _MARKERS = (b"event: delta", _TOKEN_FRAME)
+
+    def __init__(self, request: bytes, stall_after_s: float | None, sink: list[StreamResult],
+                 done: asyncio.Future[None]) -> None:
+        self.request = request
+        self.stall_after_s = stall_after_s if stall_after_s is not None else float("inf")
+        self.sink = sink
+        self.done = done
+        self.started = time.perf_counter()
+        self.result: StreamResult | None = None
+        self.head = b""
+        self.carry = [b""] * len(self._MARKERS)  # each marker's last bytes, for one split across reads
+        self.last = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(self.request)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        result = self.result
+        if result is None:
+            self.head += data
+            head, sep, data = self.head.partition(b"\r\n\r\n")
+            if not sep:
+                return
+            result = self.result = StreamResult(int(head[9:12]), self.started)
+            self.sink.append(result)
+        count = 0
+        for n, marker in enumerate(self._MARKERS):
+            joined = self.carry[n] + data
+            count += joined.count(marker)
+            self.carry[n] = joined[1 - len(marker):]
+        if not count:
+            return
+        result.tokens += count
+        if result.ttft_s is None:
+            result.ttft_s = now - self.started
+        elif now - self.last > self.stall_after_s:
+            result.stalls += 1
+        result.gaps += count if result.tokens > count else count - 1
+        self.last = now
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.result is not None:
+            self.result.duration_s = time.perf_counter() - self.started
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def counted_stream(target: Target, request: bytes, stall_after_s: float | None,
+                         sink: list[StreamResult]) -> None:
+    """One stream read by a ``StreamCounter`` until the server ends it or the caller cancels."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    transport, _ = await loop.create_connection(
+        lambda: StreamCounter(request, stall_after_s, sink, done), target.host, target.port)
+    try:
+        await done
+    finally:
+        transport.close()
+
+
 @dataclass
 class LoadReport:
     results: list[StreamResult] = field(default_factory=list)

@@ -12,9 +12,9 @@ access_log = logging.getLogger("gateway.access")
 
 _HEADER = b"x-request-id"
 _MAX_ID = 128
-# Where a streaming response finds the send beneath the middleware stack. The wrappers between (ours,
-# Starlette's exception handling) only look at a response's start; a stream sends its body frames, one
-# per provider read, below them.
+# Where a streaming response finds the server's send, beneath the middleware stack (set by the app,
+# gateway/app.py). The wrappers between (ours, Starlette's error and exception handling) only look at a
+# response's start; a stream sends its body frames, one per provider read, below them.
 BODY_SEND = "gateway.body_send"
 
 
@@ -30,7 +30,6 @@ class RequestContextMiddleware:
             return
         request_id = _incoming_id(scope) or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
-        scope[BODY_SEND] = send
         started = time.perf_counter()
         status = 500
 
