@@ -105,7 +105,6 @@ class Turn:
         self._buffered: list[StreamBatch] = []
         self._upstream_finish: str | None = None
         self._stop_reason: str | None = None
-        self._hung_up = False
         self._task: asyncio.Task[Any] | None = None  # the task pulling events, set once per phase
         self._waiting = False  # whether that task is waiting on the provider right now
         self._finishing: asyncio.Task[None] | None = None
@@ -136,7 +135,6 @@ class Turn:
     def hang_up(self) -> None:
         """The client went away: a relayed turn stops reading the provider now; either way the turn then
         ends as ``client_disconnected``."""
-        self._hung_up = True
         if self._wake is not None:
             self._upstream.close()
 

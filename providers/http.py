@@ -406,14 +406,12 @@ class UpstreamCall:
         self._release(reusable=keep_alive)
 
     def lost(self) -> None:
-        """The connection closed under the call."""
-        self.connection = None
-        if self.over:
-            return
-        if self.status and self.status < 400 and not self.framed:
-            self._bytes_ended()  # an answer without a length ends with its connection
-        else:
-            self._end(ProviderConnectionError(f"The connection to {self.upstream.vendor} failed"))
+        """The connection closed under the call (its slot in the pool is freed here too)."""
+        if not self.over:
+            if self.status and self.status < 400 and not self.framed:
+                self._bytes_ended()  # an answer without a length ends with its connection
+            else:
+                self._end(ProviderConnectionError(f"The connection to {self.upstream.vendor} failed"))
         self._release(reusable=False)
 
     def check_idle(self) -> None:

@@ -29,9 +29,11 @@ from tests.vendors import OUTPUT_TOKENS, PROMPT_TOKENS, TEXT, TOKENS, VENDORS
 SECRET = {"openai": "sk-test-secret-openai", "anthropic": "sk-ant-test-secret", "gemini": "gm-test-secret"}
 
 
-def adapter_for(vendor: str, url: str, idle_timeout_s: float = 0.5, key: str | None = "") -> Provider:
+def adapter_for(
+    vendor: str, url: str, idle_timeout_s: float = 0.5, key: str | None = "", max_connections: int = 10_000
+) -> Provider:
     key = SECRET[vendor] if key == "" else key
-    config = UpstreamConfig(connect_timeout_s=2, idle_timeout_s=idle_timeout_s)
+    config = UpstreamConfig(connect_timeout_s=2, idle_timeout_s=idle_timeout_s, max_connections=max_connections)
     if vendor == "openai":
         return OpenAIProvider("openai", key, f"{url}/v1", config)
     if vendor == "anthropic":
@@ -188,3 +190,12 @@ async def test_a_connection_read_to_its_end_serves_the_next_call(vendors: dict[s
         await provider.aclose()
     clients = {r["client"] for r in server.requests[-3:]}
     assert len(clients) == 1, f"three calls, one connection: {clients}"
+
+
+async def test_dropped_connections_give_their_pool_slots_back(vendors: dict[str, Any]) -> None:
+    provider = adapter_for("openai", vendors["openai"][1], max_connections=1)
+    for _ in range(3):  # each call needs the pool's one slot: a dropped call must have freed it
+        events, failure = await asyncio.wait_for(run(provider, "drop"), 5)
+        assert isinstance(failure, ProviderConnectionError)
+        assert text_of(events) == "".join(TOKENS[:2])
+
