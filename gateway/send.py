@@ -10,11 +10,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.chats import new_chat, owner_of
-from gateway.dispatch import admit, event_stream, start_turn
+from gateway.dispatch import admit_and_claim, event_stream, start_turn
 from gateway.errors import (
     ChatNotFound,
     NotFound,
-    StreamAlreadyActive,
     ValidationFailed,
 )
 from gateway.metrics import timed
@@ -118,13 +117,7 @@ async def run_turn(
         [*history_window(context.history, settings.history_chars), ChatMessage("user", content)],
         system=context.system_prompt, max_tokens=options.max_tokens, temperature=options.temperature,
     )
-    admission = await admit(services, owner, ids.assistant_message_id, provider_request)
-    try:
-        if not await services.streams.claim(chat_id, ids.assistant_message_id):
-            raise StreamAlreadyActive()
-    except BaseException:
-        await services.quotas.settle(admission.ticket, 0)
-        raise
+    admission = await admit_and_claim(services, owner, chat_id, ids.assistant_message_id, provider_request)
     turn = Turn(model, provider_request, provider.stream(provider_request), services.streams.finish, ids)
     turn.ticket = admission.ticket
     await start_turn(services, turn, model, store_turn(services, owner, ids, content, model, options, context))

@@ -9,7 +9,7 @@ import asyncpg
 import httpx
 import pytest
 
-from storage.chats import Owner
+from storage.chats import ChatFields, Owner, create_chat
 from storage.messages import NewTurn, insert_turn
 from storage.queries import SQL
 from tests.conftest import auth_headers
@@ -309,3 +309,28 @@ async def test_title_search_can_use_its_index(db: asyncpg.Pool) -> None:
         await conn.execute("SET LOCAL enable_seqscan = off")
         plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {query}", "'word':*")
     assert "chats_title_search" in str(plan)
+
+
+def plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+    return [node, *(child for sub in node.get("Plans", []) for child in plan_nodes(sub))]
+
+
+async def test_history_read_of_a_long_chat_stops_at_its_limit(db: asyncpg.Pool) -> None:
+    owner = Owner("org-long", f"long-{uuid.uuid4().hex[:6]}")
+    # Statistics of a server where most chats are short; then one chat of 400 messages.
+    await db.execute(
+        "WITH c AS (INSERT INTO chats (id, org_id, user_id, model) SELECT gen_random_uuid(), $1, $2, 'fake/echo'"
+        " FROM generate_series(1, 400) RETURNING id)"
+        " INSERT INTO messages (id, chat_id, org_id, user_id, role, content, parts, status)"
+        " SELECT gen_random_uuid(), c.id, $1, $2, 'user', 'short', '[]', 'complete' FROM c, generate_series(1, 10)",
+        owner.org_id, owner.user_id)
+    chat = await create_chat(db, owner, ChatFields(None, "fake/echo", None), None)
+    for n in range(200):
+        await insert_turn(db, owner, NewTurn(chat["id"], uuid.uuid4(), uuid.uuid4(), f"message {n}", "t",
+                                             "fake/echo", [], None, {}))
+    await db.execute("ANALYZE messages")
+    async with db.acquire() as conn:
+        plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {SQL['chat_for_turn']}",
+                                   chat["id"], owner.org_id, owner.user_id, 20)
+    scans = [node for node in plan_nodes(plan[0]["Plan"]) if node.get("Relation Name") == "messages"]
+    assert scans and all(node["Actual Rows"] <= 20 for node in scans), [node["Node Type"] for node in scans]

@@ -172,6 +172,28 @@ async def test_second_send_while_streaming_gets_409(
     assert after.status_code == 200
 
 
+async def test_a_refused_lease_or_admission_holds_nothing(start_gateway: Any) -> None:
+    # The admission and the chat's lease are asked for at once; a refusal of either must undo the other.
+    headers = auth_headers(f"u-{uuid.uuid4().hex[:6]}", f"org-{uuid.uuid4().hex[:6]}")
+    async with start_gateway(quota_max_concurrent_streams=2, quota_user_tokens=100_000) as gateway, \
+            httpx.AsyncClient(base_url=gateway.url) as client:
+        busy, other = await new_chat(client, headers, model=SLOW), await new_chat(client, headers)
+        async with client.stream("POST", f"/v1/chats/{busy}/messages", headers=headers,
+                                 json={"content": "a b"}) as r:
+            stream = read_events(r)
+            await next_delta(stream)
+            again = await client.post(f"/v1/chats/{busy}/messages", headers=headers, json={"content": "x"})
+            assert again.json()["error"]["code"] == "stream_already_active"
+            too_big = await client.post(f"/v1/chats/{other}/messages", headers=headers,
+                                        json={"content": "x", "max_tokens": 1_000_000})
+            assert too_big.json()["error"]["code"] == "quota_exceeded"
+            # A slot leaked by the 409 would make this too_many_streams; a lease leaked by the 429, a 409.
+            ok = await client.post(f"/v1/chats/{other}/messages", headers={**headers, "Accept": "application/json"},
+                                   json={"content": "x", "model": "fake/echo"})
+            assert ok.status_code == 200, ok.text
+            await client.post(f"/v1/chats/{busy}/stop", headers=headers)
+
+
 async def test_stop_with_nothing_running_is_404(client: httpx.AsyncClient, alice: dict[str, str]) -> None:
     chat_id = await new_chat(client, alice)
     response = await client.post(f"/v1/chats/{chat_id}/stop", headers=alice)
