@@ -20,7 +20,7 @@ from gateway.auth import JWTBackend, on_auth_error
 from gateway.embedded import resolve_jwt_secret
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.logs import configure_logging
-from gateway.middleware import BODY_SEND, RequestContextMiddleware
+from gateway.middleware import BODY_SEND, RESPONSE_REST, RequestContextMiddleware
 from gateway.quotas import QuotaGuard
 from gateway.services import Services
 from gateway.settings import Settings, load_settings
@@ -37,12 +37,24 @@ logger = logging.getLogger("gateway.app")
 
 
 class Gateway(Starlette):
-    """The Starlette app, keeping the server's own ``send`` in the scope (``BODY_SEND``): a stream writes
-    its body frames there, below every wrapper of the middleware stack, Starlette's outermost included."""
+    """The Starlette app, with two ways past its middleware stack for long streams:
+
+    - the server's own ``send`` in the scope (``BODY_SEND``): a stream writes its body frames there, below
+      every wrapper of the stack, Starlette's outermost included;
+    - the rest of a response (``RESPONSE_REST``): a stream that has started leaves it there and returns,
+      the stack unwinds, and the rest runs here, in the same task.
+    """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
         scope[BODY_SEND] = send
+        scope[RESPONSE_REST] = None
         await super().__call__(scope, receive, send)
+        rest = scope[RESPONSE_REST]
+        if rest is not None:
+            await rest(receive)
 
 
 def create_app(settings: Settings | None = None, providers: ProviderRegistry | None = None) -> Starlette:

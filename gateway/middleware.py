@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -16,6 +17,22 @@ _MAX_ID = 128
 # gateway/app.py). The wrappers between (ours, Starlette's error and exception handling) only look at a
 # response's start; a stream sends its body frames, one per provider read, below them.
 BODY_SEND = "gateway.body_send"
+# The rest of a response that goes on after the app has returned: a stream leaves it here, and the
+# server-facing app (gateway/app.py) runs it once the middleware stack has unwound, so that the stack's
+# frames (a dozen suspended coroutines of Starlette's layers and ours) do not live as long as the stream.
+# A middleware that acts at a response's end wraps it (``then``).
+RESPONSE_REST = "gateway.response_rest"
+ResponseRest = Callable[[Receive], Awaitable[None]]
+
+
+def then(rest: ResponseRest, after: Callable[[], None]) -> ResponseRest:
+    async def run(receive: Receive) -> None:
+        try:
+            await rest(receive)
+        finally:
+            after()
+
+    return run
 
 
 class RequestContextMiddleware:
@@ -42,9 +59,7 @@ class RequestContextMiddleware:
                     headers.append((_HEADER, request_id.encode()))
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
+        def log() -> None:
             principal = scope.get("user")
             access_log.info(
                 "request",
@@ -58,6 +73,15 @@ class RequestContextMiddleware:
                     "org": getattr(principal, "org_id", None),
                 },
             )
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            rest = scope.get(RESPONSE_REST)
+            if rest is None:
+                log()
+            else:
+                scope[RESPONSE_REST] = then(rest, log)  # the line is written when the stream ends
 
 
 def _incoming_id(scope: Scope) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Coroutine
 from typing import Any, cast
 
@@ -10,7 +11,7 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway.middleware import BODY_SEND
+from gateway.middleware import BODY_SEND, RESPONSE_REST
 from gateway.turns import StreamCodec, Turn
 from providers.base import ProviderError, Usage
 
@@ -94,9 +95,17 @@ class EventStream(Response):
         self.task: asyncio.Task[Any] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        out = Writer(scope.get(BODY_SEND, send), self.turn)
+        if RESPONSE_REST in scope and scope[RESPONSE_REST] is None:
+            # Served once the middleware stack has returned (gateway/app.py); ``send`` still passes the
+            # response's start through the stack's wrappers, which only look at that message.
+            scope[RESPONSE_REST] = functools.partial(self.run, send, out)
+            return
+        await self.run(send, out, receive)
+
+    async def run(self, send: Send, out: Writer, receive: Receive) -> None:
         self.task = asyncio.current_task()
         loop = asyncio.get_running_loop()
-        out = Writer(scope.get(BODY_SEND, send), self.turn)
         watch: _Watch | None = None
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})

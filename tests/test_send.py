@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -146,6 +147,55 @@ async def test_client_disconnect_closes_the_provider_and_keeps_what_was_sent(
     assert row["content"].startswith("".join(delivered)) and full.startswith(row["content"])
     assert len(row["content"]) >= len("".join(delivered))
     assert row["usage_estimated"]  # the provider never got to report usage
+
+
+async def test_a_stream_is_logged_once_when_it_ends(
+    client: httpx.AsyncClient, alice: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    chat_id = await new_chat(client, alice, model="fake/echo?tokens=20&gap_ms=5")
+
+    def lines(request_id: str) -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "gateway.access" and vars(r).get("request_id") == request_id]
+
+    async with client.stream("POST", f"/v1/chats/{chat_id}/messages", headers=alice, json={"content": "a"}) as r:
+        request_id = r.headers["x-request-id"]
+        stream = read_events(r)
+        await next_delta(stream)
+        assert lines(request_id) == []  # the stream has started, not ended
+        events = [event async for event in stream]
+    assert events[-1].event == "done"
+    await eventually(lambda: _true(len(lines(request_id)) == 1))
+    (line,) = lines(request_id)
+    assert vars(line)["status"] == 200 and vars(line)["user"] == owner_id(alice)
+
+
+async def test_a_running_stream_holds_no_middleware_frames(
+    client: httpx.AsyncClient, alice: dict[str, str], gateway: Gateway
+) -> None:
+    # Each suspended layer of the stack costs memory for as long as the stream lasts.
+    chat_id = await new_chat(client, alice, model=SLOW)
+    async with client.stream("POST", f"/v1/chats/{chat_id}/messages", headers=alice, json={"content": "a"}) as r:
+        await next_delta(read_events(r))
+        (turn,) = [t for t in gateway.services.streams.running if t.ids and str(t.ids.chat_id) == chat_id]
+        task = turn._wake.__self__.task  # type: ignore[union-attr]
+        files, coro = [], task.get_coro()
+        while hasattr(coro, "cr_code"):  # down to the future it waits on
+            files.append(f"{coro.cr_code.co_filename}:{coro.cr_code.co_qualname}")
+            coro = coro.cr_await
+        assert any("gateway/sse.py:EventStream" in f for f in files)
+        assert not [f for f in files if "starlette" in f or "gateway/middleware.py:Request" in f], files
+        await client.post(f"/v1/chats/{chat_id}/stop", headers=alice)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+def owner_id(headers: dict[str, str]) -> str:
+    import jwt
+
+    return str(jwt.decode(headers["Authorization"].split()[1], options={"verify_signature": False})["sub"])
 
 
 async def test_second_send_while_streaming_gets_409(
