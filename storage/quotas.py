@@ -48,12 +48,15 @@ class QuotaDefaults:
 
 @dataclass(frozen=True, slots=True)
 class Ticket:
-    """What settling a stream needs: its id, the keys it reserved in, and how long its counters live."""
+    """What settling a stream needs: its id, whom it was admitted for, the periods its usage counts in
+    (``d20260501`` or ``m202605``, user's then org's) and how long those counters live. Its Redis keys are
+    derived when used: a running stream holds no key strings."""
 
     stream_id: str
-    keys: tuple[str, ...]
+    org_id: str
+    user_id: str
+    periods: tuple[str, str]
     ttls: tuple[int, int]
-    active_keys: tuple[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +143,11 @@ class QuotaStore:
             self._key(org_id, *user, "requests"),
         ]
 
+    def _active_keys(self, ticket: Ticket) -> tuple[str, str]:
+        """The stream's concurrency slots: the user's and the org's."""
+        return (self._key(ticket.org_id, "user", ticket.user_id, "active"),
+                self._key(ticket.org_id, "org", ticket.org_id, "active"))
+
     def _args(self, now_ms: int, bounds: PeriodBounds) -> list[Any]:
         d = self.defaults
         return [now_ms, bounds.day_reset_ms, bounds.month_reset_ms, _limit(d.user_tokens), _limit(d.org_tokens),
@@ -160,10 +168,10 @@ class QuotaStore:
             if result[0] == b"limits":
                 await self._cache_limits(org_id, user_id, result[1].decode())
                 continue
-            return self._decision(result, keys, bounds, stream_id, now_ms)
+            return self._decision(result, org_id, user_id, bounds, stream_id, now_ms)
 
     def _decision(
-        self, result: list[Any], keys: list[str], bounds: PeriodBounds, stream_id: str, now_ms: int
+        self, result: list[Any], org_id: str, user_id: str, bounds: PeriodBounds, stream_id: str, now_ms: int
     ) -> Decision:
         code = result[0].decode()
         ticket = None
@@ -172,11 +180,9 @@ class QuotaStore:
             user_reset = bounds.month_reset_ms if user_month else bounds.day_reset_ms
             org_reset = bounds.month_reset_ms if org_month else bounds.day_reset_ms
             ticket = Ticket(
-                stream_id,
-                (keys[0], keys[1], keys[3] if user_month else keys[2],
-                 keys[5], keys[6], keys[8] if org_month else keys[7]),
+                stream_id, org_id, user_id,
+                (bounds.month if user_month else bounds.day, bounds.month if org_month else bounds.day),
                 ((user_reset - now_ms) // 1000 + _DAY_S, (org_reset - now_ms) // 1000 + _DAY_S),
-                (keys[0], keys[5]),
             )
         return Decision(
             code, math.ceil(max(int(result[1]), 0) / 1000), int(result[2]), int(result[3]),
@@ -185,12 +191,17 @@ class QuotaStore:
 
     async def settle(self, ticket: Ticket, charged_tokens: int) -> None:
         """Replace the stream's reservation by what it really used, and free its slot."""
-        await self._settle(keys=list(ticket.keys), args=[ticket.stream_id, charged_tokens, *ticket.ttls])
+        user, org = self._active_keys(ticket)
+        keys = [user, self._key(ticket.org_id, "user", ticket.user_id, "reserved"),
+                self._key(ticket.org_id, "user", ticket.user_id, "used", ticket.periods[0]),
+                org, self._key(ticket.org_id, "org", ticket.org_id, "reserved"),
+                self._key(ticket.org_id, "org", ticket.org_id, "used", ticket.periods[1])]
+        await self._settle(keys=keys, args=[ticket.stream_id, charged_tokens, *ticket.ttls])
 
     async def renew(self, tickets: Iterable[Ticket]) -> None:
         """Push back the expiry of running streams' slots and reservations (pipelines of ``REDIS_BATCH``)."""
         expiry = int(self.clock() * 1000) + self.slot_ttl_ms
-        commands = [(key, ticket.stream_id) for ticket in tickets for key in ticket.active_keys]
+        commands = [(key, ticket.stream_id) for ticket in tickets for key in self._active_keys(ticket)]
         for start in range(0, len(commands), REDIS_BATCH):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for key, stream_id in commands[start:start + REDIS_BATCH]:
