@@ -124,17 +124,24 @@ def provider_request(body: CompletionRequest, model_name: str) -> ProviderReques
     )
 
 
+# The constant ends of a chunk, without and with ``"usage":null`` (``stream_options.include_usage``).
+_USAGE_TAIL = (b"}\n\n", b',"usage":null}\n\n')
+_DELTA_SUFFIX = tuple(b'},"logprobs":null,"finish_reason":null}]' + tail for tail in _USAGE_TAIL)
+
+
 class CompletionChunks:
     """OpenAI's ``chat.completion.chunk`` stream; the per-token frame is two constant byte strings and a dump."""
+
+    __slots__ = ("head", "include_usage", "prefix", "suffix", "usage_tail")
 
     def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
         head = orjson.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
                              "model": model, "system_fingerprint": None})[:-1]
         self.head = b"data: " + head
-        self.usage_tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
         self.include_usage = include_usage
+        self.usage_tail = _USAGE_TAIL[include_usage]
         self.prefix = self.head + b',"choices":[{"index":0,"delta":{"content":'
-        self.suffix = b'},"logprobs":null,"finish_reason":null}]' + self.usage_tail
+        self.suffix = _DELTA_SUFFIX[include_usage]
 
     def _choice(self, delta: bytes, finish: bytes = b"null") -> bytes:
         return (self.head + b',"choices":[{"index":0,"delta":' + delta + b',"logprobs":null,"finish_reason":'

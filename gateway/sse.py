@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import weakref
 from collections.abc import Coroutine
 from typing import Any, cast
 
@@ -19,6 +20,9 @@ PING = b": ping\n\n"
 
 # Keep intermediaries from buffering or caching the stream.
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_BASE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8")] + [
+    (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in STREAM_HEADERS.items()
+]
 
 
 def encode_event(seq: int, name: str, data: dict[str, Any]) -> bytes:
@@ -32,6 +36,8 @@ def usage_body(usage: Usage) -> dict[str, int]:
 
 class ChatEvents:
     """The chat stream's events: ``start``, ``delta``..., ``usage``, then ``done`` or ``error``, numbered."""
+
+    __slots__ = ("seq",)
 
     def __init__(self) -> None:
         self.seq = 0
@@ -72,9 +78,9 @@ class EventStream(Response):
     to hang up or for the turn to wake it at its end. No task, timer or lock per frame, and no task but the
     request's own per stream.
 
-    One timer per stream re-arms itself every quarter of the shorter of ``ping_s`` and ``send_timeout_s``:
-    it writes ``: ping`` once the stream has been quiet for ``ping_s``, and hangs up when one write has been
-    stuck for ``send_timeout_s`` (a client that stopped reading).
+    Every quarter of the shorter of ``ping_s`` and ``send_timeout_s``, one timer shared by all streams
+    checks each: it writes ``: ping`` once a stream has been quiet for ``ping_s``, and hangs up when one
+    write has been stuck for ``send_timeout_s`` (a client that stopped reading).
     """
 
     def __init__(
@@ -83,8 +89,8 @@ class EventStream(Response):
         self.turn = turn
         self.codec = codec
         self.background = None
-        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8")] + [
-            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in {**STREAM_HEADERS, **headers}.items()
+        self.raw_headers = _BASE_HEADERS + [
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items() if k not in STREAM_HEADERS
         ]
         self.ping_s = ping_s
         self.send_timeout_s = send_timeout_s
@@ -96,19 +102,24 @@ class EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         out = Writer(scope.get(BODY_SEND, send), self.turn)
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        except BaseException:
+            self.turn.interrupt("interrupted")
+            await self.turn.finish(ending="interrupted", shielded=True)
+            raise
         if RESPONSE_REST in scope and scope[RESPONSE_REST] is None:
-            # Served once the middleware stack has returned (gateway/app.py); ``send`` still passes the
-            # response's start through the stack's wrappers, which only look at that message.
-            scope[RESPONSE_REST] = functools.partial(self.run, send, out)
-            return
-        await self.run(send, out, receive)
+            # The start went through the stack's wrappers (they look at it); the rest runs once the stack
+            # has returned (gateway/app.py), holding none of its frames or ``send`` closures.
+            scope[RESPONSE_REST] = functools.partial(self.rest, out)
+        else:
+            await self.rest(out, receive)
 
-    async def run(self, send: Send, out: Writer, receive: Receive) -> None:
+    async def rest(self, out: Writer, receive: Receive) -> None:
         self.task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         watch: _Watch | None = None
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             watch = _Watch(self, out, loop)
             self.turn.relay(self.codec, out.write, self.wake)
             await self._wait(receive)
@@ -225,24 +236,57 @@ class Writer:
 
 
 class _Watch:
-    """The stream's one timer: pings when quiet, and the end of a write that never finishes."""
+    """A stream's checks, run by its loop's shared ticker: pings when quiet, and the end of a write that
+    never finishes."""
+
+    __slots__ = ("out", "quiet_since", "seen", "stream", "ticker")
 
     def __init__(self, stream: EventStream, out: Writer, loop: asyncio.AbstractEventLoop) -> None:
-        self.stream, self.out, self.loop = stream, out, loop
-        self.tick = min(stream.ping_s, stream.send_timeout_s) / 4
+        self.stream, self.out = stream, out
         self.seen, self.quiet_since = -1, loop.time()
-        self.handle = loop.call_later(self.tick, self.check)
+        self.ticker = _Ticker.of(loop, min(stream.ping_s, stream.send_timeout_s) / 4)
+        self.ticker.add(self)
 
-    def check(self) -> None:
-        stream, out, now = self.stream, self.out, self.loop.time()
+    def check(self, now: float) -> None:
+        stream, out = self.stream, self.out
         if out.sends != self.seen:
             self.seen, self.quiet_since = out.sends, now
         elif out.blocked is not None and now - self.quiet_since >= stream.send_timeout_s:
             stream.hang_up()  # the client stopped reading
-            return
         elif out.blocked is None and now - self.quiet_since >= stream.ping_s:
             out.write(PING)
-        self.handle = self.loop.call_later(self.tick, self.check)
 
     def stop(self) -> None:
-        self.handle.cancel()
+        self.ticker.watches.discard(self)
+
+
+class _Ticker:
+    """One timer for every open stream of a loop (with the same tick): a stream costs no timer handle of
+    its own, and the loop's timer heap holds one entry however many streams are open."""
+
+    _loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[float, _Ticker]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float) -> None:
+        self.loop, self.tick = loop, tick
+        self.watches: set[_Watch] = set()
+        self.handle: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop, tick: float) -> _Ticker:
+        tickers = cls._loops.setdefault(loop, {})
+        if tick not in tickers:
+            tickers[tick] = cls(loop, tick)
+        return tickers[tick]
+
+    def add(self, watch: _Watch) -> None:
+        self.watches.add(watch)
+        if self.handle is None:
+            self.handle = self.loop.call_later(self.tick, self.run)
+
+    def run(self) -> None:
+        now = self.loop.time()
+        for watch in list(self.watches):
+            watch.check(now)
+        self.handle = self.loop.call_later(self.tick, self.run) if self.watches else None

@@ -78,6 +78,13 @@ class Turn:
     ``ids`` names the chat and messages of a chat turn; a turn of the OpenAI-compatible surface has none.
     """
 
+    __slots__ = (
+        "_buffered", "_codec", "_failure", "_finisher", "_finishing", "_head", "_is_stored", "_stop_reason",
+        "_stored", "_task", "_upstream", "_upstream_finish", "_waiting", "_wake", "_write", "checkpointed_at",
+        "checkpointed_parts", "duration_ms", "ending", "error", "first_token_s", "ids", "model", "owner",
+        "parts", "request", "started", "ticket", "usage",
+    )
+
     def __init__(
         self,
         model: str,
@@ -108,7 +115,8 @@ class Turn:
         self._task: asyncio.Task[Any] | None = None  # the task pulling events, set once per phase
         self._waiting = False  # whether that task is waiting on the provider right now
         self._finishing: asyncio.Task[None] | None = None
-        self._stored = asyncio.Event()
+        self._stored: asyncio.Future[None] | None = None  # made by the first caller of ``finished``
+        self._is_stored = False
         # While relaying: the codec, where frames go, who to wake at the end, and how the provider ended.
         self._codec: StreamCodec | None = None
         self._write: Callable[[bytes], None] | None = None
@@ -288,7 +296,10 @@ class Turn:
 
     async def finished(self) -> None:
         """Wait until the turn has ended and its ending is stored."""
-        await self._stored.wait()
+        if not self._is_stored:
+            if self._stored is None:
+                self._stored = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._stored)
 
     async def close_upstream(self) -> None:
         try:
@@ -301,7 +312,9 @@ class Turn:
         try:
             await self._finisher(self)
         finally:
-            self._stored.set()
+            self._is_stored = True
+            if self._stored is not None:
+                self._stored.set_result(None)
 
     @property
     def status(self) -> str:

@@ -83,6 +83,8 @@ class OpenAIProvider:
 class ChunkReader:
     """``chat.completion.chunk`` frames: text deltas, the finish reason, usage in the last frame, ``[DONE]``."""
 
+    __slots__ = ("finish", "vendor")
+
     def __init__(self, vendor: str) -> None:
         self.vendor = vendor
         self.finish: FinishReason = "stop"

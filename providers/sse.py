@@ -23,6 +23,8 @@ SSEEvent = tuple[bytes | None, bytes]
 
 
 class SSEDecoder:
+    __slots__ = ("_data", "_max_event", "_max_line", "_name", "_pending", "_size")
+
     def __init__(self, max_line: int = MAX_LINE_BYTES, max_event: int = MAX_EVENT_BYTES) -> None:
         self._pending = b""
         self._name: bytes | None = None
