@@ -33,14 +33,15 @@ class _Server(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def serve_app(app: ASGIApp) -> AsyncIterator[str]:
-    """Serve ``app`` on 127.0.0.1 with a real uvicorn in this event loop; yield its base URL."""
+async def serve_app(app: ASGIApp, http: str = "auto") -> AsyncIterator[str]:
+    """Serve ``app`` on 127.0.0.1 with a real uvicorn (``http``: its HTTP implementation) in this event
+    loop; yield its base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, lifespan="on", log_config=None, access_log=False, timeout_graceful_shutdown=5
+        app, lifespan="on", log_config=None, access_log=False, timeout_graceful_shutdown=5, http=http
     )
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

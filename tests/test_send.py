@@ -14,7 +14,10 @@ import httpx
 import httpx_sse
 import pytest
 
+from gateway.app import create_app
+from gateway.settings import Settings
 from tests.conftest import Gateway, auth_headers
+from tests.servers import serve_app
 
 SLOW = "fake/echo?tokens=400&gap_ms=20"
 
@@ -186,6 +189,29 @@ async def test_a_running_stream_holds_no_middleware_frames(
         assert any("gateway/sse.py:EventStream" in f for f in files)
         assert not [f for f in files if "starlette" in f or "gateway/middleware.py:Request" in f], files
         await client.post(f"/v1/chats/{chat_id}/stop", headers=alice)
+
+
+@pytest.mark.parametrize(("http", "direct"), [("httptools", True), ("h11", False)])
+async def test_frames_reach_the_client_under_either_http_server(
+    settings: Settings, db: asyncpg.Pool, http: str, direct: bool
+) -> None:
+    # Under httptools frames are written to the transport directly; under h11 they take the ASGI send.
+    headers = auth_headers(f"u-{uuid.uuid4().hex[:6]}", "org-http")
+    app = create_app(settings)
+    async with serve_app(app, http=http) as url, httpx.AsyncClient(base_url=url) as client:
+        chat_id = await new_chat(client, headers, model="fake/echo?tokens=30&gap_ms=2")
+        async with client.stream("POST", f"/v1/chats/{chat_id}/messages", headers=headers,
+                                 json={"content": "one two three"}) as r:
+            stream = read_events(r)
+            first = await next_delta(stream)
+            (turn,) = [t for t in app.state.services.streams.running if t.ids and str(t.ids.chat_id) == chat_id]
+            assert (turn._write.__self__.cycle is not None) is direct  # type: ignore[union-attr]
+            events = [first, *[event async for event in stream]]
+        done = events[-1].json()
+        text = "".join(event.json()["text"] for event in events if event.event == "delta")
+        assert events[-1].event == "done" and done["finish_reason"] == "stop"
+        row = await reply_row(db, done["assistant_message_id"])
+        assert row["content"] == text and len(text) > 0
 
 
 async def _true(value: bool) -> bool:
