@@ -41,3 +41,20 @@ def test_line_and_event_caps() -> None:
         decode([b"data: " + b"x" * 100])
     with pytest.raises(ProviderProtocolError):
         decode([b"data: " + b"x" * 50 + b"\n"] * 3)
+
+
+def test_whole_event_reads_decode_as_line_by_line() -> None:
+    # Reads that end on a blank line take the block path; one byte at a time never does.
+    stream = (b"data: {\"a\": 1}\n\ndata:no-space\n\nevent: e\ndata: x\n\n: ping\n\ndata: 1\ndata: 2\n\n\n\n"
+              b"data: last\n\n")
+    by_byte = decode([bytes([b]) for b in stream])
+    assert by_byte == [(None, b'{"a": 1}'), (None, b"no-space"), (b"e", b"x"), (None, b"1\n2"), (None, b"last")]
+    assert decode([stream]) == by_byte
+    events = stream.split(b"\n\n")
+    for cut in range(1, len(events)):  # every split at an event boundary
+        assert decode([b"\n\n".join(events[:cut]) + b"\n\n", b"\n\n".join(events[cut:])]) == by_byte, cut
+
+
+def test_event_cap_holds_for_a_whole_event_read() -> None:
+    with pytest.raises(ProviderProtocolError):
+        decode([b"data: " + b"x" * 200 + b"\n\n"])
