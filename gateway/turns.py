@@ -220,6 +220,11 @@ class Turn:
     def deliver(self, batch: StreamBatch) -> None:
         codec = self._codec
         assert codec is not None and self._write is not None
+        if len(batch) == 1 and type(text := batch[0]) is str and self.first_token_s is not None and not self._head:
+            # The usual read of a paced stream: one token, after the first.
+            self._write(codec.delta(text))
+            self.parts.append(text)
+            return
         frames: list[bytes] = [self._head] if self._head else []
         texts: list[str] = []
         for event in batch:
