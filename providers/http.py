@@ -313,7 +313,7 @@ class UpstreamCall:
         self.sink = sink
         ready, self.ready = self.ready, []
         for batch in ready:
-            self._deliver(batch)
+            self._emit(batch)
         if self.over and self.sink is not None:
             self.sink.ended(self.failure)
             self.sink = None
@@ -447,21 +447,18 @@ class UpstreamCall:
         return ProviderProtocolError(f"{self.upstream.vendor} sent a frame that could not be read")
 
     def _emit(self, batch: StreamBatch) -> None:
+        """A batch read: to the sink when relaying (a sink that fails ends the relay), else to the reader."""
         if not batch:
             return
-        if self.sink is not None:
-            self._deliver(batch)
-        else:
+        sink = self.sink
+        if sink is None:
             self.ready.append(batch)
             self._wake()
-
-    def _deliver(self, batch: StreamBatch) -> None:
-        assert self.sink is not None
+            return
         try:
-            self.sink.deliver(batch)
+            sink.deliver(batch)
         except Exception:
             logger.exception("relaying a %s batch failed", self.upstream.vendor)
-            sink = self.sink
             self.close()
             sink.ended(ProviderError("The gateway failed to relay the stream"))
 

@@ -20,6 +20,7 @@ from providers.base import (
     FinishReason,
     ProviderConnectionError,
     ProviderError,
+    ProviderProtocolError,
     ProviderRequest,
     ProviderStatusError,
     ProviderStream,
@@ -29,7 +30,6 @@ from providers.base import (
     failed,
 )
 from providers.http import Upstream, sdk_headers
-from providers.sse import json_frame
 
 FINISH_REASONS: dict[str, FinishReason] = {
     "stop": "stop", "length": "length", "content_filter": "content_filter", "tool_calls": "tool_calls",
@@ -93,7 +93,10 @@ class ChunkReader:
         if data == b"[DONE]":
             batch.append(Finish(self.finish))
             return True
-        frame = json_frame(data, self.vendor)
+        try:
+            frame = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise ProviderProtocolError(f"{self.vendor} sent a malformed frame") from None
         choices = frame.get("choices")
         if choices:
             choice = choices[0]
