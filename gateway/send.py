@@ -39,15 +39,15 @@ def title_from(content: str) -> str:
     return (cut if len(cut) <= TITLE_CHARS else text[:TITLE_CHARS]).rstrip()
 
 
-def history_window(history: list[dict[str, str]], max_chars: int) -> list[ChatMessage]:
+def history_window(history: list[tuple[str, str]], max_chars: int) -> list[ChatMessage]:
     """The most recent history that fits in ``max_chars``, oldest first."""
     kept: list[ChatMessage] = []
     total = 0
-    for item in reversed(history):
-        total += len(item["content"])
+    for role, content in reversed(history):
+        total += len(content)
         if total > max_chars:
             break
-        kept.append(ChatMessage(item["role"], item["content"]))  # type: ignore[arg-type]
+        kept.append(ChatMessage(role, content))  # type: ignore[arg-type]
     kept.reverse()
     return kept
 

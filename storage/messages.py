@@ -62,7 +62,7 @@ class TurnContext:
     title: str | None
     model: str
     system_prompt: str | None
-    history: list[dict[str, str]]  # oldest first
+    history: list[tuple[str, str]]  # (role, content), oldest first
 
 
 async def chat_for_turn(
@@ -71,7 +71,9 @@ async def chat_for_turn(
     row = await db.fetchrow(SQL["chat_for_turn"], chat_id, owner.org_id, owner.user_id, history_messages)
     if row is None:
         return None
-    return TurnContext(row["id"], row["title"], row["model"], row["system_prompt"], row["history"][::-1])
+    history = list(zip(row["roles"] or (), row["contents"] or (), strict=True))
+    history.reverse()
+    return TurnContext(row["id"], row["title"], row["model"], row["system_prompt"], history)
 
 
 @dataclass(frozen=True, slots=True)
