@@ -7,9 +7,8 @@ import math
 import uuid
 from collections.abc import Awaitable
 from dataclasses import replace
-from typing import Any
 
-from gateway.errors import GatewayError, StreamAlreadyActive, UpstreamError, UpstreamTimeout
+from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
 from gateway.quotas import Admission
 from gateway.services import Services
 from gateway.sse import EventStream
@@ -26,10 +25,14 @@ def upstream_failure(error: ProviderError) -> GatewayError:
     return failure
 
 
-async def admit(services: Services, owner: Owner, stream_id: uuid.UUID, request: ProviderRequest) -> Admission:
-    """Reserve the turn's estimated tokens: the prompt's estimate plus its ``max_tokens`` (or the default)."""
+async def admit(
+    services: Services, owner: Owner, stream_id: uuid.UUID, request: ProviderRequest, chat_id: uuid.UUID | None = None
+) -> Admission:
+    """Reserve the turn's estimated tokens: the prompt's estimate plus its ``max_tokens`` (or the default).
+    A chat turn also takes its chat's lease in the same round trip (409 while another stream holds it)."""
     estimate = services.quotas.estimate(estimate_tokens(request.prompt_chars), request.max_tokens)
-    return await services.quotas.admit(owner.org_id, owner.user_id, str(stream_id), estimate)
+    lease = None if chat_id is None else services.streams.lease(owner.org_id, chat_id, stream_id)
+    return await services.quotas.admit(owner.org_id, owner.user_id, str(stream_id), estimate, lease)
 
 
 async def start_turn(services: Services, turn: Turn, model: str, storing: Awaitable[None] | None = None) -> None:
@@ -97,34 +100,6 @@ async def open_with_fallbacks(services: Services, turn: Turn, model: str) -> Non
             return
     assert error is not None
     raise error
-
-
-async def admit_and_claim(
-    services: Services, owner: Owner, chat_id: uuid.UUID, message_id: uuid.UUID, request: ProviderRequest
-) -> Admission:
-    """The quota admission and the chat's stream lease, asked for at once (their Redis round trips overlap).
-    When either is refused or fails, the other is undone; the admission's refusal is the one reported."""
-    admitting = asyncio.ensure_future(admit(services, owner, message_id, request))
-    claiming = asyncio.ensure_future(services.streams.claim(chat_id, message_id))
-    try:
-        admission, claimed = await asyncio.gather(admitting, claiming)
-        if not claimed:
-            raise StreamAlreadyActive()
-    except BaseException as error:
-        await asyncio.wait([admitting, claiming])
-        if succeeded(admitting):
-            await services.quotas.settle(admitting.result().ticket, 0)
-        if succeeded(claiming) and claiming.result():
-            await services.streams.release(chat_id, message_id)
-        refusal = admitting.exception() if admitting.done() and not admitting.cancelled() else None
-        if refusal is not None and not isinstance(error, asyncio.CancelledError):
-            raise refusal from None
-        raise
-    return admission
-
-
-def succeeded(task: asyncio.Future[Any]) -> bool:
-    return task.done() and not task.cancelled() and task.exception() is None
 
 
 def event_stream(services: Services, turn: Turn, codec: StreamCodec, headers: dict[str, str]) -> EventStream:

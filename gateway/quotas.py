@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
-from gateway.errors import GatewayError, Unavailable
+from gateway.errors import GatewayError, StreamAlreadyActive, Unavailable
 from gateway.metrics import QUOTA_REFUSALS, timed
-from storage.quotas import UNLIMITED, Decision, QuotaStore, Ticket
+from storage.quotas import UNLIMITED, Decision, Lease, QuotaStore, Ticket
 
 logger = logging.getLogger("gateway.quotas")
 
@@ -62,10 +62,14 @@ class QuotaGuard:
     def estimate(self, prompt_tokens: int, max_tokens: int | None) -> int:
         return prompt_tokens + (max_tokens or self.default_max_tokens)
 
-    async def admit(self, org_id: str, user_id: str, stream_id: str, estimate: int) -> Admission:
+    async def admit(
+        self, org_id: str, user_id: str, stream_id: str, estimate: int, lease: Lease | None = None
+    ) -> Admission:
+        """Admit the stream (and take its chat's ``lease``), or raise the refusal. With the store down and
+        the fail mode open, the stream goes ahead with neither: no quota, no one-stream-per-chat rule."""
         try:
             with timed("redis", "quota"):
-                decision = await self.store.reserve(org_id, user_id, stream_id, estimate)
+                decision = await self.store.reserve(org_id, user_id, stream_id, estimate, lease)
         except (RedisError, OSError):
             if not self.fail_open:
                 raise Unavailable("The quota store is unavailable") from None
@@ -73,16 +77,18 @@ class QuotaGuard:
                            extra={"org": org_id, "user": user_id})
             return Admission(None)
         headers = rate_limit_headers(decision)
+        if decision.code == "stream_active":
+            raise StreamAlreadyActive()
         if not decision.admitted:
             QUOTA_REFUSALS.labels(decision.code).inc()
             headers["Retry-After"] = str(max(decision.retry_after_s, 1))
             raise _REFUSALS[decision.code](headers=headers)
         return Admission(decision.ticket, headers)
 
-    async def settle(self, ticket: Ticket | None, charged_tokens: int) -> None:
+    async def settle(self, ticket: Ticket | None, charged_tokens: int, lease: Lease | None = None) -> None:
         if ticket is None:
             return
         try:
-            await self.store.settle(ticket, charged_tokens)
+            await self.store.settle(ticket, charged_tokens, lease)
         except (RedisError, OSError):
             logger.warning("settling a quota reservation failed; it will expire", exc_info=True)

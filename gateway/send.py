@@ -10,7 +10,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.chats import new_chat, owner_of
-from gateway.dispatch import admit_and_claim, event_stream, start_turn
+from gateway.dispatch import admit, event_stream, start_turn
 from gateway.errors import (
     ChatNotFound,
     NotFound,
@@ -85,9 +85,10 @@ async def send_chat(request: Request) -> Response:
 async def stop_stream(request: Request) -> Response:
     chat_id = chat_id_of(request)
     services = services_of(request)
-    if await chats.get_chat(services.pool, owner_of(request), chat_id) is None:
+    owner = owner_of(request)
+    if await chats.get_chat(services.pool, owner, chat_id) is None:
         raise ChatNotFound()
-    if not await services.streams.request_stop(chat_id):
+    if not await services.streams.request_stop(owner.org_id, chat_id):
         error = NotFound("No reply is streaming in this chat")
         error.code = "stream_not_found"
         raise error
@@ -117,7 +118,7 @@ async def run_turn(
         [*history_window(context.history, settings.history_chars), ChatMessage("user", content)],
         system=context.system_prompt, max_tokens=options.max_tokens, temperature=options.temperature,
     )
-    admission = await admit_and_claim(services, owner, chat_id, ids.assistant_message_id, provider_request)
+    admission = await admit(services, owner, ids.assistant_message_id, provider_request, chat_id)
     turn = Turn(model, provider_request, provider.stream(provider_request), services.streams.finish, ids)
     turn.ticket = admission.ticket
     await start_turn(services, turn, model, store_turn(services, owner, ids, content, model, options, context))

@@ -1,7 +1,9 @@
 """This instance's running turns, coordinated with every other instance through Redis.
 
-- One active stream per chat: ``<prefix>active:<chat_id>`` holds ``"<instance> <message id>"`` with a lease
-  that this instance renews while the turn runs; a crashed instance's lease simply expires.
+- One active stream per chat: the chat's lease key (``QuotaStore.lease_key``, under its org's hash tag)
+  holds ``"<instance> <message id>"``. It is taken by the admission script, in the same round trip as the
+  quota, freed by the settling one, and renewed by this instance while the turn runs; a crashed instance's
+  lease simply expires.
 - Stop from anywhere: ``POST /stop`` publishes the chat id on ``<prefix>stop``; the instance running that
   chat interrupts its turn.
 - Checkpoints: every ``checkpoint_s`` the partial text of every turn that grew is written in one statement.
@@ -21,7 +23,6 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gateway.errors import Unavailable
 from gateway.metrics import (
     ACTIVE_STREAMS,
     PROVIDER_ERRORS,
@@ -41,7 +42,7 @@ from storage.messages import (
     interrupt_replies,
     streaming_replies,
 )
-from storage.quotas import REDIS_BATCH
+from storage.quotas import REDIS_BATCH, Lease
 from storage.usage import UsageEntry, record_usage
 
 logger = logging.getLogger("gateway.streams")
@@ -106,34 +107,17 @@ class StreamRegistry:
         self._tasks: list[asyncio.Task[None]] = []
         self._subscribed = asyncio.Event()
 
-    def _lease_key(self, chat_id: uuid.UUID) -> str:
-        return f"{self.settings.redis_prefix}active:{chat_id}"
+    def lease(self, org_id: str, chat_id: uuid.UUID, message_id: uuid.UUID) -> Lease:
+        """The lease a chat turn takes with its admission (see ``QuotaGuard.admit``)."""
+        return Lease(self.quotas.store.lease_key(org_id, str(chat_id)), self._lease_value(message_id),
+                     self._lease_ms)
 
     def _lease_value(self, message_id: uuid.UUID) -> str:
         return f"{self.instance_id} {message_id}"
 
-    # -- leases -----------------------------------------------------------------------------------
-
-    async def claim(self, chat_id: uuid.UUID, message_id: uuid.UUID) -> bool:
-        """Take the chat's active-stream lease; False when another stream holds it.
-
-        With Redis down and the fail mode ``open``, the stream goes ahead without a lease (and so without
-        the one-stream-per-chat rule and stop-from-anywhere); with ``closed`` the caller gets a 503.
-        """
+    async def release(self, lease: Lease) -> None:
         try:
-            taken = await self.redis.set(
-                self._lease_key(chat_id), self._lease_value(message_id), nx=True, px=self._lease_ms
-            )
-        except (RedisError, OSError):
-            if self.settings.quota_fail_mode == "open":
-                logger.warning("Redis unavailable; stream goes ahead without a lease", extra={"chat": str(chat_id)})
-                return True
-            raise Unavailable("Redis is unavailable") from None
-        return bool(taken)
-
-    async def release(self, chat_id: uuid.UUID, message_id: uuid.UUID) -> None:
-        try:
-            await self._release(keys=[self._lease_key(chat_id)], args=[self._lease_value(message_id)])
+            await self._release(keys=[lease.key], args=[lease.value])
         except (RedisError, OSError):
             logger.warning("releasing a stream lease failed; it will expire", exc_info=True)
 
@@ -165,18 +149,18 @@ class StreamRegistry:
         await self._free(turn, 0)
 
     async def _free(self, turn: Turn, charged: int) -> None:
-        await self.quotas.settle(turn.ticket, charged)
-        if turn.ids is not None:
-            await self.release(turn.ids.chat_id, turn.ids.assistant_message_id)
-            if self.turns.get(turn.ids.chat_id) is turn:
-                del self.turns[turn.ids.chat_id]
+        ticket, ids = turn.ticket, turn.ids
+        lease = self.lease(ticket.org_id, ids.chat_id, ids.assistant_message_id) if ticket and ids else None
+        await self.quotas.settle(ticket, charged, lease)
+        if ids is not None and self.turns.get(ids.chat_id) is turn:
+            del self.turns[ids.chat_id]
         self.running.discard(turn)
         if not self.running:
             self._idle.set()
 
-    async def request_stop(self, chat_id: uuid.UUID) -> bool:
+    async def request_stop(self, org_id: str, chat_id: uuid.UUID) -> bool:
         """Ask whichever instance runs the chat's stream to stop it; False when none runs."""
-        if not await self.redis.exists(self._lease_key(chat_id)):
+        if not await self.redis.exists(self.quotas.store.lease_key(org_id, str(chat_id))):
             return False
         await self.redis.publish(self._stop_channel, str(chat_id))
         return True
@@ -264,11 +248,13 @@ class StreamRegistry:
 
     async def renew(self) -> None:
         """Push back the leases, quota slots and reservations of every running turn."""
-        chat_ids = list(self.turns)
-        for start in range(0, len(chat_ids), REDIS_BATCH):
+        store = self.quotas.store
+        leases = [store.lease_key(turn.ticket.org_id, str(chat_id))
+                  for chat_id, turn in list(self.turns.items()) if turn.ticket is not None]
+        for start in range(0, len(leases), REDIS_BATCH):
             async with self.redis.pipeline(transaction=False) as pipe:
-                for chat_id in chat_ids[start:start + REDIS_BATCH]:
-                    pipe.pexpire(self._lease_key(chat_id), self._lease_ms)
+                for key in leases[start:start + REDIS_BATCH]:
+                    pipe.pexpire(key, self._lease_ms)
                 await pipe.execute()
         tickets = [turn.ticket for turn in self.running if turn.ticket]
         if tickets:
@@ -279,22 +265,22 @@ class StreamRegistry:
         rows = await streaming_replies(self.pool, 0)
         if not rows:
             return 0
-        keys = [self._lease_key(chat_id) for _, chat_id in rows]
+        keys = [self.quotas.store.lease_key(org_id, str(chat_id)) for _, chat_id, org_id in rows]
         leases = []
         for start in range(0, len(keys), REDIS_BATCH):
             leases += await self.redis.mget(keys[start:start + REDIS_BATCH])
         ours = f"{self.instance_id} ".encode()
         lease: bytes | None
         dead, stale_leases = [], []
-        for (message_id, chat_id), lease in zip(rows, leases, strict=True):  # type: ignore[assignment]
+        for (message_id, chat_id, org_id), lease in zip(rows, leases, strict=True):  # type: ignore[assignment]
             if lease is not None and startup and lease.startswith(ours):
-                stale_leases.append((chat_id, message_id))
+                stale_leases.append(self.lease(org_id, chat_id, message_id))
                 dead.append(message_id)
             elif lease is None or not lease.endswith(str(message_id).encode()):
                 dead.append(message_id)
         marked = await interrupt_replies(self.pool, dead) if dead else 0
-        for chat_id, message_id in stale_leases:
-            await self.release(chat_id, message_id)
+        for stale in stale_leases:
+            await self.release(stale)
         if marked:
             logger.info("interrupted replies of dead streams", extra={"count": marked})
         return marked

@@ -143,9 +143,10 @@ async def checkpoint_replies(db: Executor, ids: Sequence[uuid.UUID], contents: S
     await db.execute(SQL["checkpoint_messages"], list(ids), list(contents))
 
 
-async def streaming_replies(db: Executor, older_than_s: float) -> list[tuple[uuid.UUID, uuid.UUID]]:
+async def streaming_replies(db: Executor, older_than_s: float) -> list[tuple[uuid.UUID, uuid.UUID, str]]:
+    """Replies still streaming: their id, chat id and org id."""
     rows = await db.fetch(SQL["streaming_messages"], older_than_s)
-    return [(row["id"], row["chat_id"]) for row in rows]
+    return [(row["id"], row["chat_id"], row["org_id"]) for row in rows]
 
 
 async def interrupt_replies(db: Executor, ids: Sequence[uuid.UUID]) -> int:

@@ -60,8 +60,18 @@ class Ticket:
 
 
 @dataclass(frozen=True, slots=True)
+class Lease:
+    """A chat's one-stream lease, taken in the same script as the admission: its key (``lease_key``), the
+    value that names the stream holding it, and for how long."""
+
+    key: str
+    value: str
+    ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
-    code: str  # "ok", "too_many_streams", "rate_limited" or "quota_exceeded"
+    code: str  # "ok", "too_many_streams", "rate_limited", "quota_exceeded" or "stream_active"
     retry_after_s: int
     token_limit: int
     tokens_remaining: int
@@ -128,6 +138,10 @@ class QuotaStore:
     def _key(self, org_id: str, *parts: str) -> str:
         return f"{self.prefix}q:{{{org_id}}}:" + ":".join(parts)
 
+    def lease_key(self, org_id: str, chat_id: str) -> str:
+        """A chat's stream lease; it carries the org's hash tag so the admission script can take it."""
+        return self._key(org_id, "lease", chat_id)
+
     def limits_key(self, org_id: str, scope: str, subject_id: str) -> str:
         return self._key(org_id, scope, subject_id, "limits")
 
@@ -155,8 +169,13 @@ class QuotaStore:
 
     # -- admission and settlement -------------------------------------------------------------------
 
-    async def reserve(self, org_id: str, user_id: str, stream_id: str, estimate: int) -> Decision:
-        """Check every limit and, if all pass, take a slot and reserve ``estimate`` tokens: one round trip."""
+    async def reserve(
+        self, org_id: str, user_id: str, stream_id: str, estimate: int, lease: Lease | None = None
+    ) -> Decision:
+        """Check every limit and, if all pass, take a slot and reserve ``estimate`` tokens: one round trip.
+
+        With ``lease``, the stream also takes its chat's lease, and is refused (``stream_active``) while
+        another stream holds it; a refusal for a limit comes first."""
         while True:
             now_ms = int(self.clock() * 1000)
             bounds = period_bounds(now_ms / 1000)
@@ -164,6 +183,9 @@ class QuotaStore:
             now, day_reset, month_reset, *defaults = self._args(now_ms, bounds)
             args = [now, stream_id, estimate, now_ms + self.slot_ttl_ms, day_reset, month_reset, *defaults,
                     math.ceil(self.slot_ttl_ms / 1000) * 3]
+            if lease is not None:
+                keys.append(lease.key)
+                args += [lease.value, lease.ms]
             result = await self._reserve(keys=keys, args=args)
             if result[0] == b"limits":
                 await self._cache_limits(org_id, user_id, result[1].decode())
@@ -189,14 +211,19 @@ class QuotaStore:
             math.ceil(int(result[4]) / 1000), int(result[5]), int(result[6]), ticket,
         )
 
-    async def settle(self, ticket: Ticket, charged_tokens: int) -> None:
-        """Replace the stream's reservation by what it really used, and free its slot."""
+    async def settle(self, ticket: Ticket, charged_tokens: int, lease: Lease | None = None) -> None:
+        """Replace the stream's reservation by what it really used, and free its slot (and its chat's
+        lease, if it still holds it)."""
         user, org = self._active_keys(ticket)
         keys = [user, self._key(ticket.org_id, "user", ticket.user_id, "reserved"),
                 self._key(ticket.org_id, "user", ticket.user_id, "used", ticket.periods[0]),
                 org, self._key(ticket.org_id, "org", ticket.org_id, "reserved"),
                 self._key(ticket.org_id, "org", ticket.org_id, "used", ticket.periods[1])]
-        await self._settle(keys=keys, args=[ticket.stream_id, charged_tokens, *ticket.ttls])
+        args: list[Any] = [ticket.stream_id, charged_tokens, *ticket.ttls]
+        if lease is not None:
+            keys.append(lease.key)
+            args.append(lease.value)
+        await self._settle(keys=keys, args=args)
 
     async def renew(self, tickets: Iterable[Ticket]) -> None:
         """Push back the expiry of running streams' slots and reservations (pipelines of ``REDIS_BATCH``)."""

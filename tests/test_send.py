@@ -249,7 +249,7 @@ async def test_second_send_while_streaming_gets_409(
 
 
 async def test_a_refused_lease_or_admission_holds_nothing(start_gateway: Any) -> None:
-    # The admission and the chat's lease are asked for at once; a refusal of either must undo the other.
+    # The admission and the chat's lease are taken in one script: a refusal of either takes neither.
     headers = auth_headers(f"u-{uuid.uuid4().hex[:6]}", f"org-{uuid.uuid4().hex[:6]}")
     async with start_gateway(quota_max_concurrent_streams=2, quota_user_tokens=100_000) as gateway, \
             httpx.AsyncClient(base_url=gateway.url) as client:

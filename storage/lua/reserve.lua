@@ -5,9 +5,11 @@
 --       3 user used, day    4 user used, month   5 user limits (hash, cached overrides)
 --       6 org active   7 org reserved   8 org used, day   9 org used, month   10 org limits
 --       11 user requests (zset id -> time ms, the last minute)
+--       12 (optional) the chat's stream lease: taken with the admission, refused while another holds it
 -- ARGV: 1 now ms   2 stream id   3 token estimate   4 slot expiry ms   5 day reset ms   6 month reset ms
 --       7 default user tokens   8 default org tokens   9 default period   10 default rpm
 --       11 default concurrency   12 ttl s of slot and reservation keys     (-1 = unlimited)
+--       13 lease value   14 lease ms (with KEYS[12])
 -- Returns {code, retry_after_ms, token_limit, tokens_remaining, token_reset_ms, rpm_limit, rpm_remaining,
 --          user_period, org_period}; code 'limits' (with the scope) asks the caller to load overrides.
 local now, id, estimate = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
@@ -66,6 +68,10 @@ if org.tokens >= 0 and org_spent + estimate > org.tokens then
   return answer('quota_exceeded', org_reset - now)
 end
 
+if KEYS[12] and redis.call('EXISTS', KEYS[12]) == 1 then
+  return answer('stream_active', 0)
+end
+
 local expiry, ttl = tonumber(ARGV[4]), tonumber(ARGV[12])
 for _, pair in ipairs({{KEYS[1], KEYS[2]}, {KEYS[6], KEYS[7]}}) do
   redis.call('ZADD', pair[1], expiry, id)
@@ -76,5 +82,8 @@ for _, pair in ipairs({{KEYS[1], KEYS[2]}, {KEYS[6], KEYS[7]}}) do
 end
 redis.call('ZADD', KEYS[11], now, id)
 redis.call('EXPIRE', KEYS[11], 61)
+if KEYS[12] then
+  redis.call('SET', KEYS[12], ARGV[13], 'PX', ARGV[14])
+end
 user_spent, recent = user_spent + estimate, recent + 1
 return answer('ok', 0)

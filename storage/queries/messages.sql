@@ -75,7 +75,7 @@ FROM unnest($1::uuid[], $2::text[]) AS v(id, content)
 WHERE m.id = v.id AND m.status = 'streaming';
 
 -- name: streaming_messages
-SELECT id, chat_id FROM messages WHERE status = 'streaming' AND created_at < now() - make_interval(secs => $1);
+SELECT id, chat_id, org_id FROM messages WHERE status = 'streaming' AND created_at < now() - make_interval(secs => $1);
 
 -- name: interrupt_messages
 UPDATE messages SET status = 'interrupted', finish_reason = 'interrupted', completed_at = now()
