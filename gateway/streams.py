@@ -6,7 +6,8 @@
   lease simply expires.
 - Stop from anywhere: ``POST /stop`` publishes the chat id on ``<prefix>stop``; the instance running that
   chat interrupts its turn.
-- Checkpoints: every ``checkpoint_s`` the partial text of every turn that grew is written in one statement.
+- Checkpoints: every ``checkpoint_s`` the text every turn streamed since its last checkpoint is appended to
+  its reply, for all of them in one statement.
 - Recovery: a reply left ``streaming`` whose lease is gone (or, at startup, still names this instance id)
   is marked ``interrupted`` and keeps the text of its last checkpoint.
 """
@@ -230,21 +231,25 @@ class StreamRegistry:
     # -- periodic work ----------------------------------------------------------------------------
 
     async def checkpoint(self) -> None:
-        """Write the partial text of every turn that grew and is due (its last checkpoint ``checkpoint_s``
-        ago), in one statement."""
-        ids, texts = [], []
+        """Append the text each turn that grew and is due (its last checkpoint ``checkpoint_s`` ago) has
+        streamed since its last checkpoint, in one statement. A turn counts as checkpointed only once the
+        statement succeeded, so a failed one is written again, whole, with the next."""
+        due_turns, ids, deltas = [], [], []
         now = time.perf_counter()
         due = now - self.settings.checkpoint_s
         for chat_turn in self.turns.values():
-            if (chat_turn.ending is None and chat_turn.checkpointed_at <= due
-                    and len(chat_turn.parts) != chat_turn.checkpointed_parts):
-                chat_turn.checkpointed_parts = len(chat_turn.parts)
-                chat_turn.checkpointed_at = now
+            done = chat_turn.checkpointed_parts
+            if chat_turn.ending is None and chat_turn.checkpointed_at <= due and len(chat_turn.parts) != done:
                 assert chat_turn.ids is not None
+                chat_turn.checkpointed_at = now
+                upto = len(chat_turn.parts)
+                due_turns.append((chat_turn, upto))
                 ids.append(chat_turn.ids.assistant_message_id)
-                texts.append(chat_turn.text)
+                deltas.append("".join(chat_turn.parts[done:upto]))
         if ids:
-            await checkpoint_replies(self.pool, ids, texts)
+            await checkpoint_replies(self.pool, ids, deltas)
+            for chat_turn, upto in due_turns:
+                chat_turn.checkpointed_parts = upto
 
     async def renew(self) -> None:
         """Push back the leases, quota slots and reservations of every running turn."""

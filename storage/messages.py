@@ -139,8 +139,9 @@ async def finish_reply(db: Executor, reply: FinishedReply) -> None:
     )
 
 
-async def checkpoint_replies(db: Executor, ids: Sequence[uuid.UUID], contents: Sequence[str]) -> None:
-    await db.execute(SQL["checkpoint_messages"], list(ids), list(contents))
+async def checkpoint_replies(db: Executor, ids: Sequence[uuid.UUID], deltas: Sequence[str]) -> None:
+    """Append each delta to its streaming reply's content."""
+    await db.execute(SQL["checkpoint_messages"], list(ids), list(deltas))
 
 
 async def streaming_replies(db: Executor, older_than_s: float) -> list[tuple[uuid.UUID, uuid.UUID, str]]:

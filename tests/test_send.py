@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -16,6 +17,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.settings import Settings
+from providers.fake import FakeOptions
 from tests.conftest import Gateway, auth_headers
 from tests.servers import serve_app
 
@@ -222,6 +224,32 @@ def owner_id(headers: dict[str, str]) -> str:
     import jwt
 
     return str(jwt.decode(headers["Authorization"].split()[1], options={"verify_signature": False})["sub"])
+
+
+async def test_checkpoints_append_the_text_streamed_since_the_last(
+    client: httpx.AsyncClient, alice: dict[str, str], gateway: Gateway, db: asyncpg.Pool
+) -> None:
+    prompt = "checkpoint one two three four"
+    chat_id = await new_chat(client, alice, model=SLOW)
+    async with client.stream("POST", f"/v1/chats/{chat_id}/messages", headers=alice, json={"content": prompt}) as r:
+        stream = read_events(r)
+        message_id = (await anext(stream)).json()["assistant_message_id"]
+        seen: list[str] = []
+
+        async def grew_three_times() -> bool:
+            content = (await reply_row(db, message_id))["content"]
+            if content and (not seen or content != seen[-1]):
+                seen.append(content)
+            return len(seen) >= 3
+
+        await eventually(grew_three_times)
+        await client.post(f"/v1/chats/{chat_id}/stop", headers=alice)
+        async for _ in stream:
+            pass
+    full = "".join(gateway.fake.tokens_for(prompt, FakeOptions(tokens=400)))
+    for earlier, later in itertools.pairwise(seen):
+        assert later.startswith(earlier) and len(later) > len(earlier)
+    assert all(full.startswith(content) for content in seen), seen  # no piece lost or written twice
 
 
 async def test_second_send_while_streaming_gets_409(

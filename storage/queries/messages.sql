@@ -70,8 +70,9 @@ INSERT INTO usage_ledger (org_id, user_id, chat_id, message_id, model, input_tok
 SELECT org_id, user_id, chat_id, $1, $5, $6, $7, $10, $8 FROM reply;
 
 -- name: checkpoint_messages
-UPDATE messages m SET content = v.content
-FROM unnest($1::uuid[], $2::text[]) AS v(id, content)
+-- Appends what each reply streamed since its last checkpoint (a long reply is not rewritten whole).
+UPDATE messages m SET content = m.content || v.delta
+FROM unnest($1::uuid[], $2::text[]) AS v(id, delta)
 WHERE m.id = v.id AND m.status = 'streaming';
 
 -- name: streaming_messages
