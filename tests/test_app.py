@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import asyncpg
@@ -64,3 +65,8 @@ async def test_ready_turns_503_when_postgres_is_gone(settings: Settings, db: asy
     assert "postgres" in error["message"]
     assert error["details"]["postgres"].startswith("error")
     assert error["details"]["redis"] == "ok"
+
+
+async def test_the_suite_runs_on_the_servers_loop() -> None:
+    # `gateway serve` runs on uvloop; the tests must too (see pytest_asyncio_loop_factories in conftest).
+    assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
