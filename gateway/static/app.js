@@ -52,7 +52,7 @@ async function loadChats() {
       item.append(button);
       return item;
     }));
-    setStatus("");
+    if ($("status").classList.contains("error")) setStatus("");  // a stale error; "Stopped." stays
   } catch (error) { setStatus(error.message, true); }
   refreshUsage();
 }
