@@ -104,6 +104,9 @@ class EventStream(Response):
         out = Writer(scope.get(BODY_SEND, send), self.turn)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        except (OSError, RuntimeError):  # the client's connection failed under the send
+            await self.turn.finish(ending="client_disconnected")
+            return
         except BaseException:
             self.turn.interrupt("interrupted")
             await self.turn.finish(ending="interrupted", shielded=True)
