@@ -108,8 +108,7 @@ class EventStream(Response):
             await self.turn.finish(ending="client_disconnected")
             return
         except BaseException:
-            self.turn.interrupt("interrupted")
-            await self.turn.finish(ending="interrupted", shielded=True)
+            await self._interrupted()
             raise
         if RESPONSE_REST in scope and scope[RESPONSE_REST] is None:
             # The start went through the stack's wrappers (they look at it); the rest runs once the stack
@@ -131,10 +130,9 @@ class EventStream(Response):
                 last = await self.turn.last_frame()
                 await out.send({"type": "http.response.body", "body": last, "more_body": False})
         except asyncio.CancelledError:
-            # Not a wake-up: the server is giving up on the stream (shutdown); the registry stores the turn.
+            # Not a wake-up: the server is giving up on the stream (shutdown).
             self.listening = False
-            self.turn.interrupt("interrupted")
-            await self.turn.finish(ending="interrupted", shielded=True)
+            await self._interrupted()
             raise
         except (OSError, RuntimeError):  # the client's connection failed under a send
             self.gone = True
@@ -144,6 +142,11 @@ class EventStream(Response):
             out.stop()
         if self.gone:
             await self.turn.finish(ending="client_disconnected")
+
+    async def _interrupted(self) -> None:
+        """The server gave up on the stream: the turn ends ``interrupted`` (the registry stores it)."""
+        self.turn.interrupt("interrupted")
+        await self.turn.finish(ending="interrupted", shielded=True)
 
     async def _wait(self, receive: Receive) -> None:
         task = self.task
@@ -247,7 +250,7 @@ class Writer:
             self.blocked.cancel()
 
 
-_CYCLE_FIELDS = ("chunked_encoding", "disconnected", "flow", "response_complete", "transport")
+_CYCLE_FIELDS = ("chunked_encoding", "disconnected", "flow", "transport")
 
 
 def direct_cycle(send: Send) -> Any | None:

@@ -233,7 +233,7 @@ class StreamRegistry:
     async def checkpoint(self) -> None:
         """Append the text each turn that grew and is due (its last checkpoint ``checkpoint_s`` ago) has
         streamed since its last checkpoint, in one statement. A turn counts as checkpointed only once the
-        statement succeeded, so a failed one is written again, whole, with the next."""
+        statement succeeded, so the text of a failed one goes with its next."""
         due_turns, ids, deltas = [], [], []
         now = time.perf_counter()
         due = now - self.settings.checkpoint_s

@@ -79,7 +79,7 @@ class Turn:
     """
 
     __slots__ = (
-        "_buffered", "_codec", "_failure", "_finisher", "_finishing", "_head", "_is_stored", "_stop_reason",
+        "_buffered", "_codec", "_failure", "_finisher", "_finishing", "_head", "_stop_reason",
         "_stored", "_task", "_upstream", "_upstream_finish", "_waiting", "_wake", "_write", "checkpointed_at",
         "checkpointed_parts", "duration_ms", "ending", "error", "first_token_s", "ids", "model", "owner",
         "parts", "request", "started", "ticket", "usage",
@@ -116,7 +116,6 @@ class Turn:
         self._waiting = False  # whether that task is waiting on the provider right now
         self._finishing: asyncio.Task[None] | None = None
         self._stored: asyncio.Future[None] | None = None  # made by the first caller of ``finished``
-        self._is_stored = False
         # While relaying: the codec, where frames go, who to wake at the end, and how the provider ended.
         self._codec: StreamCodec | None = None
         self._write: Callable[[bytes], None] | None = None
@@ -301,7 +300,7 @@ class Turn:
 
     async def finished(self) -> None:
         """Wait until the turn has ended and its ending is stored."""
-        if not self._is_stored:
+        if self._finishing is None or not self._finishing.done():
             if self._stored is None:
                 self._stored = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._stored)
@@ -317,7 +316,6 @@ class Turn:
         try:
             await self._finisher(self)
         finally:
-            self._is_stored = True
             if self._stored is not None:
                 self._stored.set_result(None)
 
