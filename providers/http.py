@@ -136,6 +136,8 @@ class Upstream:
         assert self._slots is not None
         self._slots.release()
         if reusable and connection.is_open():
+            assert connection.transport is not None
+            connection.transport.resume_reading()  # a call may have paused it; the pool watches for a close
             self._idle.setdefault(connection.key, []).append((time.monotonic(), connection))
             self.watch()
         else:
@@ -227,8 +229,10 @@ class _Connection(asyncio.Protocol):
 
 class UpstreamCall:
     """One request and its answer's event batches: an async iterator of batches that can be turned into a
-    relay (``relay``) once the first has been read. Closing it closes its connection at once unless the
-    answer was read to its end, in which case the connection goes back to the pool."""
+    relay (``relay``) once the first has been read. As an iterator it reads a batch ahead of its consumer
+    and then pauses the connection; a relay reads as the client takes what it writes. Closing it closes
+    its connection at once unless the answer was read to its end, in which case the connection goes back
+    to the pool."""
 
     __slots__ = (
         "body",
@@ -277,7 +281,7 @@ class UpstreamCall:
         self.over = False  # no more events will come: complete, failed or closed
         self.started = False
         self.reads = self.seen = self.quiet = 0
-        self.paused = False  # by the consumer: a stall is then the client's, not the vendor's
+        self.paused = False  # reading waits on the consumer: a stall is then not the vendor's
 
     # -- the consumer's side ------------------------------------------------------------------------
 
@@ -297,6 +301,8 @@ class UpstreamCall:
                 if self.failure is not None:
                     raise self.failure
                 raise StopAsyncIteration
+            if self.paused:
+                self.resume()
             self.waiter = asyncio.get_running_loop().create_future()
             try:
                 await self.waiter
@@ -317,6 +323,8 @@ class UpstreamCall:
         if self.over and self.sink is not None:
             self.sink.ended(self.failure)
             self.sink = None
+        elif self.paused:
+            self.resume()
 
     def pause(self) -> None:
         self.paused = True
@@ -452,7 +460,11 @@ class UpstreamCall:
             return
         sink = self.sink
         if sink is None:
+            # Read on demand: a batch ahead of the consumer, no more. Until a stream's first token has
+            # gone out, the rest of an answer that arrives at once is not decoded in its way.
             self.ready.append(batch)
+            if not self.paused:
+                self.pause()
             self._wake()
             return
         try:

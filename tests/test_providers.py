@@ -23,6 +23,7 @@ from providers.base import (
     Usage,
 )
 from providers.gemini import GeminiProvider
+from providers.http import UpstreamCall
 from providers.openai import OpenAIProvider
 from tests.vendors import OUTPUT_TOKENS, PROMPT_TOKENS, TEXT, TOKENS, VENDORS
 
@@ -177,6 +178,26 @@ async def test_relay_ends_with_the_failure_after_the_deltas_before_it(vendors: d
     events, failure = await relayed(adapter_for(vendor, vendors[vendor][1]), "drop")
     assert isinstance(failure, ProviderConnectionError)
     assert text_of(events) == "".join(TOKENS[:2])
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+async def test_an_iterated_call_reads_when_its_consumer_asks(vendors: dict[str, Any], vendor: str) -> None:
+    # A batch ahead of the consumer, then the connection waits: until a stream's first token has gone out,
+    # the rest of an answer that came with it is not decoded in its way.
+    provider = adapter_for(vendor, vendors[vendor][1])
+    stream = provider.stream(ProviderRequest("stall", [ChatMessage("user", "hi")]))
+    try:
+        assert isinstance(stream, UpstreamCall)
+        events = list(await anext(stream))
+        assert stream.connection is not None and stream.connection.transport is not None
+        assert not stream.connection.transport.is_reading()
+        while text_of(events) != "".join(TOKENS[:2]):
+            events += await anext(stream)
+        with pytest.raises(ProviderTimeout):  # asked for more, it reads again, and sees the stall
+            await anext(stream)
+    finally:
+        await stream.aclose()
+        await provider.aclose()
 
 
 async def test_a_connection_read_to_its_end_serves_the_next_call(vendors: dict[str, Any]) -> None:
