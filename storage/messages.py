@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,10 +66,18 @@ class TurnContext:
     history: list[tuple[str, str]]  # (role, content), oldest first
 
 
+@functools.cache
+def chat_for_turn_query(history_messages: int) -> str:
+    """The read before a turn, its history limit written in. Given as a parameter, the limit had
+    PostgreSQL plan the read afresh on every call: a generic plan, not knowing it, reckons with a tenth of
+    the chat's messages and always costs more than a custom one (0.21 ms a read; 0.10 planned once)."""
+    return SQL["chat_for_turn"].replace("{history_messages}", str(int(history_messages)))
+
+
 async def chat_for_turn(
     db: Executor, owner: Owner, chat_id: uuid.UUID, history_messages: int
 ) -> TurnContext | None:
-    row = await db.fetchrow(SQL["chat_for_turn"], chat_id, owner.org_id, owner.user_id, history_messages)
+    row = await db.fetchrow(chat_for_turn_query(history_messages), chat_id, owner.org_id, owner.user_id)
     if row is None:
         return None
     history = list(zip(row["roles"] or (), row["contents"] or (), strict=True))

@@ -10,7 +10,14 @@ import httpx
 import pytest
 
 from storage.chats import ChatFields, Owner, create_chat
-from storage.messages import NewTurn, insert_turn
+from storage.messages import (
+    FinishedReply,
+    NewTurn,
+    chat_for_turn,
+    chat_for_turn_query,
+    finish_reply,
+    insert_turn,
+)
 from storage.queries import SQL
 from tests.conftest import auth_headers
 
@@ -330,7 +337,28 @@ async def test_history_read_of_a_long_chat_stops_at_its_limit(db: asyncpg.Pool) 
                                              "fake/echo", [], None, {}))
     await db.execute("ANALYZE messages")
     async with db.acquire() as conn:
-        plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {SQL['chat_for_turn']}",
-                                   chat["id"], owner.org_id, owner.user_id, 20)
+        plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {chat_for_turn_query(20)}",
+                                   chat["id"], owner.org_id, owner.user_id)
     scans = [node for node in plan_nodes(plan[0]["Plan"]) if node.get("Relation Name") == "messages"]
     assert scans and all(node["Actual Rows"] <= 20 for node in scans), [node["Node Type"] for node in scans]
+
+
+async def test_a_turns_statements_are_planned_once_per_connection(db: asyncpg.Pool) -> None:
+    # PostgreSQL plans a prepared statement afresh on every call while its generic plan looks costlier
+    # than a custom one; the history read did so with its limit as a parameter (half its time planning).
+    # Each turn runs these three once (checkpoints are one statement an interval for all streams).
+    owner = Owner("org-plans", f"plans-{uuid.uuid4().hex[:6]}")
+    chat = await create_chat(db, owner, ChatFields(None, "fake/echo", None), None)
+    async with db.acquire() as conn:
+        for n in range(8):
+            turn = NewTurn(chat["id"], uuid.uuid4(), uuid.uuid4(), f"message {n}", "t", "fake/echo", [], None, {})
+            assert await chat_for_turn(conn, owner, chat["id"], 20) is not None
+            assert await insert_turn(conn, owner, turn)
+            await finish_reply(conn, FinishedReply(turn.assistant_message_id, "partial reply", "complete", "stop",
+                                                   "fake/echo", 1, 2, False, {}, 3))
+        rows = await conn.fetch("SELECT statement, generic_plans FROM pg_prepared_statements")
+    statements = {chat_for_turn_query(20): "chat_for_turn", SQL["insert_turn"]: "insert_turn",
+                  SQL["finish_message"]: "finish_message"}
+    generic = {statements[row["statement"]]: row["generic_plans"] for row in rows if row["statement"] in statements}
+    assert sorted(generic) == sorted(statements.values())
+    assert all(count > 0 for count in generic.values()), generic

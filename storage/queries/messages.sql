@@ -26,14 +26,15 @@ WHERE id = $1 AND org_id = $2 AND user_id = $3;
 
 -- name: chat_for_turn
 -- The chat and its most recent messages (newest first, as two arrays: building a JSON document of them
--- cost a third more), in one round trip before a turn.
+-- cost a third more), in one round trip before a turn. {history_messages} is written in once (see
+-- storage/messages.py): as a parameter, it would have the read planned anew on every call.
 SELECT c.id, c.title, c.model, c.system_prompt, h.roles, h.contents
 FROM chats c,
      LATERAL (SELECT array_agg(m.role) AS roles, array_agg(m.content) AS contents
               FROM (SELECT role, content FROM messages
                     WHERE chat_id = c.id AND deleted_at IS NULL AND content <> ''
                       AND role IN ('user', 'assistant')
-                    ORDER BY seq DESC LIMIT $4) m) h
+                    ORDER BY seq DESC LIMIT {history_messages}) m) h
 WHERE c.id = $1 AND c.org_id = $2 AND c.user_id = $3 AND c.deleted_at IS NULL;
 
 -- name: insert_turn
