@@ -83,6 +83,7 @@ def create_app(settings: Settings | None = None, providers: ProviderRegistry | N
         finally:
             await streams.close(settings.shutdown_grace_s + 5)
             await providers.aclose()
+            await quotas.store.aclose()
             await redis.aclose()
             await pool.close()
 

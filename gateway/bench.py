@@ -270,6 +270,7 @@ async def quota_check(redis_url: str, samples: int) -> dict[str, float]:
         timings.append(time.perf_counter() - started)
         if decision.ticket:
             await store.settle(decision.ticket, 50)
+    await store.aclose()
     await redis.aclose()
     timings.sort()
     return {"samples": samples, "p50_ms": percentile(timings, 50) * 1000, "p99_ms": percentile(timings, 99) * 1000}

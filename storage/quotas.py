@@ -22,6 +22,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from storage.scripts import Script, ScriptClient
 from storage.usage import QuotaOverride
 
 _LUA = Path(__file__).with_name("lua")
@@ -128,10 +129,14 @@ class QuotaStore:
         self.load_limits = load_limits
         self.limits_cache_s = limits_cache_s
         self.clock = clock
+        self.scripts = ScriptClient.like(redis)
         prelude = (_LUA / "limits.lua").read_text()
-        self._reserve = redis.register_script(prelude + (_LUA / "reserve.lua").read_text())
-        self._settle = redis.register_script((_LUA / "settle.lua").read_text())
-        self._usage = redis.register_script(prelude + (_LUA / "usage.lua").read_text())
+        self._reserve = Script(prelude + (_LUA / "reserve.lua").read_text())
+        self._settle = Script((_LUA / "settle.lua").read_text())
+        self._usage = Script(prelude + (_LUA / "usage.lua").read_text())
+
+    async def aclose(self) -> None:
+        await self.scripts.aclose()
 
     # -- keys ---------------------------------------------------------------------------------------
 
@@ -186,7 +191,7 @@ class QuotaStore:
             if lease is not None:
                 keys.append(lease.key)
                 args += [lease.value, lease.ms]
-            result = await self._reserve(keys=keys, args=args)
+            result = await self.scripts.run(self._reserve, keys, args)
             if result[0] == b"limits":
                 await self._cache_limits(org_id, user_id, result[1].decode())
                 continue
@@ -223,7 +228,7 @@ class QuotaStore:
         if lease is not None:
             keys.append(lease.key)
             args.append(lease.value)
-        await self._settle(keys=keys, args=args)
+        await self.scripts.run(self._settle, keys, args)
 
     async def renew(self, tickets: Iterable[Ticket]) -> None:
         """Push back the expiry of running streams' slots and reservations (pipelines of ``REDIS_BATCH``)."""
@@ -262,7 +267,7 @@ class QuotaStore:
         while True:
             now_ms = int(self.clock() * 1000)
             bounds = period_bounds(now_ms / 1000)
-            result = await self._usage(keys=self._keys(org_id, user_id, bounds), args=[
+            result = await self.scripts.run(self._usage, self._keys(org_id, user_id, bounds), [
                 now_ms, "", "", "", *self._args(now_ms, bounds)[1:]])
             if result[0] == b"limits":
                 await self._cache_limits(org_id, user_id, result[1].decode())

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import math
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,18 +40,31 @@ def subject() -> tuple[str, str]:
     return f"org-{uuid.uuid4().hex[:8]}", f"user-{uuid.uuid4().hex[:8]}"
 
 
-def store_for(redis: Redis, db: asyncpg.Pool, settings: Settings, clock: Clock, **defaults: Any) -> QuotaStore:
+StoreFor = Callable[..., QuotaStore]
+
+
+@pytest.fixture
+async def store_for(redis: Redis, db: asyncpg.Pool, settings: Settings) -> AsyncIterator[StoreFor]:
+    """Quota stores on a test clock, closed after the test."""
     async def load(org_id: str, scope: str, subject_id: str) -> QuotaOverride | None:
         return await get_override(db, org_id, scope, subject_id)
 
-    return QuotaStore(redis, settings.redis_prefix, QuotaDefaults(**defaults), 30, load, clock=clock)
+    stores: list[QuotaStore] = []
+
+    def make(clock: Clock, **defaults: Any) -> QuotaStore:
+        stores.append(QuotaStore(redis, settings.redis_prefix, QuotaDefaults(**defaults), 30, load, clock=clock))
+        return stores[-1]
+
+    yield make
+    for store in stores:
+        await store.aclose()
 
 
 async def test_budget_refuses_then_resets_at_the_utc_day_boundary(
-    redis: Redis, db: asyncpg.Pool, settings: Settings, subject: tuple[str, str]
+    store_for: StoreFor, redis: Redis, db: asyncpg.Pool, settings: Settings, subject: tuple[str, str]
 ) -> None:
     clock = Clock(datetime(2026, 3, 9, 23, 59, 0, tzinfo=UTC))
-    store = store_for(redis, db, settings, clock, user_tokens=250)
+    store = store_for(clock, user_tokens=250)
     first = await store.reserve(*subject, "s1", 100)
     assert first.admitted and first.tokens_remaining == 150 and first.token_limit == 250
     assert first.ticket is not None
@@ -66,12 +79,12 @@ async def test_budget_refuses_then_resets_at_the_utc_day_boundary(
 
 
 async def test_month_period_override_resets_at_the_month_boundary(
-    redis: Redis, db: asyncpg.Pool, settings: Settings, subject: tuple[str, str]
+    store_for: StoreFor, redis: Redis, db: asyncpg.Pool, settings: Settings, subject: tuple[str, str]
 ) -> None:
     org, user = subject
     await put_override(db, org, "user", user, QuotaOverride(tokens_per_period=100, period="month"))
     clock = Clock(datetime(2026, 2, 28, 12, 0, 0, tzinfo=UTC))
-    store = store_for(redis, db, settings, clock)
+    store = store_for(clock)
     ticket = (await store.reserve(org, user, "m1", 100)).ticket
     assert ticket is not None
     await store.settle(ticket, 100)
@@ -81,10 +94,10 @@ async def test_month_period_override_resets_at_the_month_boundary(
     assert (await store.reserve(org, user, "m3", 1)).admitted
 
 
-async def test_requests_per_minute_slide(redis: Redis, db: asyncpg.Pool, settings: Settings,
+async def test_requests_per_minute_slide(store_for: StoreFor, redis: Redis, db: asyncpg.Pool, settings: Settings,
                                          subject: tuple[str, str]) -> None:
     clock = Clock(datetime(2026, 5, 1, 10, 0, 0, tzinfo=UTC))
-    store = store_for(redis, db, settings, clock, requests_per_minute=3)
+    store = store_for(clock, requests_per_minute=3)
     for n in range(3):
         decision = await store.reserve(*subject, f"r{n}", 1)
         assert decision.admitted and decision.requests_remaining == 2 - n
@@ -97,10 +110,10 @@ async def test_requests_per_minute_slide(redis: Redis, db: asyncpg.Pool, setting
 
 
 async def test_concurrency_slots_are_freed_by_settlement_or_by_expiry(
-    redis: Redis, db: asyncpg.Pool, settings: Settings, subject: tuple[str, str]
+    store_for: StoreFor, redis: Redis, db: asyncpg.Pool, settings: Settings, subject: tuple[str, str]
 ) -> None:
     clock = Clock(datetime(2026, 5, 1, 10, 0, 0, tzinfo=UTC))
-    store = store_for(redis, db, settings, clock, max_concurrent_streams=2, user_tokens=1000)
+    store = store_for(clock, max_concurrent_streams=2, user_tokens=1000)
     a = await store.reserve(*subject, "a", 400)
     b = await store.reserve(*subject, "b", 400)
     assert a.ticket and b.ticket
@@ -113,10 +126,10 @@ async def test_concurrency_slots_are_freed_by_settlement_or_by_expiry(
     assert decision.admitted and decision.tokens_remaining == 1000 - 10 - 900  # "d" lapsed as well
 
 
-async def test_renewal_keeps_a_long_stream_alive(redis: Redis, db: asyncpg.Pool, settings: Settings,
+async def test_renewal_keeps_a_long_stream_alive(store_for: StoreFor, redis: Redis, db: asyncpg.Pool, settings: Settings,
                                                  subject: tuple[str, str]) -> None:
     clock = Clock(datetime(2026, 5, 1, 10, 0, 0, tzinfo=UTC))
-    store = store_for(redis, db, settings, clock, max_concurrent_streams=1)
+    store = store_for(clock, max_concurrent_streams=1)
     ticket = (await store.reserve(*subject, "long", 1)).ticket
     assert ticket is not None
     for _ in range(4):
