@@ -61,7 +61,7 @@ async def store_for(redis: Redis, db: asyncpg.Pool, settings: Settings) -> Async
 
 
 async def test_budget_refuses_then_resets_at_the_utc_day_boundary(
-    store_for: StoreFor, redis: Redis, db: asyncpg.Pool, settings: Settings, subject: tuple[str, str]
+    store_for: StoreFor, subject: tuple[str, str]
 ) -> None:
     clock = Clock(datetime(2026, 3, 9, 23, 59, 0, tzinfo=UTC))
     store = store_for(clock, user_tokens=250)
@@ -79,7 +79,7 @@ async def test_budget_refuses_then_resets_at_the_utc_day_boundary(
 
 
 async def test_month_period_override_resets_at_the_month_boundary(
-    store_for: StoreFor, redis: Redis, db: asyncpg.Pool, settings: Settings, subject: tuple[str, str]
+    store_for: StoreFor, db: asyncpg.Pool, subject: tuple[str, str]
 ) -> None:
     org, user = subject
     await put_override(db, org, "user", user, QuotaOverride(tokens_per_period=100, period="month"))
@@ -94,8 +94,7 @@ async def test_month_period_override_resets_at_the_month_boundary(
     assert (await store.reserve(org, user, "m3", 1)).admitted
 
 
-async def test_requests_per_minute_slide(store_for: StoreFor, redis: Redis, db: asyncpg.Pool, settings: Settings,
-                                         subject: tuple[str, str]) -> None:
+async def test_requests_per_minute_slide(store_for: StoreFor, subject: tuple[str, str]) -> None:
     clock = Clock(datetime(2026, 5, 1, 10, 0, 0, tzinfo=UTC))
     store = store_for(clock, requests_per_minute=3)
     for n in range(3):
@@ -110,7 +109,7 @@ async def test_requests_per_minute_slide(store_for: StoreFor, redis: Redis, db: 
 
 
 async def test_concurrency_slots_are_freed_by_settlement_or_by_expiry(
-    store_for: StoreFor, redis: Redis, db: asyncpg.Pool, settings: Settings, subject: tuple[str, str]
+    store_for: StoreFor, subject: tuple[str, str]
 ) -> None:
     clock = Clock(datetime(2026, 5, 1, 10, 0, 0, tzinfo=UTC))
     store = store_for(clock, max_concurrent_streams=2, user_tokens=1000)
@@ -126,8 +125,7 @@ async def test_concurrency_slots_are_freed_by_settlement_or_by_expiry(
     assert decision.admitted and decision.tokens_remaining == 1000 - 10 - 900  # "d" lapsed as well
 
 
-async def test_renewal_keeps_a_long_stream_alive(store_for: StoreFor, redis: Redis, db: asyncpg.Pool, settings: Settings,
-                                                 subject: tuple[str, str]) -> None:
+async def test_renewal_keeps_a_long_stream_alive(store_for: StoreFor, subject: tuple[str, str]) -> None:
     clock = Clock(datetime(2026, 5, 1, 10, 0, 0, tzinfo=UTC))
     store = store_for(clock, max_concurrent_streams=1)
     ticket = (await store.reserve(*subject, "long", 1)).ticket
