@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.auth import principal_of
-from gateway.dispatch import admit, event_stream, start_turn, upstream_failure
+from gateway.dispatch import admit, event_stream, start_turn, token_estimate, upstream_failure
 from gateway.errors import GatewayError, NotFound
 from gateway.responses import JSONBody
 from gateway.schemas import parse_body
@@ -196,7 +196,8 @@ async def chat_completions(request: Request) -> Response:
         raise missing from None
     call = provider_request(body, model_name)
     owner = Owner(principal.org_id, principal.user_id)
-    admission = await admit(services, owner, uuid.uuid4(), call)
+    estimate = token_estimate(services, call.prompt_chars, call.max_tokens)
+    admission = await admit(services, owner, uuid.uuid4(), estimate)
     turn = Turn(body.model, call, provider.stream(call), services.streams.finish)
     turn.ticket, turn.owner = admission.ticket, owner
     await start_turn(services, turn, body.model)

@@ -13,7 +13,7 @@ from gateway.quotas import Admission
 from gateway.services import Services
 from gateway.sse import EventStream
 from gateway.turns import StreamCodec, Turn, estimate_tokens
-from providers.base import ProviderError, ProviderRequest, ProviderTimeout, UnknownModel
+from providers.base import ProviderError, ProviderTimeout, UnknownModel
 from storage.chats import Owner
 
 
@@ -25,12 +25,16 @@ def upstream_failure(error: ProviderError) -> GatewayError:
     return failure
 
 
+def token_estimate(services: Services, prompt_chars: int, max_tokens: int | None) -> int:
+    """What a turn reserves: its prompt's estimate plus its ``max_tokens`` (or the default)."""
+    return services.quotas.estimate(estimate_tokens(prompt_chars), max_tokens)
+
+
 async def admit(
-    services: Services, owner: Owner, stream_id: uuid.UUID, request: ProviderRequest, chat_id: uuid.UUID | None = None
+    services: Services, owner: Owner, stream_id: uuid.UUID, estimate: int, chat_id: uuid.UUID | None = None
 ) -> Admission:
-    """Reserve the turn's estimated tokens: the prompt's estimate plus its ``max_tokens`` (or the default).
-    A chat turn also takes its chat's lease in the same round trip (409 while another stream holds it)."""
-    estimate = services.quotas.estimate(estimate_tokens(request.prompt_chars), request.max_tokens)
+    """Reserve the turn's ``estimate`` of tokens. A chat turn also takes its chat's lease in the same
+    round trip (409 while another stream holds it)."""
     lease = None if chat_id is None else services.streams.lease(owner.org_id, chat_id, stream_id)
     return await services.quotas.admit(owner.org_id, owner.user_id, str(stream_id), estimate, lease)
 

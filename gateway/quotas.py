@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from redis.exceptions import RedisError
 
@@ -33,10 +33,13 @@ _REFUSALS: dict[str, type[GatewayError]] = {
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """A stream let through: its ticket (None when the quota store was down and the mode is open)."""
+    """A stream let through: its ticket (None when the quota store was down and the mode is open), the
+    store's decision and the tokens it reserved."""
 
     ticket: Ticket | None
     headers: dict[str, str] = field(default_factory=dict)
+    decision: Decision | None = None
+    reserved: int = 0
 
 
 def rate_limit_headers(decision: Decision) -> dict[str, str]:
@@ -49,6 +52,11 @@ def rate_limit_headers(decision: Decision) -> dict[str, str]:
         headers["X-RateLimit-Limit-Requests"] = str(decision.request_limit)
         headers["X-RateLimit-Remaining-Requests"] = str(decision.requests_remaining)
     return headers
+
+
+def _plus(value: int, change: int) -> int:
+    """A count with ``change`` applied, at least zero; an unlimited one stays unlimited."""
+    return value if value == UNLIMITED else max(value + change, 0)
 
 
 class QuotaGuard:
@@ -76,14 +84,53 @@ class QuotaGuard:
             logger.warning("quota store unavailable; stream let through (fail mode open)",
                            extra={"org": org_id, "user": user_id})
             return Admission(None)
-        headers = rate_limit_headers(decision)
         if decision.code == "stream_active":
             raise StreamAlreadyActive()
         if not decision.admitted:
-            QUOTA_REFUSALS.labels(decision.code).inc()
-            headers["Retry-After"] = str(max(decision.retry_after_s, 1))
-            raise _REFUSALS[decision.code](headers=headers)
-        return Admission(decision.ticket, headers)
+            raise self._refusal(decision)
+        return Admission(decision.ticket, rate_limit_headers(decision), decision, estimate)
+
+    def cover(self, admission: Admission, extra: int) -> Admission:
+        """The admitted stream's estimate grew by ``extra`` tokens (its chat's history, read while it was
+        being admitted): the admission again if the budgets' headroom covers them, else the refusal it
+        would have had, to be raised after ``withdraw``. Only a stream of the same budget admitted in
+        between can make the two checks differ from one; the reservation grows in ``grow``."""
+        decision = admission.decision
+        if decision is None or extra <= 0:
+            return admission
+        if decision.headroom != UNLIMITED and decision.headroom < extra:
+            raise self._refusal(replace(
+                decision, code="quota_exceeded", retry_after_s=decision.headroom_reset_s,
+                tokens_remaining=_plus(decision.tokens_remaining, admission.reserved),
+                requests_remaining=_plus(decision.requests_remaining, 1)))
+        grown = replace(decision, tokens_remaining=_plus(decision.tokens_remaining, -extra),
+                        headroom=_plus(decision.headroom, -extra))
+        return Admission(admission.ticket, rate_limit_headers(grown), grown, admission.reserved + extra)
+
+    def _refusal(self, decision: Decision) -> GatewayError:
+        QUOTA_REFUSALS.labels(decision.code).inc()
+        headers = rate_limit_headers(decision)
+        headers["Retry-After"] = str(max(decision.retry_after_s, 1))
+        return _REFUSALS[decision.code](headers=headers)
+
+    async def grow(self, ticket: Ticket | None, tokens: int) -> None:
+        """Count ``tokens`` more in a running stream's reservation (see ``cover``); on a Redis failure the
+        settlement at its end still charges what it used."""
+        if ticket is None or tokens <= 0:
+            return
+        try:
+            await self.store.grow(ticket, tokens)
+        except (RedisError, OSError):
+            logger.warning("growing a quota reservation failed", exc_info=True)
+
+    async def withdraw(self, admission: Admission, lease: Lease | None) -> None:
+        """Undo an admission whose stream will not start: its slot, reservation, request and lease."""
+        if admission.ticket is None:
+            return
+        try:
+            await self.store.settle(admission.ticket, 0, lease, withdrawn=True)
+        except (RedisError, OSError):
+            logger.warning("withdrawing a quota reservation failed; it will expire", exc_info=True)
 
     async def settle(self, ticket: Ticket | None, charged_tokens: int, lease: Lease | None = None) -> None:
         if ticket is None:

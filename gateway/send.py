@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 from starlette.requests import Request
@@ -10,19 +13,21 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.chats import new_chat, owner_of
-from gateway.dispatch import admit, event_stream, start_turn
+from gateway.dispatch import admit, event_stream, start_turn, token_estimate
 from gateway.errors import (
     ChatNotFound,
+    GatewayError,
     NotFound,
     ValidationFailed,
 )
 from gateway.metrics import timed
+from gateway.quotas import Admission
 from gateway.responses import JSONBody
 from gateway.schemas import ChatTurn, SendMessage, TurnOptions, chat_id_of, parse_body
 from gateway.services import Services, services_of
 from gateway.sse import ChatEvents
 from gateway.turns import StreamCodec, Turn, TurnIds
-from providers.base import ChatMessage, ProviderRequest, UnknownModel
+from providers.base import ChatMessage, Provider, ProviderRequest, UnknownModel
 from storage import chats, messages
 from storage.chats import ChatFields, Owner
 from storage.messages import NewTurn, TurnContext
@@ -99,32 +104,77 @@ async def run_turn(
     request: Request, services: Services, owner: Owner, chat_id: uuid.UUID, content: str, options: TurnOptions,
     codec: StreamCodec | None = None, headers: dict[str, str] | None = None,
 ) -> Response:
-    """Store the message, reach the first token, then answer as a stream (``codec``, chat events by default)
-    or, when the client accepts only JSON, as one body."""
+    """Admit the turn, store its message while reaching the first token, then answer as a stream
+    (``codec``, chat events by default) or, when the client accepts only JSON, as one body."""
     settings = services.settings
-    context = await messages.chat_for_turn(services.pool, owner, chat_id, settings.history_messages)
-    if context is None:
-        raise ChatNotFound()
-    model = options.model or context.model
+    ids = TurnIds(chat_id, uuid.uuid4(), uuid.uuid4())
+    chosen = resolve_model(services, options.model) if options.model else None
+    asked = token_estimate(services, len(content), options.max_tokens)
+    context, admission = await read_and_admit(services, owner, ids, asked)
     try:
-        provider, model_name = services.providers.resolve(model)
+        model = options.model or context.model
+        provider, model_name = chosen or resolve_model(services, model)
+        provider_request = ProviderRequest(
+            model_name,
+            [*history_window(context.history, settings.history_chars), ChatMessage("user", content)],
+            system=context.system_prompt, max_tokens=options.max_tokens, temperature=options.temperature,
+        )
+        extra = token_estimate(services, provider_request.prompt_chars, options.max_tokens) - asked
+        admission = services.quotas.cover(admission, extra)
+    except BaseException:
+        await withdraw(services, owner, ids, admission)
+        raise
+    turn = Turn(model, provider_request, provider.stream(provider_request), services.streams.finish, ids)
+    turn.ticket = admission.ticket
+    storing: Awaitable[None] = store_turn(services, owner, ids, content, model, options, context)
+    if extra > 0 and turn.ticket is not None:
+        storing = alongside(storing, services.quotas.grow(turn.ticket, extra))
+    await start_turn(services, turn, model, storing)
+    if "application/json" in request.headers.get("accept", ""):
+        return await json_answer(services, owner, turn, admission.headers)
+    return event_stream(services, turn, codec or ChatEvents(), {**admission.headers, **(headers or {})})
+
+
+def resolve_model(services: Services, model: str) -> tuple[Provider, str]:
+    try:
+        return services.providers.resolve(model)
     except UnknownModel as error:
         raise ValidationFailed(
             str(error), details=[{"loc": ["model"], "msg": str(error), "type": "unknown"}]
         ) from None
-    ids = TurnIds(chat_id, uuid.uuid4(), uuid.uuid4())
-    provider_request = ProviderRequest(
-        model_name,
-        [*history_window(context.history, settings.history_chars), ChatMessage("user", content)],
-        system=context.system_prompt, max_tokens=options.max_tokens, temperature=options.temperature,
-    )
-    admission = await admit(services, owner, ids.assistant_message_id, provider_request, chat_id)
-    turn = Turn(model, provider_request, provider.stream(provider_request), services.streams.finish, ids)
-    turn.ticket = admission.ticket
-    await start_turn(services, turn, model, store_turn(services, owner, ids, content, model, options, context))
-    if "application/json" in request.headers.get("accept", ""):
-        return await json_answer(services, owner, turn, admission.headers)
-    return event_stream(services, turn, codec or ChatEvents(), {**admission.headers, **(headers or {})})
+
+
+async def read_and_admit(
+    services: Services, owner: Owner, ids: TurnIds, estimate: int
+) -> tuple[TurnContext, Admission]:
+    """The chat's context (model, system prompt, history) and the turn's admission for ``estimate`` tokens,
+    both at once. A missing chat wins over a refusal (404), and an admission whose turn will not start is
+    withdrawn: neither leaves a trace."""
+    admitting = asyncio.ensure_future(admit(services, owner, ids.assistant_message_id, estimate, ids.chat_id))
+    try:
+        context = await messages.chat_for_turn(
+            services.pool, owner, ids.chat_id, services.settings.history_messages)
+        if context is None:
+            raise ChatNotFound()
+    except BaseException:
+        with contextlib.suppress(GatewayError):  # a refusal has nothing to undo
+            await withdraw(services, owner, ids, await admitting)
+        raise
+    return context, await admitting
+
+
+async def alongside(main: Awaitable[None], side: Coroutine[Any, Any, None]) -> None:
+    """``main``, with ``side`` run at the same time and finished before this returns."""
+    task = asyncio.ensure_future(side)
+    try:
+        await main
+    finally:
+        await task
+
+
+async def withdraw(services: Services, owner: Owner, ids: TurnIds, admission: Admission) -> None:
+    lease = services.streams.lease(owner.org_id, ids.chat_id, ids.assistant_message_id)
+    await services.quotas.withdraw(admission, lease)
 
 
 async def store_turn(

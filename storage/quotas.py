@@ -80,6 +80,8 @@ class Decision:
     request_limit: int
     requests_remaining: int
     ticket: Ticket | None
+    headroom: int = UNLIMITED  # tokens the tighter budget has left after this reservation
+    headroom_reset_s: int = 0
 
     @property
     def admitted(self) -> bool:
@@ -133,6 +135,7 @@ class QuotaStore:
         prelude = (_LUA / "limits.lua").read_text()
         self._reserve = Script(prelude + (_LUA / "reserve.lua").read_text())
         self._settle = Script((_LUA / "settle.lua").read_text())
+        self._grow = Script((_LUA / "grow.lua").read_text())
         self._usage = Script(prelude + (_LUA / "usage.lua").read_text())
 
     async def aclose(self) -> None:
@@ -214,21 +217,32 @@ class QuotaStore:
         return Decision(
             code, math.ceil(max(int(result[1]), 0) / 1000), int(result[2]), int(result[3]),
             math.ceil(int(result[4]) / 1000), int(result[5]), int(result[6]), ticket,
+            int(result[9]), math.ceil(int(result[10]) / 1000),
         )
 
-    async def settle(self, ticket: Ticket, charged_tokens: int, lease: Lease | None = None) -> None:
+    async def settle(
+        self, ticket: Ticket, charged_tokens: int, lease: Lease | None = None, *, withdrawn: bool = False
+    ) -> None:
         """Replace the stream's reservation by what it really used, and free its slot (and its chat's
-        lease, if it still holds it)."""
+        lease, if it still holds it). A ``withdrawn`` stream, refused after its admission, no longer
+        counts as a request either: its admission leaves no trace."""
         user, org = self._active_keys(ticket)
         keys = [user, self._key(ticket.org_id, "user", ticket.user_id, "reserved"),
                 self._key(ticket.org_id, "user", ticket.user_id, "used", ticket.periods[0]),
                 org, self._key(ticket.org_id, "org", ticket.org_id, "reserved"),
-                self._key(ticket.org_id, "org", ticket.org_id, "used", ticket.periods[1])]
-        args: list[Any] = [ticket.stream_id, charged_tokens, *ticket.ttls]
+                self._key(ticket.org_id, "org", ticket.org_id, "used", ticket.periods[1]),
+                self._key(ticket.org_id, "user", ticket.user_id, "requests")]
+        args: list[Any] = [ticket.stream_id, charged_tokens, *ticket.ttls, int(withdrawn)]
         if lease is not None:
             keys.append(lease.key)
             args.append(lease.value)
         await self.scripts.run(self._settle, keys, args)
+
+    async def grow(self, ticket: Ticket, tokens: int) -> None:
+        """Add ``tokens`` to a running stream's reservation (a no-op once it is settled)."""
+        keys = [self._key(ticket.org_id, "user", ticket.user_id, "reserved"),
+                self._key(ticket.org_id, "org", ticket.org_id, "reserved")]
+        await self.scripts.run(self._grow, keys, [ticket.stream_id, tokens])
 
     async def renew(self, tickets: Iterable[Ticket]) -> None:
         """Push back the expiry of running streams' slots and reservations (pipelines of ``REDIS_BATCH``)."""

@@ -155,15 +155,91 @@ async def test_refusal_comes_before_any_sse_byte_with_headers(
         assert big.status_code == 429
         assert big.headers["content-type"] == "application/json"
         assert big.json()["error"]["code"] == "quota_exceeded"
-        now = datetime.now(UTC)
-        seconds_to_midnight = 86400 - (now.hour * 3600 + now.minute * 60 + now.second)
-        assert abs(int(big.headers["retry-after"]) - seconds_to_midnight) <= 2
+        assert abs(int(big.headers["retry-after"]) - seconds_to_utc_midnight()) <= 2
         assert "x-ratelimit-remaining-tokens" in big.headers
         usage = (await http.get("/v1/usage", headers=headers)).json()
     assert usage["user_tokens"]["limit"] == 300
     assert usage["user_tokens"]["used"] == 1 + 1  # the fake reports "hello" as 1 token in and 1 out
     assert usage["requests_per_minute"] == {"limit": 10, "used": 1, "remaining": 9}
     assert usage["concurrent_streams"] == {"limit": None, "active": 0}
+
+
+def seconds_to_utc_midnight() -> int:
+    now = datetime.now(UTC)
+    return 86400 - (now.hour * 3600 + now.minute * 60 + now.second)
+
+
+async def test_a_chats_history_counts_in_the_admission_of_its_turns(start_gateway: Any) -> None:
+    headers = auth_headers(f"u-{uuid.uuid4().hex[:6]}", f"org-{uuid.uuid4().hex[:6]}")
+    long = "a" * 1600  # 400 tokens by the estimate
+    async with start_gateway(quota_user_tokens=2000, quota_default_max_tokens=10) as gateway, \
+            httpx.AsyncClient(base_url=gateway.url) as http:
+        chat_id = await new_chat(http, headers)
+        assert (await http.post(f"/v1/chats/{chat_id}/messages", headers=headers,
+                                json={"content": long})).status_code == 200
+        used = (await http.get("/v1/usage", headers=headers)).json()["user_tokens"]["used"]
+        # The history is the message and its echo: 3,200 characters. With "more", 801 tokens and 10 to answer.
+        async with http.stream("POST", f"/v1/chats/{chat_id}/messages", headers=headers,
+                               json={"content": "more", "model": "fake/echo?tokens=100&gap_ms=20"}) as response:
+            assert response.status_code == 200
+            assert int(response.headers["x-ratelimit-remaining-tokens"]) == 2000 - used - 811
+            await next_delta(read_events(response))
+            usage = (await http.get("/v1/usage", headers=headers)).json()
+            turn = gateway.services.streams.turns[uuid.UUID(chat_id)]
+        assert usage["user_tokens"]["reserved"] == usage["org_tokens"]["reserved"] == 811
+        await turn.finished()
+        after = (await http.get("/v1/usage", headers=headers)).json()
+    assert after["user_tokens"]["reserved"] == after["org_tokens"]["reserved"] == 0
+
+
+async def test_a_turn_whose_history_overdraws_the_budget_is_refused_and_changes_nothing(
+    start_gateway: Any, db: asyncpg.Pool
+) -> None:
+    org = f"org-{uuid.uuid4().hex[:6]}"
+    headers = auth_headers(f"u-{uuid.uuid4().hex[:6]}", org)
+    async with start_gateway(quota_default_max_tokens=10) as gateway, \
+            httpx.AsyncClient(base_url=gateway.url) as http:
+        await put_override(db, org, "org", org, QuotaOverride(tokens_per_period=500))  # the org's is tighter
+        chat_id = await new_chat(http, headers)
+        assert (await http.post(f"/v1/chats/{chat_id}/messages", headers=headers,
+                                json={"content": "a" * 1600})).status_code == 200
+        before = (await http.get("/v1/usage", headers=headers)).json()
+        # "more" alone (11 tokens) fits in what is left; with its history (811) it does not.
+        refused = await http.post(f"/v1/chats/{chat_id}/messages", headers=headers, json={"content": "more"})
+        after = (await http.get("/v1/usage", headers=headers)).json()
+        listed = (await http.get(f"/v1/chats/{chat_id}/messages", headers=headers)).json()
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "quota_exceeded"
+    assert abs(int(refused.headers["retry-after"]) - seconds_to_utc_midnight()) <= 2
+    assert after == before
+    assert after["requests_per_minute"]["used"] == 1 and after["org_tokens"]["reserved"] == 0
+    assert [m["content"] for m in listed["items"]] == ["a" * 1600, "a" * 1600]
+
+
+async def test_a_turn_that_does_not_start_leaves_the_quota_as_it_was(start_gateway: Any) -> None:
+    headers = auth_headers(f"u-{uuid.uuid4().hex[:6]}", f"org-{uuid.uuid4().hex[:6]}")
+    async with start_gateway(quota_user_tokens=1000, quota_default_max_tokens=10, quota_requests_per_minute=1,
+                             quota_max_concurrent_streams=1) as gateway, \
+            httpx.AsyncClient(base_url=gateway.url) as http:
+        missing = await http.post(f"/v1/chats/{uuid.uuid4()}/messages", headers=headers, json={"content": "hi"})
+        chat_id = await new_chat(http, headers, model="nowhere/model")  # admitted, then refused for its model
+        unknown = await http.post(f"/v1/chats/{chat_id}/messages", headers=headers, json={"content": "hi"})
+        untouched = (await http.get("/v1/usage", headers=headers)).json()
+        # Its one request a minute, its one stream and the chat's lease are all still free.
+        ok = await http.post(f"/v1/chats/{chat_id}/messages", headers=headers,
+                             json={"content": "hi", "model": "fake/echo"})
+        # Out of requests now, yet a missing chat and an unknown model are still what the client hears.
+        missing_again = await http.post(f"/v1/chats/{uuid.uuid4()}/messages", headers=headers, json={"content": "hi"})
+        bad_model = await http.post(f"/v1/chats/{chat_id}/messages", headers=headers,
+                                    json={"content": "hi", "model": "nowhere/else"})
+        limited = await http.post(f"/v1/chats/{chat_id}/messages", headers=headers,
+                                  json={"content": "hi", "model": "fake/echo"})
+    assert missing.status_code == missing_again.status_code == 404
+    assert unknown.status_code == bad_model.status_code == 422
+    assert untouched["requests_per_minute"]["used"] == 0
+    assert untouched["user_tokens"]["reserved"] == untouched["user_tokens"]["used"] == 0
+    assert untouched["concurrent_streams"]["active"] == 0
+    assert ok.status_code == 200
+    assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
 
 
 async def test_settlement_charges_what_was_produced(

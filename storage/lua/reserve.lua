@@ -11,7 +11,9 @@
 --       11 default concurrency   12 ttl s of slot and reservation keys     (-1 = unlimited)
 --       13 lease value   14 lease ms (with KEYS[12])
 -- Returns {code, retry_after_ms, token_limit, tokens_remaining, token_reset_ms, rpm_limit, rpm_remaining,
---          user_period, org_period}; code 'limits' (with the scope) asks the caller to load overrides.
+--          user_period, org_period, headroom, headroom_reset_ms}; code 'limits' (with the scope) asks the
+--          caller to load overrides. The headroom is what the tighter of the two budgets has left (-1 when
+--          neither has a limit), and when that budget resets.
 local now, id, estimate = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 
 -- Drop slots and reservations whose stream died without settling; return the live reserved total.
@@ -49,8 +51,12 @@ local function answer(code, retry_after_ms)
   local tokens_left, rpm_left = -1, -1
   if user.tokens >= 0 then tokens_left = math.max(user.tokens - user_spent, 0) end
   if user.rpm >= 0 then rpm_left = math.max(user.rpm - recent, 0) end
+  local headroom, headroom_reset = tokens_left, user_reset
+  if org.tokens >= 0 and (headroom < 0 or org.tokens - org_spent < headroom) then
+    headroom, headroom_reset = math.max(org.tokens - org_spent, 0), org_reset
+  end
   return {code, retry_after_ms, user.tokens, tokens_left, user_reset - now, user.rpm, rpm_left,
-          user.period, org.period}
+          user.period, org.period, headroom, headroom_reset - now}
 end
 
 if user.concurrent >= 0 and redis.call('ZCARD', KEYS[1]) >= user.concurrent then
@@ -85,5 +91,5 @@ redis.call('EXPIRE', KEYS[11], 61)
 if KEYS[12] then
   redis.call('SET', KEYS[12], ARGV[13], 'PX', ARGV[14])
 end
-user_spent, recent = user_spent + estimate, recent + 1
+user_spent, org_spent, recent = user_spent + estimate, org_spent + estimate, recent + 1
 return answer('ok', 0)
