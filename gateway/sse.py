@@ -140,6 +140,7 @@ class EventStream(Response):
             if watch is not None:
                 watch.stop()
             out.stop()
+            self.turn.detach()
         if self.gone:
             await self.turn.finish(ending="client_disconnected")
 

@@ -216,6 +216,11 @@ class Turn:
         else:
             self._upstream.relay(self)
 
+    def detach(self) -> None:
+        """The stream is over: drop its ``write`` and ``wake``, methods of the objects that hold this turn,
+        so the stream's objects are freed by their last reference rather than by a full collection."""
+        self._write = self._wake = None
+
     def deliver(self, batch: StreamBatch) -> None:
         codec = self._codec
         assert codec is not None and self._write is not None

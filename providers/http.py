@@ -494,6 +494,7 @@ class UpstreamCall:
         connection, self.connection = self.connection, None
         if connection is None:
             return
+        self.parser = None  # it holds this call's methods: a cycle that only a full collection would free
         connection.call = None
         # Only an answer read to its end, with no failure, leaves the connection fit for another call.
         self.upstream.done_with(connection, reusable and self.failure is None and self.over)

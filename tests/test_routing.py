@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 import uuid
@@ -128,3 +129,40 @@ async def test_no_key_reaches_a_log_line_or_an_error_body(
         assert secret not in logged
         assert all(secret not in body for body in bodies)
     assert "sk-te" not in "".join(bodies)
+
+
+async def test_a_streams_objects_are_freed_by_their_last_reference(
+    start_gateway: Any, vendors: dict[str, Any]
+) -> None:
+    """However a stream ends, its objects do not wait for the cycle collector: with thousands of streams
+    open, a full collection stops the worker for longer than a paced stream's gap."""
+    marker = uuid.uuid4().hex[:8]
+    headers = auth_headers("u-cycles", f"org-{marker}")
+    streams = 0
+    async with vendor_gateway(start_gateway, vendors) as gateway, httpx.AsyncClient(base_url=gateway.url) as http:
+        chats = [await new_chat(http, headers, model=f"openai/{model}") for model in ("normal", f"slow-{marker}")]
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            async with http.stream("POST", f"/v1/chats/{chats[0]}/messages", headers=headers,
+                                   json={"content": "all of it"}) as response:
+                assert [event.event async for event in read_events(response)][-1] == "done"  # and stored
+            async with http.stream("POST", f"/v1/chats/{chats[1]}/messages", headers=headers,
+                                   json={"content": "hang up"}) as response:
+                await next_delta(read_events(response))
+                turn = gateway.services.streams.turns[uuid.UUID(chats[1])]
+            async with http.stream("POST", "/v1/chat/completions", headers=headers, json={
+                    "model": "openai/normal", "stream": True,
+                    "messages": [{"role": "user", "content": "hi"}]}) as response:
+                assert (await response.aread()).endswith(b"data: [DONE]\n\n")
+            await turn.finished()
+            del turn, response
+            gc.collect()
+            kinds = ("Turn", "EventStream", "Writer", "UpstreamCall", "RequestResponseCycle")
+            streams = sum(type(o).__name__ in kinds for o in gc.garbage)
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    assert streams == 0
