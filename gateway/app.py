@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -83,6 +84,7 @@ def create_app(settings: Settings | None = None, providers: ProviderRegistry | N
         streams = StreamRegistry(settings, pool, redis, quotas)
         await streams.start()
         app.state.services = Services(settings, pool, redis, providers, streams, quotas)
+        gc.set_threshold(settings.gc_young_threshold, *gc.get_threshold()[1:])
         try:
             yield
         finally:

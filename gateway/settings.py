@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     send_timeout_s: float = Field(default=30.0, gt=0)
     ping_s: float = Field(default=15.0, gt=0)
     shutdown_grace_s: float = Field(default=10.0, ge=0)
+    # Allocations between two collections of the youngest generation (CPython's default is 700). At that
+    # default, tokens in flight reach the oldest generation and set off full collections, each pausing
+    # the worker for 0.1 ms per 1,000 objects (about 100 per open stream); see docs/performance.md.
+    gc_young_threshold: int = Field(default=10_000, ge=100)
 
     # Providers: credentials come from each SDK's own variables (OPENAI_API_KEY, ANTHROPIC_API_KEY, ...).
     providers: dict[str, Endpoint] = {}

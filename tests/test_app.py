@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import uuid
 
 import asyncpg
@@ -70,3 +71,12 @@ async def test_ready_turns_503_when_postgres_is_gone(settings: Settings, db: asy
 async def test_the_suite_runs_on_the_servers_loop() -> None:
     # `gateway serve` runs on uvloop; the tests must too (see pytest_asyncio_loop_factories in conftest).
     assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+
+
+async def test_a_started_worker_collects_its_young_objects_at_the_set_threshold(settings: Settings) -> None:
+    before = gc.get_threshold()
+    try:
+        async with serve_app(create_app(settings.model_copy(update={"gc_young_threshold": 4321}))):
+            assert gc.get_threshold() == (4321, *before[1:])
+    finally:
+        gc.set_threshold(*before)
