@@ -121,10 +121,10 @@ async def run_turn(
         )
         extra = token_estimate(services, provider_request.prompt_chars, options.max_tokens) - asked
         admission = services.quotas.cover(admission, extra)
+        turn = Turn(model, provider_request, provider.stream(provider_request), services.streams.finish, ids)
     except BaseException:
         await withdraw(services, owner, ids, admission)
         raise
-    turn = Turn(model, provider_request, provider.stream(provider_request), services.streams.finish, ids)
     turn.ticket = admission.ticket
     storing: Awaitable[None] = store_turn(services, owner, ids, content, model, options, context)
     if extra > 0 and turn.ticket is not None:
