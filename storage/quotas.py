@@ -170,6 +170,11 @@ class QuotaStore:
         return (self._key(ticket.org_id, "user", ticket.user_id, "active"),
                 self._key(ticket.org_id, "org", ticket.org_id, "active"))
 
+    def _reserved_keys(self, ticket: Ticket) -> tuple[str, str]:
+        """The stream's token reservations: the user's and the org's."""
+        return (self._key(ticket.org_id, "user", ticket.user_id, "reserved"),
+                self._key(ticket.org_id, "org", ticket.org_id, "reserved"))
+
     def _args(self, now_ms: int, bounds: PeriodBounds) -> list[Any]:
         d = self.defaults
         return [now_ms, bounds.day_reset_ms, bounds.month_reset_ms, _limit(d.user_tokens), _limit(d.org_tokens),
@@ -227,10 +232,9 @@ class QuotaStore:
         lease, if it still holds it). A ``withdrawn`` stream, refused after its admission, no longer
         counts as a request either: its admission leaves no trace."""
         user, org = self._active_keys(ticket)
-        keys = [user, self._key(ticket.org_id, "user", ticket.user_id, "reserved"),
-                self._key(ticket.org_id, "user", ticket.user_id, "used", ticket.periods[0]),
-                org, self._key(ticket.org_id, "org", ticket.org_id, "reserved"),
-                self._key(ticket.org_id, "org", ticket.org_id, "used", ticket.periods[1]),
+        user_reserved, org_reserved = self._reserved_keys(ticket)
+        keys = [user, user_reserved, self._key(ticket.org_id, "user", ticket.user_id, "used", ticket.periods[0]),
+                org, org_reserved, self._key(ticket.org_id, "org", ticket.org_id, "used", ticket.periods[1]),
                 self._key(ticket.org_id, "user", ticket.user_id, "requests")]
         args: list[Any] = [ticket.stream_id, charged_tokens, *ticket.ttls, int(withdrawn)]
         if lease is not None:
@@ -240,9 +244,7 @@ class QuotaStore:
 
     async def grow(self, ticket: Ticket, tokens: int) -> None:
         """Add ``tokens`` to a running stream's reservation (a no-op once it is settled)."""
-        keys = [self._key(ticket.org_id, "user", ticket.user_id, "reserved"),
-                self._key(ticket.org_id, "org", ticket.org_id, "reserved")]
-        await self.scripts.run(self._grow, keys, [ticket.stream_id, tokens])
+        await self.scripts.run(self._grow, self._reserved_keys(ticket), [ticket.stream_id, tokens])
 
     async def renew(self, tickets: Iterable[Ticket]) -> None:
         """Push back the expiry of running streams' slots and reservations (pipelines of ``REDIS_BATCH``)."""
