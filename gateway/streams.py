@@ -147,6 +147,7 @@ class StreamRegistry:
 
     async def abandon(self, turn: Turn) -> None:
         """A turn whose messages could not be stored: nothing to persist or charge; its chat is freed."""
+        ACTIVE_STREAMS.dec()
         await self._free(turn, 0)
 
     async def _free(self, turn: Turn, charged: int) -> None:

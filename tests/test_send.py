@@ -14,6 +14,7 @@ import asyncpg
 import httpx
 import httpx_sse
 import pytest
+from prometheus_client import REGISTRY
 
 from gateway.app import create_app
 from gateway.settings import Settings
@@ -467,12 +468,14 @@ async def test_a_turn_whose_message_cannot_be_stored_leaves_nothing_behind(
         CREATE OR REPLACE TRIGGER refuse_unstorable BEFORE INSERT ON messages
             FOR EACH ROW EXECUTE FUNCTION refuse_unstorable();
     """)
+    active = REGISTRY.get_sample_value("streamgate_active_streams")
     try:
         chat_id = await new_chat(client, alice, model="fake/echo?ttft_ms=2000")
         response = await client.post(f"/v1/chats/{chat_id}/messages", headers=alice, json={"content": prompt})
     finally:
         await db.execute("DROP TRIGGER refuse_unstorable ON messages; DROP FUNCTION refuse_unstorable()")
     assert response.status_code == 500
+    assert REGISTRY.get_sample_value("streamgate_active_streams") == active
     assert response.json()["error"]["code"] == "internal_error"
     record = gateway.fake.find(prompt)
     await asyncio.wait_for(record.closed.wait(), 0.5)
