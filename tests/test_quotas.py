@@ -242,6 +242,41 @@ async def test_a_turn_that_does_not_start_leaves_the_quota_as_it_was(start_gatew
     assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
 
 
+async def test_a_refused_turn_leaves_its_chat_as_it_was(start_gateway: Any, db: asyncpg.Pool) -> None:
+    # A turn's messages are written while it is admitted and rolled back when it does not start: refused by
+    # its quota, by the stream already running in its chat, or by its chat's own model (known only once
+    # written). Untitled chats stay untitled; no message, activity time or title is left behind.
+    headers = auth_headers(f"u-{uuid.uuid4().hex[:6]}", f"org-{uuid.uuid4().hex[:6]}")
+    async with start_gateway(quota_user_tokens=1000, quota_default_max_tokens=10) as gateway, \
+            httpx.AsyncClient(base_url=gateway.url) as http:
+        unknown = await new_chat(http, headers, model="nowhere/model")
+        busy = await new_chat(http, headers, model="fake/echo?tokens=2&gap_ms=60000")
+        async with http.stream("POST", f"/v1/chats/{busy}/messages", headers=headers,
+                               json={"content": "first"}) as running:
+            stream = read_events(running)  # one iterator throughout: abandoning one closes the connection
+            await next_delta(stream)
+            before = await chat_rows(db, unknown, busy)
+            refused = [await http.post(f"/v1/chats/{chat}/messages", headers=headers, json=body) for chat, body in (
+                (unknown, {"content": "hi"}),
+                (busy, {"content": "second"}),
+                (unknown, {"content": "hi", "model": "fake/echo", "max_tokens": 2000}),
+            )]
+            after = await chat_rows(db, unknown, busy)
+    assert [(r.status_code, r.json()["error"]["code"]) for r in refused] == [
+        (422, "validation_error"), (409, "stream_already_active"), (429, "quota_exceeded")]
+    assert after == before
+    assert [row["title"] for row in before if "role" not in row] == [None, "first"]
+
+
+async def chat_rows(db: asyncpg.Pool, *chat_ids: str) -> list[dict[str, Any]]:
+    """The chats as rows, then their messages (without the content a running reply adds to)."""
+    ids = [uuid.UUID(chat_id) for chat_id in chat_ids]
+    chats = await db.fetch("SELECT * FROM chats WHERE id = ANY($1) ORDER BY array_position($1, id)", ids)
+    replies = await db.fetch("SELECT id, chat_id, role, status, model, created_at FROM messages"
+                             " WHERE chat_id = ANY($1) ORDER BY seq", ids)
+    return [dict(row) for row in chats] + [dict(row) for row in replies]
+
+
 async def test_settlement_charges_what_was_produced(
     client: httpx.AsyncClient, gateway: Any, db: asyncpg.Pool, redis: Redis
 ) -> None:
