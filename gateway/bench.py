@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +280,40 @@ async def _none() -> None:
     return None
 
 
+async def store_floors(database_url: str, redis_url: str, samples: int) -> dict[str, float]:
+    """What the stores alone take on this machine, measured from here: a PostgreSQL round trip, a one-row
+    commit (a WAL flush: the chat path stores the user's message before its first token) and a Redis round
+    trip. The chat path's time to first token cannot beat the completions path's by less than a read and
+    a commit."""
+    floors: dict[str, float] = {}
+
+    async def timed_calls(name: str, call: Callable[[], Awaitable[Any]]) -> None:
+        timings = []
+        for _ in range(samples):
+            started = time.perf_counter()
+            await call()
+            timings.append(time.perf_counter() - started)
+        timings.sort()
+        floors[f"{name}_p50_ms"] = percentile(timings, 50) * 1000
+        floors[f"{name}_p99_ms"] = percentile(timings, 99) * 1000
+
+    db = await asyncpg.connect(database_url)
+    table = f"bench_commit_{uuid.uuid4().hex[:8]}"
+    try:
+        await db.execute(f"CREATE TABLE {table} (n int)")
+        await timed_calls("postgres_round_trip", lambda: db.fetchval("SELECT 1"))
+        await timed_calls("postgres_commit", lambda: db.execute(f"INSERT INTO {table} VALUES (1)"))
+    finally:
+        await db.execute(f"DROP TABLE IF EXISTS {table}")
+        await db.close()
+    redis = Redis.from_url(redis_url)
+    try:
+        await timed_calls("redis_round_trip", redis.ping)
+    finally:
+        await redis.aclose()
+    return floors
+
+
 def report(results: dict[str, Any]) -> str:
     t = results["throughput"]
     lines = ["scenario                                   direct    /v1/chat/completions   chat path"]
@@ -305,6 +339,7 @@ def report(results: dict[str, Any]) -> str:
     lines.append(f"memory: {results['memory']}")
     lines.append(f"abort to upstream close: {results['abort']}")
     lines.append(f"quota check: {results['quota']}")
+    lines.append(f"store floors: {results['floors']}")
     return "\n".join(lines)
 
 
@@ -321,6 +356,8 @@ async def run_bench(settings: Settings, seconds: float, quick: bool) -> dict[str
         # Memory first, on a fresh process: later loads leave freed memory that new streams would reuse.
         results["memory"] = await bench.memory(200, 1000) if quick else await bench.memory(1000, 5000)
         results["throughput"] = await bench.ttft_and_throughput()
+        assert settings.redis_url
+        results["floors"] = await store_floors(settings.database_url, settings.redis_url, 500 if quick else 2000)
         results["abort"] = await bench.abort(20 if quick else 100)
         levels = (500, 1000) if quick else (500, 750, 1000, 1250, 1500, 2000, 3000)
         results["capacity"] = await bench.capacity(levels)
