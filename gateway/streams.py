@@ -48,11 +48,6 @@ from storage.usage import UsageEntry, record_usage
 
 logger = logging.getLogger("gateway.streams")
 
-# Delete a lease only if it is still ours: a lease that expired and was taken by another turn stays.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 _CHECKPOINT_SLICES = 4
 _RECONNECT_S = 1.0
 
@@ -103,7 +98,6 @@ class StreamRegistry:
         self._idle = asyncio.Event()
         self._idle.set()
         self._lease_ms = int(settings.stream_lease_s * 1000)
-        self._release = redis.register_script(_RELEASE)
         self._stop_channel = f"{settings.redis_prefix}stop"
         self._tasks: list[asyncio.Task[None]] = []
         self._subscribed = asyncio.Event()
@@ -118,7 +112,7 @@ class StreamRegistry:
 
     async def release(self, lease: Lease) -> None:
         try:
-            await self._release(keys=[lease.key], args=[lease.value])
+            await self.quotas.store.release(lease)
         except (RedisError, OSError):
             logger.warning("releasing a stream lease failed; it will expire", exc_info=True)
 
@@ -253,18 +247,14 @@ class StreamRegistry:
                 chat_turn.checkpointed_parts = upto
 
     async def renew(self) -> None:
-        """Push back the leases, quota slots and reservations of every running turn."""
-        store = self.quotas.store
-        leases = [store.lease_key(turn.ticket.org_id, str(chat_id))
-                  for chat_id, turn in list(self.turns.items()) if turn.ticket is not None]
-        for start in range(0, len(leases), REDIS_BATCH):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key in leases[start:start + REDIS_BATCH]:
-                    pipe.pexpire(key, self._lease_ms)
-                await pipe.execute()
-        tickets = [turn.ticket for turn in self.running if turn.ticket]
-        if tickets:
-            await self.quotas.store.renew(tickets)
+        """Push back the quota slots and reservations of every running turn, and its chat's lease."""
+        tickets, leases = [], []
+        for turn in list(self.running):
+            if turn.ticket is not None:
+                tickets.append(turn.ticket)
+                if turn.ids is not None:
+                    leases.append(self.lease(turn.ticket.org_id, turn.ids.chat_id, turn.ids.assistant_message_id))
+        await self.quotas.store.renew(tickets, leases)
 
     async def recover(self, *, startup: bool) -> int:
         """Mark replies whose stream died as ``interrupted``; return how many."""

@@ -136,6 +136,7 @@ class QuotaStore:
         self._reserve = Script(prelude + (_LUA / "reserve.lua").read_text())
         self._settle = Script((_LUA / "settle.lua").read_text())
         self._grow = Script((_LUA / "grow.lua").read_text())
+        self._release = Script((_LUA / "release.lua").read_text())
         self._usage = Script(prelude + (_LUA / "usage.lua").read_text())
 
     async def aclose(self) -> None:
@@ -246,15 +247,23 @@ class QuotaStore:
         """Add ``tokens`` to a running stream's reservation (a no-op once it is settled)."""
         await self.scripts.run(self._grow, self._reserved_keys(ticket), [ticket.stream_id, tokens])
 
-    async def renew(self, tickets: Iterable[Ticket]) -> None:
-        """Push back the expiry of running streams' slots and reservations (pipelines of ``REDIS_BATCH``)."""
+    async def renew(self, tickets: Iterable[Ticket], leases: Iterable[Lease] = ()) -> None:
+        """Push back the expiry of running streams' slots and reservations, and of their chats' leases
+        (pipelines of ``REDIS_BATCH`` commands)."""
         expiry = int(self.clock() * 1000) + self.slot_ttl_ms
-        commands = [(key, ticket.stream_id) for ticket in tickets for key in self._active_keys(ticket)]
+        commands: list[tuple[Any, ...]] = [
+            ("ZADD", key, "XX", expiry, ticket.stream_id) for ticket in tickets for key in self._active_keys(ticket)
+        ]
+        commands += [("PEXPIRE", lease.key, lease.ms) for lease in leases]
         for start in range(0, len(commands), REDIS_BATCH):
             async with self.redis.pipeline(transaction=False) as pipe:
-                for key, stream_id in commands[start:start + REDIS_BATCH]:
-                    pipe.zadd(key, {stream_id: expiry}, xx=True)
+                for command in commands[start:start + REDIS_BATCH]:
+                    pipe.execute_command(*command)
                 await pipe.execute()
+
+    async def release(self, lease: Lease) -> None:
+        """Free a chat's lease if it is still the one given (a stale lease found at startup)."""
+        await self.scripts.run(self._release, [lease.key], [lease.value])
 
     # -- limits cache and reporting -----------------------------------------------------------------
 

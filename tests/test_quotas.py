@@ -7,6 +7,7 @@ import contextlib
 import math
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from gateway.embedded import embedded_redis
 from gateway.settings import Settings
 from providers.fake import FakeProvider
 from providers.registry import ProviderRegistry
-from storage.quotas import QuotaDefaults, QuotaStore
+from storage.quotas import Lease, QuotaDefaults, QuotaStore
 from storage.usage import QuotaOverride, get_override, put_override
 from tests.conftest import JWT_SECRET, auth_headers
 from tests.servers import gateway_process
@@ -125,15 +126,31 @@ async def test_concurrency_slots_are_freed_by_settlement_or_by_expiry(
     assert decision.admitted and decision.tokens_remaining == 1000 - 10 - 900  # "d" lapsed as well
 
 
-async def test_renewal_keeps_a_long_stream_alive(store_for: StoreFor, subject: tuple[str, str]) -> None:
+async def test_renewal_keeps_a_long_stream_alive(
+    store_for: StoreFor, subject: tuple[str, str], redis: Redis
+) -> None:
     clock = Clock(datetime(2026, 5, 1, 10, 0, 0, tzinfo=UTC))
     store = store_for(clock, max_concurrent_streams=1)
-    ticket = (await store.reserve(*subject, "long", 1)).ticket
+    lease = Lease(store.lease_key(subject[0], "chat"), "instance long", 5_000)
+    ticket = (await store.reserve(*subject, "long", 1, lease)).ticket
     assert ticket is not None
     for _ in range(4):
         clock.now += 20
-        await store.renew([ticket])
+        await store.renew([ticket], [replace(lease, ms=60_000)])
     assert (await store.reserve(*subject, "other", 1)).code == "too_many_streams"
+    assert await redis.pttl(lease.key) > 5_000  # the chat's lease is pushed back with the slot
+
+
+async def test_a_stale_lease_is_released_only_while_it_is_still_the_same(
+    store_for: StoreFor, subject: tuple[str, str], redis: Redis
+) -> None:
+    store = store_for(Clock(datetime(2026, 5, 1, 10, 0, 0, tzinfo=UTC)))
+    key = store.lease_key(subject[0], "chat")
+    await redis.set(key, "instance-b message-2", px=60_000)  # taken by another stream since
+    await store.release(Lease(key, "instance-a message-1", 60_000))
+    assert await redis.get(key) == b"instance-b message-2"
+    await store.release(Lease(key, "instance-b message-2", 60_000))
+    assert await redis.exists(key) == 0
 
 
 async def test_refusal_comes_before_any_sse_byte_with_headers(
