@@ -76,6 +76,8 @@ def create_app(settings: Settings | None = None, providers: ProviderRegistry | N
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         assert settings.database_url and settings.redis_url
+        if settings.preload_providers:
+            providers.preload()  # before serving: an import on the event loop would stall every stream
         await migrate(settings.database_url)
         pool = await create_pool(settings.database_url, settings.db_pool_min, settings.db_pool_max)
         redis = Redis.from_url(settings.redis_url, max_connections=settings.redis_max_connections)

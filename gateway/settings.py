@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     # Providers: credentials come from each SDK's own variables (OPENAI_API_KEY, ANTHROPIC_API_KEY, ...).
     providers: dict[str, Endpoint] = {}
     fallbacks: dict[str, list[str]] = {}
+    # Load the SDK of every vendor with credentials before serving, rather than on its first call, which
+    # imports it on the event loop and stalls every stream of the worker meanwhile (1.3-3.6 s a vendor
+    # here). Measured at boot: OpenAI's alone +14 MiB and 0.5 s to ready; all three +79 MiB and 4.9 s.
+    preload_providers: bool = False
     gemini_base_url: str | None = None
     connect_timeout_s: float = Field(default=10.0, gt=0)
     first_token_timeout_s: float = Field(default=60.0, gt=0)

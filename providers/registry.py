@@ -27,6 +27,12 @@ class ProviderRegistry:
     def names(self) -> list[str]:
         return sorted(self._providers)
 
+    def preload(self) -> None:
+        """Build now every vendor adapter that has credentials, rather than on its first call."""
+        for provider in self._providers.values():
+            if isinstance(provider, LazyProvider) and provider.has_credentials:
+                provider.load()
+
     async def aclose(self) -> None:
         for provider in self._providers.values():
             await provider.aclose()
@@ -44,10 +50,17 @@ class LazyProvider:
         self._build = build
         self._adapter: Provider | None = None
 
-    def stream(self, request: ProviderRequest) -> ProviderStream:
+    @property
+    def loaded(self) -> bool:
+        return self._adapter is not None
+
+    def load(self) -> Provider:
         if self._adapter is None:
             self._adapter = self._build()
-        return self._adapter.stream(request)
+        return self._adapter
+
+    def stream(self, request: ProviderRequest) -> ProviderStream:
+        return self.load().stream(request)
 
     async def aclose(self) -> None:
         if self._adapter is not None:

@@ -8,7 +8,8 @@ import asyncpg
 import httpx
 
 from gateway.app import create_app
-from gateway.settings import Settings
+from gateway.settings import Endpoint, Settings
+from providers.registry import LazyProvider
 from tests.conftest import database_named
 from tests.servers import serve_app
 
@@ -80,3 +81,16 @@ async def test_a_started_worker_collects_its_young_objects_at_the_set_threshold(
             assert gc.get_threshold() == (4321, *before[1:])
     finally:
         gc.set_threshold(*before)
+
+
+async def test_vendors_with_credentials_load_before_serving_when_asked(settings: Settings) -> None:
+    # A vendor's SDK otherwise loads on its first call, on the event loop. An endpoint that needs no key
+    # has credentials; a vendor without them is never loaded ahead of a call.
+    endpoints = {"local": Endpoint(base_url="http://127.0.0.1:9/v1", models=["m"])}
+    for preload in (False, True):
+        app = create_app(settings.model_copy(update={"providers": endpoints, "preload_providers": preload}))
+        async with serve_app(app):
+            adapters = [app.state.providers.get(name) for name in ("local", "openai", "anthropic", "gemini")]
+        assert all(isinstance(adapter, LazyProvider) for adapter in adapters)
+        assert [a.loaded for a in adapters] == [preload and a.has_credentials for a in adapters]
+        assert adapters[0].loaded == preload
