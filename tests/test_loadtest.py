@@ -8,8 +8,10 @@ import re
 import sys
 import uuid
 
+import asyncpg
 import pytest
 
+from gateway.bench import store_floors
 from gateway.loadtest import (
     StreamCounter,
     StreamResult,
@@ -91,3 +93,15 @@ async def test_the_loadtest_command_prints_the_figures(gateway_url: str) -> None
     assert float(figures["streams"]) > 0 and float(figures["errors"]) == 0
     # Printed to 4 significant digits: each stream is 7 tokens.
     assert float(figures["tokens_per_s"]) == pytest.approx(7 * float(figures["streams_per_s"]), rel=2e-3)
+
+
+async def test_the_store_floors_time_each_call_and_leave_no_table(
+    database_url: str, redis_url: str, db: asyncpg.Pool
+) -> None:
+    tables = await db.fetchval("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'bench_commit_%'")
+    floors = await store_floors(database_url, redis_url, 20)
+    assert sorted(floors) == sorted(f"{name}_{pct}_ms" for name in ("postgres_round_trip", "postgres_commit",
+                                                                       "redis_round_trip") for pct in ("p50", "p99"))
+    assert all(0 < floors[f"{name}_p50_ms"] <= floors[f"{name}_p99_ms"]
+               for name in ("postgres_round_trip", "postgres_commit", "redis_round_trip"))
+    assert await db.fetchval("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'bench_commit_%'") == tables
