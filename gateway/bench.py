@@ -41,6 +41,7 @@ from gateway.loadtest import (
 from gateway.mock_upstream import MockUpstream, start_mock
 from gateway.settings import Settings
 from storage.quotas import QuotaDefaults, QuotaStore
+from storage.scripts import Script, ScriptClient
 
 SECRET = "bench-secret-" + "b" * 32
 UNPACED = "mock?tokens=64"
@@ -283,8 +284,8 @@ async def _none() -> None:
 async def store_floors(database_url: str, redis_url: str, samples: int) -> dict[str, float]:
     """What the stores alone take on this machine, measured from here: a PostgreSQL round trip, a one-row
     commit (a WAL flush: the chat path stores the user's message before its first token) and a Redis round
-    trip. The chat path's time to first token cannot beat the completions path's by less than a read and
-    a commit."""
+    trip (a script that only returns, over the quota scripts' own connection: the admission's floor). The
+    chat path's time to first token cannot beat the completions path's by less than a read and a commit."""
     floors: dict[str, float] = {}
 
     async def timed_calls(name: str, call: Callable[[], Awaitable[Any]]) -> None:
@@ -307,9 +308,12 @@ async def store_floors(database_url: str, redis_url: str, samples: int) -> dict[
         await db.execute(f"DROP TABLE IF EXISTS {table}")
         await db.close()
     redis = Redis.from_url(redis_url)
+    scripts = ScriptClient.like(redis)
+    nothing = Script("return 1")
     try:
-        await timed_calls("redis_round_trip", redis.ping)
+        await timed_calls("redis_round_trip", lambda: scripts.run(nothing, [], []))
     finally:
+        await scripts.aclose()
         await redis.aclose()
     return floors
 
