@@ -40,6 +40,7 @@ from gateway.loadtest import (
 )
 from gateway.mock_upstream import MockUpstream, start_mock
 from gateway.settings import Settings
+from storage.chats import erase_org
 from storage.quotas import QuotaDefaults, QuotaStore
 from storage.scripts import Script, ScriptClient
 
@@ -126,7 +127,8 @@ class Bench:
     def __init__(self, gateway_port: int, gateway_pid: int, mock_port: int, seconds: float,
                  database_url: str) -> None:
         self.database_url = database_url
-        token = mint_token(SECRET, "bench", "bench-org", ttl_s=86_400)
+        self.org = f"bench-{uuid.uuid4().hex[:8]}"  # its data is erased after the run (``erase_org``)
+        token = mint_token(SECRET, "bench", self.org, ttl_s=86_400)
         self.gateway = Target("127.0.0.1", gateway_port, "/", {"Authorization": f"Bearer {token}"})
         self.mock = Target("127.0.0.1", mock_port, "/", {})
         self.pid = gateway_pid
@@ -357,14 +359,23 @@ async def run_bench(settings: Settings, seconds: float, quick: bool) -> dict[str
         bench = Bench(port, pid, mock_port, seconds, settings.database_url)
         results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
                                    "seconds_per_measurement": seconds}
-        # Memory first, on a fresh process: later loads leave freed memory that new streams would reuse.
-        results["memory"] = await bench.memory(200, 1000) if quick else await bench.memory(1000, 5000)
-        results["throughput"] = await bench.ttft_and_throughput()
-        assert settings.redis_url
-        results["floors"] = await store_floors(settings.database_url, settings.redis_url, 500 if quick else 2000)
-        results["abort"] = await bench.abort(20 if quick else 100)
-        levels = (500, 1000) if quick else (500, 750, 1000, 1250, 1500, 2000, 3000)
-        results["capacity"] = await bench.capacity(levels)
+        try:
+            # Memory first, on a fresh process: later loads leave freed memory that new streams would reuse.
+            results["memory"] = await bench.memory(200, 1000) if quick else await bench.memory(1000, 5000)
+            results["throughput"] = await bench.ttft_and_throughput()
+            assert settings.redis_url
+            results["floors"] = await store_floors(settings.database_url, settings.redis_url,
+                                                   500 if quick else 2000)
+            results["abort"] = await bench.abort(20 if quick else 100)
+            levels = (500, 1000) if quick else (500, 750, 1000, 1250, 1500, 2000, 3000)
+            results["capacity"] = await bench.capacity(levels)
+        finally:
+            # A run stores about 10,000 chats (the capacity scenario opens one per stream).
+            db = await asyncpg.connect(settings.database_url)
+            try:
+                await erase_org(db, bench.org)
+            finally:
+                await db.close()
     assert settings.redis_url
     results["quota"] = await quota_check(settings.redis_url, 2000 if quick else 10_000)
     mock.close()

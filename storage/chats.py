@@ -128,6 +128,11 @@ async def erase_chat(pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID) -> bo
     return await pool.fetchval(SQL["erase_chat"], chat_id, owner.org_id, owner.user_id) is not None
 
 
+async def erase_org(db: Executor, org_id: str) -> None:
+    """Everything stored for an org: its chats, their messages and its usage ledger."""
+    await db.execute(SQL["erase_org"], org_id)
+
+
 async def restore_chat(
     pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID, cap: int | None
 ) -> dict[str, Any] | None:

@@ -9,7 +9,7 @@ import asyncpg
 import httpx
 import pytest
 
-from storage.chats import ChatFields, Owner, create_chat
+from storage.chats import ChatFields, Owner, create_chat, erase_org
 from storage.messages import (
     FinishedReply,
     NewTurn,
@@ -19,6 +19,7 @@ from storage.messages import (
     insert_turn,
 )
 from storage.queries import SQL
+from storage.usage import UsageEntry, record_usage
 from tests.conftest import auth_headers
 
 
@@ -362,3 +363,23 @@ async def test_a_turns_statements_are_planned_once_per_connection(db: asyncpg.Po
     generic = {statements[row["statement"]]: row["generic_plans"] for row in rows if row["statement"] in statements}
     assert sorted(generic) == sorted(statements.values())
     assert all(count > 0 for count in generic.values()), generic
+
+
+async def test_erasing_an_org_takes_its_chats_messages_and_ledger_and_nothing_else(db: asyncpg.Pool) -> None:
+    gone, kept = (Owner(f"org-{uuid.uuid4().hex[:6]}", "same-user") for _ in range(2))
+    for owner in (gone, kept):
+        for n in range(2):
+            chat = await create_chat(db, owner, ChatFields(None, "fake/echo", None), None)
+            turn = NewTurn(chat["id"], uuid.uuid4(), uuid.uuid4(), f"message {n}", "t", "fake/echo", [], None, {})
+            assert await insert_turn(db, owner, turn)
+            await record_usage(db, UsageEntry(owner.org_id, owner.user_id, chat["id"], turn.assistant_message_id,
+                                              "fake/echo", 1, 2, 3, False))
+
+    async def rows(owner: Owner) -> list[int]:
+        return [await db.fetchval(f"SELECT count(*) FROM {table} WHERE org_id = $1", owner.org_id)
+                for table in ("chats", "messages", "usage_ledger")]
+
+    assert await rows(gone) == await rows(kept) == [2, 4, 2]
+    await erase_org(db, gone.org_id)
+    assert await rows(gone) == [0, 0, 0]
+    assert await rows(kept) == [2, 4, 2]

@@ -80,6 +80,11 @@ RETURNING c.id, c.title, c.model, c.system_prompt, c.metadata, c.created_at, c.u
 -- name: erase_chat
 DELETE FROM chats WHERE id = $1 AND org_id = $2 AND user_id = $3 RETURNING id;
 
+-- name: erase_org
+-- Every chat of an org (its messages go with them) and its usage ledger.
+WITH ledger AS (DELETE FROM usage_ledger WHERE org_id = $1)
+DELETE FROM chats WHERE org_id = $1;
+
 -- name: owner_stats
 SELECT
     (SELECT count(*) FROM chats WHERE org_id = $1 AND user_id = $2) AS total_chats,
