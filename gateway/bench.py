@@ -76,17 +76,22 @@ async def post_json(target: Target, path: str, body: dict[str, Any]) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def gateway_server(settings: Settings, mock_port: int, log: Path) -> AsyncIterator[tuple[int, int]]:
-    """``gateway serve`` pinned to CPU 0; yields its port and pid once /ready answers."""
+async def gateway_server(
+    settings: Settings, mock_port: int, log: Path, tree: Path | None = None
+) -> AsyncIterator[tuple[int, int]]:
+    """``gateway serve`` pinned to CPU 0 (from the source ``tree`` given, else this one); yields its port
+    and pid once /ready answers."""
     with socket_port() as port:
         env = {**os.environ, "GATEWAY_DATABASE_URL": settings.database_url or "",
                "GATEWAY_REDIS_URL": settings.redis_url or "", "GATEWAY_JWT_SECRET": SECRET,
                "GATEWAY_REDIS_PREFIX": f"bench-{uuid.uuid4().hex[:6]}:",
                "OPENAI_BASE_URL": f"http://127.0.0.1:{mock_port}/v1", "OPENAI_API_KEY": "bench"}
+        if tree is not None:
+            env["PYTHONPATH"] = str(tree)
         pin = ["taskset", "-c", "0"] if (os.cpu_count() or 1) > 1 else []
         with log.open("wb") as out:
             process = subprocess.Popen([*pin, sys.executable, "-m", "gateway", "serve", "--port", str(port)],
-                                       env=env, stdout=out, stderr=out)
+                                       env=env, stdout=out, stderr=out, cwd=tree)
         try:
             target = Target("127.0.0.1", port, "/", {})
             for _ in range(600):
@@ -134,6 +139,14 @@ class Bench:
         self.pid = gateway_pid
         self.seconds = seconds
         self.chats: list[str] = []
+
+    async def erase(self) -> None:
+        """What the run stored: a full run, about 10,000 chats (the capacity scenario opens one per stream)."""
+        db = await asyncpg.connect(self.database_url)
+        try:
+            await erase_org(db, self.org)
+        finally:
+            await db.close()
 
     async def make_chats(self, count: int) -> None:
         while len(self.chats) < count:
@@ -370,12 +383,7 @@ async def run_bench(settings: Settings, seconds: float, quick: bool) -> dict[str
             levels = (500, 1000) if quick else (500, 750, 1000, 1250, 1500, 2000, 3000)
             results["capacity"] = await bench.capacity(levels)
         finally:
-            # A run stores about 10,000 chats (the capacity scenario opens one per stream).
-            db = await asyncpg.connect(settings.database_url)
-            try:
-                await erase_org(db, bench.org)
-            finally:
-                await db.close()
+            await bench.erase()
     assert settings.redis_url
     results["quota"] = await quota_check(settings.redis_url, 2000 if quick else 10_000)
     mock.close()
