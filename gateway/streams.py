@@ -53,7 +53,6 @@ _RECONNECT_S = 1.0
 
 
 def record_ending(turn: Turn) -> None:
-    ACTIVE_STREAMS.dec()
     STREAM_ENDINGS.labels(turn.ending or "stop").inc()
     TOKENS_OUT.inc(len(turn.parts))
     STREAM_DURATION.observe(turn.duration_ms / 1000)
@@ -141,7 +140,6 @@ class StreamRegistry:
 
     async def abandon(self, turn: Turn) -> None:
         """A turn whose messages could not be stored: nothing to persist or charge; its chat is freed."""
-        ACTIVE_STREAMS.dec()
         await self._free(turn, 0)
 
     async def _free(self, turn: Turn, charged: int) -> None:
@@ -151,6 +149,7 @@ class StreamRegistry:
         if ids is not None and self.turns.get(ids.chat_id) is turn:
             del self.turns[ids.chat_id]
         self.running.discard(turn)
+        ACTIVE_STREAMS.dec()
         if not self.running:
             self._idle.set()
 

@@ -260,9 +260,9 @@ async def test_a_turn_that_does_not_start_leaves_the_quota_as_it_was(start_gatew
 
 
 async def test_a_refused_turn_leaves_its_chat_as_it_was(start_gateway: Any, db: asyncpg.Pool) -> None:
-    # A turn's messages are written while it is admitted and rolled back when it does not start: refused by
-    # its quota, by the stream already running in its chat, or by its chat's own model (known only once
-    # written). Untitled chats stay untitled; no message, activity time or title is left behind.
+    # A turn refused by its quota, by the stream already running in its chat, or by its chat's own model
+    # (known only once the chat is read) writes nothing: untitled chats stay untitled, and no message,
+    # activity time or title is left behind.
     headers = auth_headers(f"u-{uuid.uuid4().hex[:6]}", f"org-{uuid.uuid4().hex[:6]}")
     async with start_gateway(quota_user_tokens=1000, quota_default_max_tokens=10) as gateway, \
             httpx.AsyncClient(base_url=gateway.url) as http:
