@@ -15,6 +15,9 @@ import orjson
 
 from providers.base import (
     ANTHROPIC_MODELS,
+    IMAGE_TYPES,
+    Attachment,
+    ChatMessage,
     Finish,
     FinishReason,
     ProviderConnectionError,
@@ -40,10 +43,26 @@ FINISH_REASONS: dict[str, FinishReason] = {
 ERROR_STATUS = {"overloaded_error": 529, "rate_limit_error": 429, "api_error": 500, "timeout_error": 504}
 
 
+def attachment_block(attachment: Attachment) -> dict[str, Any]:
+    """An ``image`` block, or a ``document`` block for a PDF; by link (``url`` source) or data (``base64``)."""
+    data = attachment.data
+    source = ({"type": "url", "url": attachment.url} if data is None
+              else {"type": "base64", "media_type": attachment.media_type, "data": data})
+    if attachment.media_type in IMAGE_TYPES:
+        return {"type": "image", "source": source}
+    return {"type": "document", "source": source, "title": attachment.name}
+
+
+def content_blocks(message: ChatMessage) -> list[dict[str, Any]]:
+    """A message with attachments: a block for each, then its text (Anthropic's advice: files first)."""
+    return [*map(attachment_block, message.attachments), {"type": "text", "text": message.content}]
+
+
 def messages_body(request: ProviderRequest) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": request.model, "max_tokens": request.max_tokens or DEFAULT_MAX_TOKENS, "stream": True,
-        "messages": [{"role": m.role, "content": m.content} for m in request.messages if m.role != "system"],
+        "messages": [{"role": m.role, "content": content_blocks(m) if m.attachments else m.content}
+                     for m in request.messages if m.role != "system"],
     }
     if request.system:
         body["system"] = request.system
@@ -68,6 +87,9 @@ class AnthropicProvider:
 
     async def aclose(self) -> None:
         await self.upstream.aclose()
+
+    def accepts(self, attachment: Attachment) -> bool:
+        return True  # images and PDFs, by link or data
 
     def stream(self, request: ProviderRequest) -> ProviderStream:
         if not self.has_credentials:

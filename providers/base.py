@@ -24,11 +24,35 @@ ANTHROPIC_MODELS = ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1")
 GEMINI_MODELS = ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.5-flash-lite")
 FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "error"]
 
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+ATTACHMENT_TYPES = (*IMAGE_TYPES, "application/pdf")
+# What one attachment counts for in a prompt's size (for quota estimates and the history window): about
+# 1,600 tokens, what a vendor charges for a large image. The settled usage is the vendor's own count.
+ATTACHMENT_CHARS = 6_400
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A file the model sees beside a message's text: an image or a PDF (``ATTACHMENT_TYPES``), by an
+    http(s) link the vendor fetches or by a ``data:<media type>;base64,...`` URL carrying it."""
+
+    name: str
+    media_type: str
+    url: str
+
+    @property
+    def data(self) -> str | None:
+        """The base64 payload of a data URL; None for a link."""
+        if self.url.startswith("data:"):
+            return self.url.partition(",")[2]
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
     role: Role
     content: str
+    attachments: tuple[Attachment, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +71,8 @@ class ProviderRequest:
     @property
     def prompt_chars(self) -> int:
         """The prompt's size in characters: the system prompt and every message."""
-        return sum(len(m.content) for m in self.messages) + len(self.system or "")
+        return sum(len(m.content) + len(m.attachments) * ATTACHMENT_CHARS for m in self.messages) + len(
+            self.system or "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +189,11 @@ class Pump:
         await self._batches.aclose()
 
 
+def omitted(attachment: Attachment) -> str:
+    """The note that stands, in a message's text, for an attachment the vendor cannot take."""
+    return f"[attachment {attachment.name!r} ({attachment.media_type}) is not shown to this model]"
+
+
 async def _raising(failure: ProviderError) -> AsyncGenerator[StreamBatch, None]:
     raise failure
     yield []  # an async generator that fails on its first step
@@ -182,6 +212,10 @@ class Provider(Protocol):
     has_credentials: bool
 
     def stream(self, request: ProviderRequest) -> ProviderStream: ...
+
+    def accepts(self, attachment: Attachment) -> bool:
+        """Whether the vendor can take ``attachment`` the way it is given (in a past message, one it cannot
+        take is named in the text instead)."""
 
     async def aclose(self) -> None:
         """Close the adapter's HTTP client (its pooled connections)."""

@@ -24,6 +24,7 @@ from typing import Any, cast
 from urllib.parse import parse_qsl
 
 from providers.base import (
+    Attachment,
     Finish,
     FinishReason,
     ProviderConnectionError,
@@ -112,6 +113,9 @@ class FakeProvider:
 
     async def aclose(self) -> None:
         pass
+
+    def accepts(self, attachment: Attachment) -> bool:
+        return True
 
     def stream(self, request: ProviderRequest) -> ProviderStream:
         return Pump(self._stream(request))

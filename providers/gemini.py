@@ -8,6 +8,7 @@ pool like every other vendor's, and read through our SSE decoder and orjson.
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import orjson
@@ -15,6 +16,8 @@ from google.genai import types
 
 from providers.base import (
     GEMINI_MODELS,
+    Attachment,
+    ChatMessage,
     Finish,
     FinishReason,
     ProviderConnectionError,
@@ -44,9 +47,22 @@ def _wire(model: Any) -> Any:
     return model.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
+def attachment_part(attachment: Attachment) -> types.Part:
+    """``inlineData`` for a data URL, ``fileData`` (which Gemini fetches) for a link."""
+    data = attachment.data
+    if data is None:
+        return types.Part(file_data=types.FileData(file_uri=attachment.url, mime_type=attachment.media_type))
+    return types.Part(inline_data=types.Blob(data=base64.b64decode(data), mime_type=attachment.media_type))
+
+
+def parts_of(message: ChatMessage) -> list[types.Part]:
+    """A message's parts: a part for each attachment (Gemini's advice: files first), then its text."""
+    return [*map(attachment_part, message.attachments), types.Part(text=message.content)]
+
+
 def generate_body(request: ProviderRequest) -> dict[str, Any]:
     contents = [
-        types.Content(role="model" if m.role == "assistant" else "user", parts=[types.Part(text=m.content)])
+        types.Content(role="model" if m.role == "assistant" else "user", parts=parts_of(m))
         for m in request.messages if m.role != "system"
     ]
     body: dict[str, Any] = {"contents": [_wire(c) for c in contents]}
@@ -72,6 +88,9 @@ class GeminiProvider:
 
     async def aclose(self) -> None:
         await self.upstream.aclose()
+
+    def accepts(self, attachment: Attachment) -> bool:
+        return True  # images and PDFs, by link or data
 
     def stream(self, request: ProviderRequest) -> ProviderStream:
         if not self.has_credentials:

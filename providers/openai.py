@@ -15,7 +15,10 @@ import openai
 import orjson
 
 from providers.base import (
+    IMAGE_TYPES,
     OPENAI_MODELS,
+    Attachment,
+    ChatMessage,
     Finish,
     FinishReason,
     ProviderConnectionError,
@@ -28,6 +31,7 @@ from providers.base import (
     UpstreamConfig,
     Usage,
     failed,
+    omitted,
 )
 from providers.http import Upstream, sdk_headers
 
@@ -37,9 +41,30 @@ FINISH_REASONS: dict[str, FinishReason] = {
 }
 
 
+def accepts(attachment: Attachment) -> bool:
+    """Images by link or data URL; a PDF only as data (Chat Completions takes no file links)."""
+    return attachment.media_type in IMAGE_TYPES or attachment.data is not None
+
+
+def content_parts(message: ChatMessage) -> list[dict[str, Any]]:
+    """A message with attachments: its text, then an ``image_url`` or ``file`` part for each."""
+    text = message.content
+    parts: list[dict[str, Any]] = []
+    for attachment in message.attachments:
+        if attachment.media_type in IMAGE_TYPES:
+            parts.append({"type": "image_url", "image_url": {"url": attachment.url}})
+        elif attachment.data is not None:
+            parts.append({"type": "file", "file": {"filename": attachment.name, "file_data": attachment.url}})
+        else:
+            text += "\n" + omitted(attachment)
+    return [{"type": "text", "text": text}, *parts]
+
+
 def chat_body(request: ProviderRequest) -> dict[str, Any]:
-    messages: list[dict[str, str]] = [{"role": "system", "content": request.system}] if request.system else []
-    messages += [{"role": m.role, "content": m.content} for m in request.messages]
+    messages: list[dict[str, Any]] = [{"role": "system", "content": request.system}] if request.system else []
+    messages += [
+        {"role": m.role, "content": content_parts(m) if m.attachments else m.content} for m in request.messages
+    ]
     body: dict[str, Any] = {
         "model": request.model, "messages": messages, "stream": True, "stream_options": {"include_usage": True},
     }
@@ -72,6 +97,9 @@ class OpenAIProvider:
 
     async def aclose(self) -> None:
         await self.upstream.aclose()
+
+    def accepts(self, attachment: Attachment) -> bool:
+        return accepts(attachment)
 
     def stream(self, request: ProviderRequest) -> ProviderStream:
         if not self.has_credentials and self.name == "openai":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from providers.base import Provider, ProviderRequest, ProviderStream, UnknownModel
+from providers.base import Attachment, Provider, ProviderRequest, ProviderStream, UnknownModel
 
 
 class ProviderRegistry:
@@ -61,6 +61,9 @@ class LazyProvider:
 
     def stream(self, request: ProviderRequest) -> ProviderStream:
         return self.load().stream(request)
+
+    def accepts(self, attachment: Attachment) -> bool:
+        return self.load().accepts(attachment)
 
     async def aclose(self) -> None:
         if self._adapter is not None:

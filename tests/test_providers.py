@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from typing import Any
 
 import pytest
 
 from providers.anthropic import AnthropicProvider
 from providers.base import (
+    Attachment,
     ChatMessage,
     Finish,
     Provider,
@@ -25,7 +27,7 @@ from providers.base import (
 from providers.gemini import GeminiProvider
 from providers.http import UpstreamCall
 from providers.openai import OpenAIProvider
-from tests.vendors import OUTPUT_TOKENS, PROMPT_TOKENS, TEXT, TOKENS, VENDORS
+from tests.vendors import OUTPUT_TOKENS, PROMPT_TOKENS, TEXT, TOKENS, VENDORS, conversation
 
 SECRET = {"openai": "sk-test-secret-openai", "anthropic": "sk-ant-test-secret", "gemini": "gm-test-secret"}
 
@@ -87,6 +89,35 @@ async def test_request_carries_system_prompt_limits_and_key(vendors: dict[str, A
         assert body["systemInstruction"]["parts"][0]["text"] == "be brief"
         assert body["generationConfig"]["maxOutputTokens"] == 50
         assert headers["x-goog-api-key"] == SECRET[vendor]
+
+
+PNG = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n").decode()
+PDF = "data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4\n").decode()
+PHOTO = Attachment("photo.jpg", "image/jpeg", "https://files.example/photo.jpg")
+REPORT = Attachment("report.pdf", "application/pdf", "https://files.example/report.pdf")
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+async def test_attachments_reach_the_vendor_in_its_own_format(vendors: dict[str, Any], vendor: str) -> None:
+    server, url = vendors[vendor]
+    adapter = adapter_for(vendor, url)
+    request = ProviderRequest("normal", [
+        ChatMessage("user", "look", (PHOTO, Attachment("dot.png", "image/png", PNG))),
+        ChatMessage("assistant", "seen"),
+        ChatMessage("user", "and these", (Attachment("paper.pdf", "application/pdf", PDF), REPORT)),
+    ])
+    events = [event async for batch in adapter.stream(request) for event in batch]
+    await adapter.aclose()
+    assert text_of(events) == TEXT
+    turns = conversation(vendor, server.requests[-1]["body"])
+    assert turns[:2] == [("user", "look", [("image", PHOTO.url), ("image", PNG)]), ("assistant", "seen", [])]
+    # Chat Completions takes a PDF only as data: the link is named in the text instead.
+    assert adapter.accepts(REPORT) is (vendor != "openai")
+    if vendor == "openai":
+        note = "\n[attachment 'report.pdf' (application/pdf) is not shown to this model]"
+        assert turns[2] == ("user", "and these" + note, [("pdf", PDF)])
+    else:
+        assert turns[2] == ("user", "and these", [("pdf", PDF), ("pdf", REPORT.url)])
 
 
 @pytest.mark.parametrize("vendor", VENDORS)

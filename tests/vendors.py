@@ -9,12 +9,17 @@ whose client going away is recorded under ``marker``).
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anthropic.types
+import openai.types.chat
 import orjson
+from google.genai import types
+from pydantic import TypeAdapter
 from starlette.types import Receive, Scope, Send
 
 VENDORS = ["openai", "anthropic", "gemini"]
@@ -90,6 +95,62 @@ ERROR_BODIES = {
                                                             else "api_error", "message": "no"}},
     "gemini": lambda status: {"error": {"code": status, "message": "no", "status": "UNAVAILABLE"}},
 }
+
+
+Turn = tuple[str, str, list[tuple[str, str]]]
+# Kept alive: the iterators they hand back check each item as it is read, with the adapter's definitions.
+OPENAI_MESSAGE: TypeAdapter[Any] = TypeAdapter(openai.types.chat.ChatCompletionMessageParam)
+ANTHROPIC_MESSAGE: TypeAdapter[Any] = TypeAdapter(anthropic.types.MessageParam)
+
+
+def conversation(vendor: str, body: dict[str, Any]) -> list[Turn]:
+    """A recorded request's messages (the system prompt left out) as ``(role, text, attachments)``, each
+    attachment ``(kind, url)``: ``image`` or ``pdf``, and its link or data URL. Every message is read
+    through the vendor SDK's own request type first, so a body the vendor would not take fails here."""
+    if vendor == "openai":
+        return [_openai_turn(m) for m in body["messages"] if m["role"] != "system"]
+    if vendor == "anthropic":
+        return [_anthropic_turn(m) for m in body["messages"]]
+    return [_gemini_turn(types.Content.model_validate(c)) for c in body["contents"]]
+
+
+def _openai_turn(message: dict[str, Any]) -> Turn:
+    checked = OPENAI_MESSAGE.validate_python(message)
+    if isinstance(message["content"], str):
+        return message["role"], message["content"], []
+    list(checked["content"])  # an iterable's parts are checked as they are read
+    parts = message["content"]
+    files = [("image", p["image_url"]["url"]) if p["type"] == "image_url" else ("pdf", p["file"]["file_data"])
+             for p in parts if p["type"] != "text"]
+    return message["role"], "".join(p["text"] for p in parts if p["type"] == "text"), files
+
+
+def _anthropic_turn(message: dict[str, Any]) -> Turn:
+    checked = ANTHROPIC_MESSAGE.validate_python(message)
+    if isinstance(message["content"], str):
+        return message["role"], message["content"], []
+    list(checked["content"])
+    blocks, files = message["content"], []
+    for block in blocks:
+        if block["type"] != "text":
+            source = block["source"]
+            url = source.get("url") or f"data:{source['media_type']};base64,{source['data']}"
+            files.append(("image" if block["type"] == "image" else "pdf", url))
+    return message["role"], "".join(b["text"] for b in blocks if b["type"] == "text"), files
+
+
+def _gemini_turn(content: types.Content) -> Turn:
+    text, files = "", []
+    for part in content.parts or ():
+        if part.text is not None:
+            text += part.text
+        elif part.file_data is not None:
+            files.append((part.file_data.mime_type, part.file_data.file_uri or ""))
+        elif part.inline_data is not None:
+            data = base64.b64encode(part.inline_data.data or b"").decode()
+            files.append((part.inline_data.mime_type, f"data:{part.inline_data.mime_type};base64,{data}"))
+    kinds = [("pdf" if mime == "application/pdf" else "image", url) for mime, url in files]
+    return "assistant" if content.role == "model" else "user", text, kinds
 
 
 @dataclass
