@@ -8,7 +8,9 @@ refused with a 400 (as are ``n`` > 1, log probabilities, audio and structured ou
 
 from __future__ import annotations
 
+import mimetypes
 import time
+import urllib.parse
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -22,10 +24,19 @@ from gateway.auth import principal_of
 from gateway.dispatch import admit, event_stream, start_turn, token_estimate, upstream_failure
 from gateway.errors import GatewayError, NotFound
 from gateway.responses import JSONBody
-from gateway.schemas import parse_body
+from gateway.schemas import attachment_url_error, parse_body
 from gateway.services import services_of
 from gateway.turns import Turn
-from providers.base import ChatMessage, ProviderError, ProviderRequest, UnknownModel, Usage
+from providers.base import (
+    ATTACHMENT_TYPES,
+    IMAGE_TYPES,
+    Attachment,
+    ChatMessage,
+    ProviderError,
+    ProviderRequest,
+    UnknownModel,
+    Usage,
+)
 from storage.chats import Owner
 
 # Our endings, as OpenAI's finish reasons (it has no word for a cancelled or interrupted reply).
@@ -96,26 +107,55 @@ def refuse_unsupported(body: CompletionRequest) -> None:
                              details=[{"loc": [param], "msg": "not supported", "type": "unsupported"}])
 
 
-def text_of(message: CompletionMessage) -> str:
+def unsupported(message: str, loc: list[str | int]) -> BadRequest:
+    return BadRequest(message, details=[{"loc": loc, "msg": message, "type": "unsupported"}])
+
+
+def text_of(message: CompletionMessage, attachments: list[Attachment] | None = None) -> str:
+    """The message's text; its ``image_url`` and ``file`` parts go to ``attachments`` when it may have them
+    (a user's message), and are refused otherwise."""
     if message.content is None or isinstance(message.content, str):
         return message.content or ""
-    for part in message.content:
+    for index, part in enumerate(message.content):
         if part.type != "text":
-            raise BadRequest(f"Content parts of type '{part.type}' are not supported",
-                             details=[{"loc": ["messages", "content"], "msg": "not supported", "type": "unsupported"}])
+            if attachments is None or part.type not in ("image_url", "file"):
+                raise unsupported(f"Content parts of type '{part.type}' are not supported in a {message.role} "
+                                  "message", ["messages", "content", index, "type"])
+            attachments.append(attachment_of(part, ["messages", "content", index]))
     return "".join(part.text or "" for part in message.content)
+
+
+def attachment_of(part: ContentPart, loc: list[str | int]) -> Attachment:
+    """An ``image_url`` part (a link or a data URL; a link's type is read from its name, JPEG when it says
+    nothing) or a ``file`` part carrying a PDF as a data URL (``file_data``). ``detail`` is not kept."""
+    fields = (part.model_extra or {}).get(part.type)
+    url = fields.get("url" if part.type == "image_url" else "file_data") if isinstance(fields, dict) else None
+    if not isinstance(url, str) or not url:
+        raise unsupported(f"A '{part.type}' part needs its URL or data (file ids are not supported)", loc)
+    if url.startswith("data:"):
+        media_type = url[5:].partition(";")[0]
+    else:
+        media_type = mimetypes.guess_type(urllib.parse.urlsplit(url).path)[0] or "image/jpeg"
+    name = fields.get("filename") if isinstance(fields, dict) else None
+    if media_type not in ATTACHMENT_TYPES or (part.type == "image_url") != (media_type in IMAGE_TYPES):
+        raise unsupported(f"Attachments of type '{media_type}' are not supported", loc)
+    if error := attachment_url_error(media_type, url):
+        raise unsupported(f"The attachment's URL {error}", loc)
+    return Attachment(name if isinstance(name, str) and name else part.type, media_type, url)
 
 
 def provider_request(body: CompletionRequest, model_name: str) -> ProviderRequest:
     system, messages = [], []
     for message in body.messages:
         if message.role in ("tool", "function"):
-            raise BadRequest("Tool messages are not supported",
-                             details=[{"loc": ["messages", "role"], "msg": "not supported", "type": "unsupported"}])
+            raise unsupported("Tool messages are not supported", ["messages", "role"])
         if message.role in ("system", "developer"):
             system.append(text_of(message))
+        elif message.role == "user":
+            attachments: list[Attachment] = []
+            messages.append(ChatMessage("user", text_of(message, attachments), tuple(attachments)))
         else:
-            messages.append(ChatMessage(message.role, text_of(message)))  # type: ignore[arg-type]
+            messages.append(ChatMessage("assistant", text_of(message)))
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     return ProviderRequest(
         model_name, messages, system="\n\n".join(system) or None,

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import binascii
 import uuid
+from base64 import b64decode
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from starlette.requests import Request
 
 from gateway.errors import ChatNotFound, PayloadTooLarge, ValidationFailed
+from providers import base as providers
 
 METADATA_MAX_BYTES = 16 * 1024
 
@@ -117,10 +128,38 @@ def chat_id_of(request: Request) -> uuid.UUID:
         raise ChatNotFound() from None
 
 
+def attachment_url_error(media_type: str, url: str) -> str | None:
+    """Why ``url`` cannot carry a ``media_type`` file to a model: it must be an http(s) link, or a data URL
+    of that very type in base64. None when it can."""
+    if url.startswith(("https://", "http://")):
+        return None
+    head, _, data = url.partition(",")
+    if head != f"data:{media_type};base64":
+        return f"must be an http(s) link or a data:{media_type};base64 URL"
+    try:
+        b64decode(data, validate=True)
+    except binascii.Error:
+        return "holds data that is not valid base64"
+    return None
+
+
 class Attachment(Body):
+    """An image or a PDF the model is to see; stored with the message and sent with it on every turn."""
+
     name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
-    media_type: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    media_type: Literal[providers.ATTACHMENT_TYPES]  # type: ignore[valid-type]
     url: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str, info: ValidationInfo) -> str:
+        media_type = info.data.get("media_type")
+        if media_type is not None and (error := attachment_url_error(media_type, url)):
+            raise ValueError(f"url {error}")
+        return url
+
+    def for_model(self) -> providers.Attachment:
+        return providers.Attachment(self.name, self.media_type, self.url)
 
 
 class TurnOptions(Body):

@@ -23,11 +23,21 @@ from gateway.errors import (
 from gateway.metrics import timed
 from gateway.quotas import Admission
 from gateway.responses import JSONBody
-from gateway.schemas import ChatTurn, SendMessage, TurnOptions, chat_id_of, parse_body
+from gateway.schemas import ChatTurn, SendMessage, TurnOptions, attachment_url_error, chat_id_of, parse_body
 from gateway.services import Services, services_of
 from gateway.sse import ChatEvents
 from gateway.turns import StreamCodec, Turn, TurnIds
-from providers.base import ChatMessage, Provider, ProviderRequest, UnknownModel
+from providers.base import (
+    ATTACHMENT_CHARS,
+    ATTACHMENT_TYPES,
+    Attachment,
+    ChatMessage,
+    Provider,
+    ProviderRequest,
+    Role,
+    UnknownModel,
+    omitted,
+)
 from storage import chats, messages
 from storage.chats import ChatFields, Owner
 from storage.messages import NewTurn, TurnContext
@@ -44,17 +54,45 @@ def title_from(content: str) -> str:
     return (cut if len(cut) <= TITLE_CHARS else text[:TITLE_CHARS]).rstrip()
 
 
-def history_window(history: list[tuple[str, str]], max_chars: int) -> list[ChatMessage]:
-    """The most recent history that fits in ``max_chars``, oldest first."""
+def past_message(role: Role, content: str, parts: list[dict[str, Any]] | None) -> ChatMessage:
+    """A stored message for the model: its attachments from its parts (one stored before they were
+    checked as now, an unsupported type or URL, is named in the text instead)."""
+    if not parts:
+        return ChatMessage(role, content)
+    attachments = []
+    for part in parts:
+        if part.get("type") == "attachment":
+            attachment = Attachment(part["name"], part["media_type"], part["url"])
+            if attachment.media_type in ATTACHMENT_TYPES and not attachment_url_error(
+                    attachment.media_type, attachment.url):
+                attachments.append(attachment)
+            else:
+                content += "\n" + omitted(attachment)
+    return ChatMessage(role, content, tuple(attachments))
+
+
+def history_window(history: list[tuple[str, str, list[dict[str, Any]] | None]], max_chars: int) -> list[ChatMessage]:
+    """The most recent history that fits in ``max_chars`` (an attachment counts ``ATTACHMENT_CHARS``),
+    oldest first."""
     kept: list[ChatMessage] = []
     total = 0
-    for role, content in reversed(history):
-        total += len(content)
+    for role, content, parts in reversed(history):
+        message = past_message(role, content, parts)
+        total += len(content) + len(message.attachments) * ATTACHMENT_CHARS
         if total > max_chars:
             break
-        kept.append(ChatMessage(role, content))  # type: ignore[arg-type]
+        kept.append(message)
     kept.reverse()
     return kept
+
+
+def refuse_unaccepted(provider: Provider, model: str, attachments: tuple[Attachment, ...]) -> None:
+    """422 when the model's vendor cannot take one of the message's attachments as given."""
+    for index, attachment in enumerate(attachments):
+        if not provider.accepts(attachment):
+            message = f"{model} cannot take a {attachment.media_type} attachment as a link; send it as a data URL"
+            raise ValidationFailed(message, details=[
+                {"loc": ["attachments", index, "url"], "msg": message, "type": "unsupported"}])
 
 
 def checked_content(content: str, limit: int, field: str) -> str:
@@ -109,14 +147,17 @@ async def run_turn(
     settings = services.settings
     ids = TurnIds(chat_id, uuid.uuid4(), uuid.uuid4())
     chosen = resolve_model(services, options.model) if options.model else None
-    asked = token_estimate(services, len(content), options.max_tokens)
+    attachments = tuple(attachment.for_model() for attachment in options.attachments)
+    asked = token_estimate(services, len(content) + len(attachments) * ATTACHMENT_CHARS, options.max_tokens)
     context, admission = await read_and_admit(services, owner, ids, asked)
     try:
         model = options.model or context.model
         provider, model_name = chosen or resolve_model(services, model)
+        if attachments:
+            refuse_unaccepted(provider, model, attachments)
         provider_request = ProviderRequest(
             model_name,
-            [*history_window(context.history, settings.history_chars), ChatMessage("user", content)],
+            [*history_window(context.history, settings.history_chars), ChatMessage("user", content, attachments)],
             system=context.system_prompt, max_tokens=options.max_tokens, temperature=options.temperature,
         )
         extra = token_estimate(services, provider_request.prompt_chars, options.max_tokens) - asked

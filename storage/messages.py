@@ -63,7 +63,8 @@ class TurnContext:
     title: str | None
     model: str
     system_prompt: str | None
-    history: list[tuple[str, str]]  # (role, content), oldest first
+    # (role, content, parts), oldest first; parts only for a message that has attachments, else None
+    history: list[tuple[str, str, list[dict[str, Any]] | None]]
 
 
 @functools.cache
@@ -80,7 +81,7 @@ async def chat_for_turn(
     row = await db.fetchrow(chat_for_turn_query(history_messages), chat_id, owner.org_id, owner.user_id)
     if row is None:
         return None
-    history = list(zip(row["roles"] or (), row["contents"] or (), strict=True))
+    history = list(zip(row["roles"] or (), row["contents"] or (), row["parts"] or (), strict=True))
     history.reverse()
     return TurnContext(row["id"], row["title"], row["model"], row["system_prompt"], history)
 

@@ -25,13 +25,15 @@ FROM messages
 WHERE id = $1 AND org_id = $2 AND user_id = $3;
 
 -- name: chat_for_turn
--- The chat and its most recent messages (newest first, as two arrays: building a JSON document of them
--- cost a third more), in one round trip before a turn. {history_messages} is written in once (see
--- storage/messages.py): as a parameter, it would have the read planned anew on every call.
-SELECT c.id, c.title, c.model, c.system_prompt, h.roles, h.contents
+-- The chat and its most recent messages (newest first, as arrays: building a JSON document of them cost
+-- a third more), in one round trip before a turn. A message's parts come only when it has more than its
+-- text (attachments), else NULL. {history_messages} is written in once (see storage/messages.py): as a
+-- parameter, it would have the read planned anew on every call.
+SELECT c.id, c.title, c.model, c.system_prompt, h.roles, h.contents, h.parts
 FROM chats c,
-     LATERAL (SELECT array_agg(m.role) AS roles, array_agg(m.content) AS contents
-              FROM (SELECT role, content FROM messages
+     LATERAL (SELECT array_agg(m.role) AS roles, array_agg(m.content) AS contents, array_agg(m.parts) AS parts
+              FROM (SELECT role, content, CASE WHEN jsonb_array_length(parts) > 1 THEN parts END AS parts
+                    FROM messages
                     WHERE chat_id = c.id AND deleted_at IS NULL AND content <> ''
                       AND role IN ('user', 'assistant')
                     ORDER BY seq DESC LIMIT {history_messages}) m) h

@@ -1,0 +1,153 @@
+"""Attachments (images and PDFs) from a message to the model: checked, stored, sent with the message and
+with every later turn of its chat, in each vendor's own format; and through the OpenAI-compatible surface."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import asyncpg
+import httpx
+import openai
+import pytest
+
+from gateway.auth import mint_token
+from providers.base import ATTACHMENT_CHARS
+from tests.conftest import JWT_SECRET, auth_headers
+from tests.test_providers import PDF, PHOTO, PNG, REPORT
+from tests.test_quotas import chat_rows
+from tests.test_routing import vendor_gateway
+from tests.test_send import new_chat
+from tests.vendors import TEXT, VENDORS, VendorServer, conversation
+
+JSON = {"Accept": "application/json"}
+LOOK = [{"name": "photo.jpg", "media_type": "image/jpeg", "url": PHOTO.url},
+        {"name": "dot.png", "media_type": "image/png", "url": PNG},
+        {"name": "paper.pdf", "media_type": "application/pdf", "url": PDF}]
+
+
+def owner() -> dict[str, str]:
+    return auth_headers(f"u-{uuid.uuid4().hex[:6]}", f"org-{uuid.uuid4().hex[:6]}")
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+async def test_attachments_are_stored_and_go_with_every_later_turn(
+    start_gateway: Any, vendors: dict[str, Any], vendor: str
+) -> None:
+    server: VendorServer = vendors[vendor][0]
+    headers = owner()
+    async with vendor_gateway(start_gateway, vendors) as gateway, httpx.AsyncClient(base_url=gateway.url) as http:
+        chat_id = await new_chat(http, headers, model=f"{vendor}/normal")
+        first = await http.post(f"/v1/chats/{chat_id}/messages", headers={**headers, **JSON},
+                                json={"content": "what is this?", "attachments": LOOK})
+        assert first.status_code == 200
+        assert first.json()["user_message"]["parts"] == [
+            {"type": "text", "text": "what is this?"}, *({"type": "attachment", **a} for a in LOOK)]
+        files = [("image", PHOTO.url), ("image", PNG), ("pdf", PDF)]
+        assert conversation(vendor, server.requests[-1]["body"]) == [("user", "what is this?", files)]
+        second = await http.post(f"/v1/chats/{chat_id}/messages", headers={**headers, **JSON},
+                                 json={"content": "and now?"})
+        assert second.status_code == 200
+    assert conversation(vendor, server.requests[-1]["body"]) == [
+        ("user", "what is this?", files), ("assistant", TEXT, []), ("user", "and now?", [])]
+
+
+async def test_a_link_the_vendor_cannot_take_is_refused_and_changes_nothing(
+    start_gateway: Any, vendors: dict[str, Any], db: asyncpg.Pool
+) -> None:
+    server: VendorServer = vendors["openai"][0]
+    headers = owner()
+    async with vendor_gateway(start_gateway, vendors) as gateway, httpx.AsyncClient(base_url=gateway.url) as http:
+        chat_id = await new_chat(http, headers, model="openai/normal")
+        before, calls = await chat_rows(db, chat_id), len(server.requests)
+        report = {"name": "report.pdf", "media_type": "application/pdf", "url": REPORT.url}
+        refused = await http.post(f"/v1/chats/{chat_id}/messages", headers=headers,
+                                  json={"content": "read it", "attachments": [LOOK[0], report]})
+        assert refused.status_code == 422
+        error = refused.json()["error"]
+        assert error["details"][0]["loc"] == ["attachments", 1, "url"]
+        assert "openai/normal" in error["message"] and "data URL" in error["message"]
+        assert await chat_rows(db, chat_id) == before and len(server.requests) == calls
+        # The refused turn gave its admission back: the chat takes its next turn at once.
+        sent = await http.post(f"/v1/chats/{chat_id}/messages", headers={**headers, **JSON},
+                               json={"content": "read it", "attachments": [LOOK[0], LOOK[2]]})
+        assert sent.status_code == 200
+
+
+@pytest.mark.parametrize(("attachment", "loc"), [
+    ({"name": "notes.txt", "media_type": "text/plain", "url": "https://files.example/notes.txt"}, "media_type"),
+    ({"name": "a.png", "media_type": "image/png", "url": "ftp://files.example/a.png"}, "url"),
+    ({"name": "a.png", "media_type": "image/png", "url": PDF}, "url"),  # a data URL of another type
+    ({"name": "a.png", "media_type": "image/png", "url": "data:image/png;base64,not base64!"}, "url"),
+    ({"name": "", "media_type": "image/png", "url": PNG}, "name"),
+])
+async def test_an_attachment_that_cannot_reach_a_model_is_refused_and_changes_nothing(
+    client: httpx.AsyncClient, db: asyncpg.Pool, attachment: dict[str, str], loc: str
+) -> None:
+    headers = owner()
+    chat_id = await new_chat(client, headers)
+    before = await chat_rows(db, chat_id)
+    response = await client.post(f"/v1/chats/{chat_id}/messages", headers=headers,
+                                 json={"content": "see", "attachments": [LOOK[0], attachment]})
+    assert response.status_code == 422
+    assert response.json()["error"]["details"][0]["loc"] == ["attachments", 1, loc]
+    assert await chat_rows(db, chat_id) == before
+
+
+async def test_attachments_count_in_the_prompt(client: httpx.AsyncClient) -> None:
+    headers = owner()
+    chat_id = await new_chat(client, headers)
+    response = await client.post(f"/v1/chats/{chat_id}/messages", headers={**headers, **JSON},
+                                 json={"content": "look", "attachments": LOOK[:2]})
+    # The fake reports input usage as the prompt's size / 4, and an attachment counts ATTACHMENT_CHARS.
+    assert response.json()["assistant_message"]["usage"]["input_tokens"] == (4 + 2 * ATTACHMENT_CHARS) // 4
+
+
+async def test_an_attachment_stored_before_the_checks_is_named_in_the_text(
+    start_gateway: Any, vendors: dict[str, Any], db: asyncpg.Pool
+) -> None:
+    server: VendorServer = vendors["anthropic"][0]
+    headers = owner()
+    async with vendor_gateway(start_gateway, vendors) as gateway, httpx.AsyncClient(base_url=gateway.url) as http:
+        chat_id = await new_chat(http, headers, model="anthropic/normal")
+        chat = await db.fetchrow("SELECT org_id, user_id FROM chats WHERE id = $1", uuid.UUID(chat_id))
+        parts = [{"type": "text", "text": "old"},
+                 {"type": "attachment", "name": "notes.txt", "media_type": "text/plain", "url": "https://x/n.txt"},
+                 {"type": "attachment", "name": "photo.jpg", "media_type": "image/jpeg", "url": PHOTO.url}]
+        await db.execute("INSERT INTO messages (id, chat_id, org_id, user_id, role, content, parts)"
+                         " VALUES ($1, $2, $3, $4, 'user', 'old', $5)",
+                         uuid.uuid4(), uuid.UUID(chat_id), chat["org_id"], chat["user_id"], parts)
+        response = await http.post(f"/v1/chats/{chat_id}/messages", headers={**headers, **JSON},
+                                   json={"content": "new"})
+        assert response.status_code == 200
+    note = "\n[attachment 'notes.txt' (text/plain) is not shown to this model]"
+    assert conversation("anthropic", server.requests[-1]["body"]) == [
+        ("user", "old" + note, [("image", PHOTO.url)]), ("user", "new", [])]
+
+
+async def test_completions_take_images_and_pdfs(start_gateway: Any, vendors: dict[str, Any]) -> None:
+    server: VendorServer = vendors["gemini"][0]
+    token = mint_token(JWT_SECRET, f"u-{uuid.uuid4().hex[:6]}", f"org-{uuid.uuid4().hex[:6]}")
+    async with vendor_gateway(start_gateway, vendors) as gateway, openai.AsyncOpenAI(
+            base_url=f"{gateway.url}/v1", api_key=token, max_retries=0) as client:
+        completion = await client.chat.completions.create(model="gemini/normal", messages=[
+            {"role": "user", "content": [
+                {"type": "text", "text": "compare"},
+                {"type": "image_url", "image_url": {"url": "https://files.example/cat.png", "detail": "low"}},
+                {"type": "image_url", "image_url": {"url": PNG}},
+                {"type": "file", "file": {"filename": "paper.pdf", "file_data": PDF}}]}])
+        assert completion.choices[0].message.content == TEXT
+        assert server.requests[-1]["body"]["contents"][0]["parts"][0]["fileData"]["mimeType"] == "image/png"
+        assert conversation("gemini", server.requests[-1]["body"]) == [
+            ("user", "compare", [("image", "https://files.example/cat.png"), ("image", PNG), ("pdf", PDF)])]
+        refusals: list[list[dict[str, Any]]] = [
+            [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": PNG}}]}],
+            [{"role": "user", "content": [{"type": "file", "file": {"file_id": "file-abc"}}]}],
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": PDF}}]}],
+            [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}],
+        ]
+        calls = len(server.requests)
+        for messages in refusals:
+            with pytest.raises(openai.BadRequestError):
+                await client.chat.completions.create(model="gemini/normal", messages=messages)  # type: ignore[arg-type]
+        assert len(server.requests) == calls
