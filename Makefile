@@ -30,8 +30,9 @@ test: $(VENV)/.dev test-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 check: $(VENV)/.dev
-	$(VENV)/bin/ruff check gateway providers storage tests
+	$(VENV)/bin/ruff check gateway providers storage tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy bench
 
 migrate: $(VENV)/.run
 	$(VENV)/bin/gateway migrate

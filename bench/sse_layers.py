@@ -8,11 +8,13 @@ keeps 64 streams going. Run: .venv/bin/python bench/sse_layers.py
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
-import subprocess
 import sys
-import time
+import tempfile
+from pathlib import Path
 
+from gateway.bench import until_ready
 from gateway.loadtest import Target, closed_loop, print_summary, request_bytes
 
 APP = '''
@@ -20,6 +22,7 @@ import uuid
 
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from gateway.sse import ChatEvents, EventStream
 from gateway.turns import Turn, TurnIds
@@ -47,28 +50,37 @@ async def own(request):
                 TurnIds(uuid.uuid4(), uuid.uuid4(), uuid.uuid4()))
     return EventStream(turn, ChatEvents(), {}, 15, 30)
 
-app = Starlette(routes=[Route("/library", library, methods=["POST"]), Route("/own", own, methods=["POST"])])
+async def ready(request):
+    return PlainTextResponse("ok")
+
+app = Starlette(routes=[Route("/library", library, methods=["POST"]), Route("/own", own, methods=["POST"]),
+                        Route("/ready", ready)])
 '''
+
+
+def same_request(request: bytes, worker: int) -> bytes:
+    return request
 
 
 async def main() -> None:
     os.sched_setaffinity(0, {1})
-    with open("/tmp/sse_layers_app.py", "w") as file:
-        file.write(APP)
-    server = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "uvicorn", "--app-dir", "/tmp",
-                               "sse_layers_app:app", "--port", "18777", "--no-access-log", "--log-level",
-                               "warning", "--loop", "uvloop", "--http", "httptools"],
-                              env={**os.environ, "PYTHONPATH": os.getcwd()})
-    time.sleep(3)
+    app = Path(tempfile.mkdtemp()) / "sse_layers_app.py"
+    app.write_text(APP)
+    server = await asyncio.create_subprocess_exec(
+        "taskset", "-c", "0", sys.executable, "-m", "uvicorn", "--app-dir", str(app.parent), "sse_layers_app:app",
+        "--port", "18777", "--no-access-log", "--log-level", "warning", "--loop", "uvloop", "--http", "httptools",
+        env={**os.environ, "PYTHONPATH": os.getcwd()})
     try:
+        await until_ready(18777)
         target = Target("127.0.0.1", 18777, "/", {})
         for _ in range(2):
             for path in ("/library", "/own"):
-                request = request_bytes(target, path, {})
-                report = await closed_loop(64, 5, lambda n: request, target)
+                report = await closed_loop(64, 5, functools.partial(same_request, request_bytes(target, path, {})),
+                                           target)
                 print_summary(path, report.summary())
     finally:
         server.terminate()
+        await server.wait()
 
 
 asyncio.run(main())

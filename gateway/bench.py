@@ -93,21 +93,25 @@ async def gateway_server(
             process = subprocess.Popen([*pin, sys.executable, "-m", "gateway", "serve", "--port", str(port)],
                                        env=env, stdout=out, stderr=out, cwd=tree)
         try:
-            target = Target("127.0.0.1", port, "/", {})
-            for _ in range(600):
-                with contextlib.suppress(OSError):
-                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                    writer.write(b"GET /ready HTTP/1.0\r\n\r\n")
-                    if b" 200 " in await reader.readline():
-                        writer.close()
-                        break
-                    writer.close()
-                await asyncio.sleep(0.1)  # waiting for a subprocess to boot: nothing to await but time
-            del target
+            await until_ready(port)
             yield port, process.pid
         finally:
             process.terminate()
             process.wait(30)
+
+
+async def until_ready(port: int, seconds: float = 60) -> None:
+    """Until the server booting on ``port`` answers ``GET /ready`` with 200."""
+    for _ in range(int(seconds * 10)):
+        with contextlib.suppress(OSError):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /ready HTTP/1.0\r\n\r\n")
+            answered = b" 200 " in await reader.readline()
+            writer.close()
+            if answered:
+                return
+        await asyncio.sleep(0.1)  # waiting for a subprocess to boot: nothing to await but time
+    raise RuntimeError(f"nothing answered /ready on port {port} in {seconds:.0f} s")
 
 
 @contextlib.contextmanager
