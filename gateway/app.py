@@ -16,7 +16,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.types import Receive, Scope, Send
 
-from gateway import chats, compat, health, metrics, page, send, ui_stream, usage
+from gateway import chats, compat, health, metrics, openapi, page, send, ui_stream, usage
 from gateway.auth import JWTBackend, on_auth_error
 from gateway.embedded import resolve_jwt_secret
 from gateway.errors import EXCEPTION_HANDLERS
@@ -106,7 +106,7 @@ def create_app(settings: Settings | None = None, providers: ProviderRegistry | N
     ]
     app = Gateway(
         routes=[*health.routes, *metrics.routes, *chats.routes, *send.routes, *usage.routes, *compat.routes,
-                *ui_stream.routes, *page.routes],
+                *ui_stream.routes, *openapi.routes, *page.routes],
         middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
