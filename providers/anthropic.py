@@ -26,6 +26,7 @@ from providers.base import (
     ProviderStatusError,
     ProviderStream,
     StreamBatch,
+    ToolCallDelta,
     UpstreamConfig,
     Usage,
     failed,
@@ -58,12 +59,48 @@ def content_blocks(message: ChatMessage) -> list[dict[str, Any]]:
     return [*map(attachment_block, message.attachments), {"type": "text", "text": message.content}]
 
 
+def tool_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """A conversation with tool calls: an assistant's calls as ``tool_use`` blocks after its text, and the
+    results of consecutive tool messages as ``tool_result`` blocks of one user message."""
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        if message.tool_call_id is not None:
+            result = {"type": "tool_result", "tool_use_id": message.tool_call_id, "content": message.content}
+            if out and out[-1]["role"] == "user" and out[-1]["content"][-1]["type"] == "tool_result":
+                out[-1]["content"].append(result)
+            else:
+                out.append({"role": "user", "content": [result]})
+        elif message.tool_calls:
+            blocks = [{"type": "text", "text": message.content}] if message.content else []
+            blocks += [{"type": "tool_use", "id": c.id, "name": c.name, "input": orjson.loads(c.arguments or "{}")}
+                       for c in message.tool_calls]
+            out.append({"role": "assistant", "content": blocks})
+        else:
+            out.append({"role": message.role, "content": content_blocks(message)
+                        if message.attachments else [{"type": "text", "text": message.content}]})
+    return out
+
+
+def tools_of(request: ProviderRequest) -> dict[str, Any]:
+    body: dict[str, Any] = {"tools": [
+        {"name": t.name, "input_schema": t.parameters} | ({"description": t.description} if t.description else {})
+        for t in request.tools]}
+    if request.forced_tool:
+        body["tool_choice"] = {"type": "tool", "name": request.forced_tool}
+    elif request.tool_choice:
+        body["tool_choice"] = {"type": {"required": "any"}.get(request.tool_choice, request.tool_choice)}
+    return body
+
+
 def messages_body(request: ProviderRequest) -> dict[str, Any]:
+    messages = [m for m in request.messages if m.role != "system"]
     body: dict[str, Any] = {
         "model": request.model, "max_tokens": request.max_tokens or DEFAULT_MAX_TOKENS, "stream": True,
-        "messages": [{"role": m.role, "content": content_blocks(m) if m.attachments else m.content}
-                     for m in request.messages if m.role != "system"],
+        "messages": tool_messages(messages) if request.tools or any(m.role == "tool" for m in messages) else
+        [{"role": m.role, "content": content_blocks(m) if m.attachments else m.content} for m in messages],
     }
+    if request.tools:
+        body |= tools_of(request)
     if request.system:
         body["system"] = request.system
     if request.temperature is not None:
@@ -105,12 +142,23 @@ class MessageReader:
     def __init__(self) -> None:
         self.input_tokens = self.output_tokens = 0
         self.finish: FinishReason = "stop"
+        self.calls: dict[int, int] = {}  # a tool_use block's index -> its call's index
 
     def event(self, name: bytes | None, data: bytes, batch: StreamBatch) -> bool:
         if name == b"content_block_delta":
-            text = json_frame(data, VENDOR)["delta"].get("text")
+            frame = json_frame(data, VENDOR)
+            delta = frame["delta"]
+            text = delta.get("text")
             if text:
                 batch.append(text)
+            elif delta.get("type") == "input_json_delta" and frame.get("index") in self.calls:
+                batch.append(ToolCallDelta(self.calls[frame["index"]], None, None, delta.get("partial_json") or ""))
+        elif name == b"content_block_start":
+            frame = json_frame(data, VENDOR)
+            block = frame.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                call = self.calls[frame.get("index", 0)] = len(self.calls)
+                batch.append(ToolCallDelta(call, block.get("id"), block.get("name"), ""))
         elif name == b"message_start":
             usage = json_frame(data, VENDOR)["message"].get("usage") or {}
             self.input_tokens = usage.get("input_tokens") or 0

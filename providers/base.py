@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 
 logger = logging.getLogger("providers")
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 
 # The models each vendor is known to serve, for /v1/models (any other name is passed through as is).
 OPENAI_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "o4-mini")
@@ -49,10 +49,33 @@ class Attachment:
 
 
 @dataclass(frozen=True, slots=True)
+class Tool:
+    """A function the model may call: its name, what it does, and its parameters as a JSON Schema."""
+
+    name: str
+    description: str | None
+    parameters: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A call the model made, in an earlier assistant message: ``arguments`` is JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
 class ChatMessage:
+    """A message of the conversation. An assistant's may hold ``tool_calls``; a ``tool`` message is the
+    result of the call named by ``tool_call_id``, its ``content`` the result as text."""
+
     role: Role
     content: str
     attachments: tuple[Attachment, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,12 +90,18 @@ class ProviderRequest:
     top_p: float | None = None
     stop: tuple[str, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
+    tools: tuple[Tool, ...] = ()
+    tool_choice: Literal["auto", "none", "required"] | None = None  # None: the vendor's default (auto)
+    forced_tool: str | None = None  # with "required": the one tool the model must call
 
     @property
     def prompt_chars(self) -> int:
-        """The prompt's size in characters: the system prompt and every message."""
-        return sum(len(m.content) + len(m.attachments) * ATTACHMENT_CHARS for m in self.messages) + len(
-            self.system or "")
+        """The prompt's size in characters: the system prompt, every message and the tools' definitions."""
+        chars = sum(len(m.content) + len(m.attachments) * ATTACHMENT_CHARS for m in self.messages)
+        if self.tools:
+            chars += sum(len(c.arguments) for m in self.messages for c in m.tool_calls)
+            chars += sum(len(t.name) + len(t.description or "") + len(str(t.parameters)) for t in self.tools)
+        return chars + len(self.system or "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +129,18 @@ class Finish:
 
 # The closed union of what an adapter yields. A text delta is a plain ``str``: it is by far the most
 # frequent event, and a bare string costs no allocation beyond the text itself.
-StreamEvent = str | Usage | Finish
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of a tool call as it streams: the first piece of call ``index`` has its ``id`` and ``name``,
+    every piece a fragment of its JSON ``arguments``."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+
+
+StreamEvent = str | Usage | Finish | ToolCallDelta
 # What ``stream`` yields: the events one read from the vendor carried, in order. A read of an unpaced
 # stream holds dozens of deltas; taking them together lets the gateway write all their frames in one send
 # instead of one send (and one system call) per token.

@@ -9,6 +9,7 @@ pool like every other vendor's, and read through our SSE decoder and orjson.
 from __future__ import annotations
 
 import base64
+import uuid
 from typing import Any
 
 import orjson
@@ -27,6 +28,7 @@ from providers.base import (
     ProviderStatusError,
     ProviderStream,
     StreamBatch,
+    ToolCallDelta,
     UpstreamConfig,
     Usage,
     failed,
@@ -60,12 +62,60 @@ def parts_of(message: ChatMessage) -> list[types.Part]:
     return [*map(attachment_part, message.attachments), types.Part(text=message.content)]
 
 
+def tool_contents(messages: list[ChatMessage]) -> list[types.Content]:
+    """A conversation with tool calls: an assistant's calls as ``functionCall`` parts after its text, and
+    the results of consecutive tool messages as ``functionResponse`` parts of one user turn (named by the
+    call they answer; a result that is not a JSON object is given as ``{"result": ...}``)."""
+    names = {c.id: c.name for m in messages for c in m.tool_calls}
+    contents: list[types.Content] = []
+    for message in messages:
+        if message.tool_call_id is not None:
+            try:
+                result = orjson.loads(message.content)
+            except orjson.JSONDecodeError:
+                result = message.content
+            part = types.Part(function_response=types.FunctionResponse(
+                id=message.tool_call_id, name=names.get(message.tool_call_id, message.tool_call_id),
+                response=result if isinstance(result, dict) else {"result": result}))
+            if contents and contents[-1].parts and contents[-1].parts[-1].function_response is not None:
+                contents[-1].parts.append(part)
+            else:
+                contents.append(types.Content(role="user", parts=[part]))
+        elif message.tool_calls:
+            parts = [types.Part(text=message.content)] if message.content else []
+            parts += [types.Part(function_call=types.FunctionCall(id=c.id, name=c.name,
+                                                                  args=orjson.loads(c.arguments or "{}")))
+                      for c in message.tool_calls]
+            contents.append(types.Content(role="model", parts=parts))
+        else:
+            contents.append(types.Content(role="model" if message.role == "assistant" else "user",
+                                          parts=parts_of(message)))
+    return contents
+
+
+def tools_of(request: ProviderRequest) -> dict[str, Any]:
+    tool = types.Tool(function_declarations=[
+        types.FunctionDeclaration(name=t.name, description=t.description, parameters_json_schema=t.parameters)
+        for t in request.tools])
+    body: dict[str, Any] = {"tools": [_wire(tool)]}
+    if request.tool_choice or request.forced_tool:
+        mode = {"auto": "AUTO", "none": "NONE", "required": "ANY"}[request.tool_choice or "required"]
+        config = types.FunctionCallingConfig(
+            mode=mode, allowed_function_names=[request.forced_tool] if request.forced_tool else None)  # type: ignore[arg-type]
+        body["toolConfig"] = _wire(types.ToolConfig(function_calling_config=config))
+    return body
+
+
 def generate_body(request: ProviderRequest) -> dict[str, Any]:
-    contents = [
-        types.Content(role="model" if m.role == "assistant" else "user", parts=parts_of(m))
-        for m in request.messages if m.role != "system"
-    ]
+    messages = [m for m in request.messages if m.role != "system"]
+    if request.tools or any(m.role == "tool" for m in messages):
+        contents = tool_contents(messages)
+    else:
+        contents = [types.Content(role="model" if m.role == "assistant" else "user", parts=parts_of(m))
+                    for m in messages]
     body: dict[str, Any] = {"contents": [_wire(c) for c in contents]}
+    if request.tools:
+        body |= tools_of(request)
     if request.system:
         body["systemInstruction"] = _wire(types.Content(parts=[types.Part(text=request.system)]))
     config = types.GenerationConfig(
@@ -107,6 +157,7 @@ class ResponseReader:
     def __init__(self) -> None:
         self.usage: dict[str, Any] | None = None
         self.finish: FinishReason | None = None
+        self.calls = 0  # function calls so far: each comes whole, in one part
 
     def event(self, name: bytes | None, data: bytes, batch: StreamBatch) -> bool:
         frame = json_frame(data, VENDOR)
@@ -119,8 +170,15 @@ class ResponseReader:
                 text = part.get("text")
                 if text:
                     batch.append(text)
+                elif "functionCall" in part:
+                    call = part["functionCall"]
+                    batch.append(ToolCallDelta(self.calls, call.get("id") or f"call_{uuid.uuid4().hex[:24]}",
+                                               call.get("name"), orjson.dumps(call.get("args") or {}).decode()))
+                    self.calls += 1
             if candidate.get("finishReason"):
                 self.finish = FINISH_REASONS.get(candidate["finishReason"], "stop")
+                if self.calls and self.finish == "stop":  # Gemini ends a turn of calls with STOP
+                    self.finish = "tool_calls"
         self.usage = frame.get("usageMetadata") or self.usage
         return False
 

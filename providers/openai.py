@@ -28,6 +28,7 @@ from providers.base import (
     ProviderStatusError,
     ProviderStream,
     StreamBatch,
+    ToolCallDelta,
     UpstreamConfig,
     Usage,
     failed,
@@ -60,14 +61,40 @@ def content_parts(message: ChatMessage) -> list[dict[str, Any]]:
     return [{"type": "text", "text": text}, *parts]
 
 
+def message_of(message: ChatMessage) -> dict[str, Any]:
+    if message.tool_call_id is not None:
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
+    if message.tool_calls:
+        return {"role": "assistant", "content": message.content or None, "tool_calls": [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in message.tool_calls]}
+    return {"role": message.role, "content": content_parts(message) if message.attachments else message.content}
+
+
+def tools_of(request: ProviderRequest) -> dict[str, Any]:
+    """The request's ``tools`` and ``tool_choice``."""
+    body: dict[str, Any] = {"tools": [
+        {"type": "function", "function": {"name": t.name, "parameters": t.parameters}
+         | ({"description": t.description} if t.description else {})} for t in request.tools]}
+    if request.forced_tool:
+        body["tool_choice"] = {"type": "function", "function": {"name": request.forced_tool}}
+    elif request.tool_choice:
+        body["tool_choice"] = request.tool_choice
+    return body
+
+
 def chat_body(request: ProviderRequest) -> dict[str, Any]:
     messages: list[dict[str, Any]] = [{"role": "system", "content": request.system}] if request.system else []
-    messages += [
-        {"role": m.role, "content": content_parts(m) if m.attachments else m.content} for m in request.messages
-    ]
+    if request.tools or any(m.tool_calls or m.tool_call_id for m in request.messages):
+        messages += map(message_of, request.messages)
+    else:
+        messages += [{"role": m.role, "content": content_parts(m) if m.attachments else m.content}
+                     for m in request.messages]
     body: dict[str, Any] = {
         "model": request.model, "messages": messages, "stream": True, "stream_options": {"include_usage": True},
     }
+    if request.tools:
+        body |= tools_of(request)
     if request.max_tokens is not None:
         body["max_tokens"] = request.max_tokens
     if request.temperature is not None:
@@ -128,9 +155,15 @@ class ChunkReader:
         choices = frame.get("choices")
         if choices:
             choice = choices[0]
-            text = (choice.get("delta") or {}).get("content")
+            delta = choice.get("delta") or {}
+            text = delta.get("content")
             if text:
                 batch.append(text)
+            if "tool_calls" in delta:
+                for call in delta["tool_calls"] or ():
+                    function = call.get("function") or {}
+                    batch.append(ToolCallDelta(call.get("index", 0), call.get("id"), function.get("name"),
+                                               function.get("arguments") or ""))
             if choice.get("finish_reason"):
                 self.finish = FINISH_REASONS.get(choice["finish_reason"], "stop")
         elif "error" in frame:

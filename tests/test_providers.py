@@ -6,6 +6,7 @@ import asyncio
 import base64
 from typing import Any
 
+import orjson
 import pytest
 
 from providers.anthropic import AnthropicProvider
@@ -21,13 +22,27 @@ from providers.base import (
     ProviderTimeout,
     StreamBatch,
     StreamEvent,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
     UpstreamConfig,
     Usage,
 )
 from providers.gemini import GeminiProvider
 from providers.http import UpstreamCall
 from providers.openai import OpenAIProvider
-from tests.vendors import OUTPUT_TOKENS, PROMPT_TOKENS, TEXT, TOKENS, VENDORS, conversation
+from tests.vendors import (
+    OUTPUT_TOKENS,
+    PROMPT_TOKENS,
+    TEXT,
+    TOKENS,
+    TOOL_CALLS,
+    TOOL_TEXT,
+    VENDORS,
+    ToolExchange,
+    conversation,
+    tool_exchange,
+)
 
 SECRET = {"openai": "sk-test-secret-openai", "anthropic": "sk-ant-test-secret", "gemini": "gm-test-secret"}
 
@@ -118,6 +133,58 @@ async def test_attachments_reach_the_vendor_in_its_own_format(vendors: dict[str,
         assert turns[2] == ("user", "and these" + note, [("pdf", PDF)])
     else:
         assert turns[2] == ("user", "and these", [("pdf", PDF), ("pdf", REPORT.url)])
+
+
+WEATHER = Tool("get_weather", "The weather in a city", {"type": "object", "properties": {"city": {"type": "string"}}})
+CLOCK = Tool("get_time", None, {"type": "object", "properties": {"zone": {"type": "string"}}})
+
+
+def assembled(events: list[StreamEvent]) -> list[tuple[str, str, Any]]:
+    """The tool calls of a stream, each put together from its pieces: ``(id, name, arguments)``."""
+    calls: dict[int, list[Any]] = {}
+    for event in events:
+        if isinstance(event, ToolCallDelta):
+            if event.index not in calls:
+                calls[event.index] = [event.id, event.name, ""]
+            calls[event.index][2] += event.arguments
+    return [(call_id, name, orjson.loads(arguments)) for call_id, name, arguments in calls.values()]
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+async def test_tool_calls_stream_in_pieces_and_the_exchange_reaches_the_vendor(
+    vendors: dict[str, Any], vendor: str
+) -> None:
+    server, url = vendors[vendor]
+    adapter = adapter_for(vendor, url)
+    request = ProviderRequest("tools", [
+        ChatMessage("user", "weather in Rome?"),
+        ChatMessage("assistant", "", tool_calls=(ToolCall("call_0", "get_weather", '{"city": "Rome"}'),)),
+        ChatMessage("tool", '{"celsius": 21}', tool_call_id="call_0"),
+        ChatMessage("user", "and Paris, and the time there?"),
+    ], tools=(WEATHER, CLOCK), tool_choice="auto")
+    events = [event async for batch in adapter.stream(request) for event in batch]
+    await adapter.aclose()
+    assert text_of(events) == TOOL_TEXT
+    assert assembled(events) == TOOL_CALLS
+    assert events[-1] == Finish("tool_calls")
+    exchange = tool_exchange(vendor, server.requests[-1]["body"])
+    assert exchange == ToolExchange([(WEATHER.name, WEATHER.parameters), (CLOCK.name, CLOCK.parameters)], "auto",
+                                    [("call_0", "get_weather", {"city": "Rome"})], [("call_0", {"celsius": 21})])
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+@pytest.mark.parametrize(("choice", "forced", "said"), [
+    ("none", None, "none"), ("required", None, "required"), ("required", "get_time", "get_time")])
+async def test_tool_choice_reaches_the_vendor(
+    vendors: dict[str, Any], vendor: str, choice: str, forced: str | None, said: str
+) -> None:
+    server, url = vendors[vendor]
+    adapter = adapter_for(vendor, url)
+    request = ProviderRequest("normal", [ChatMessage("user", "hi")], tools=(WEATHER, CLOCK),
+                              tool_choice=choice, forced_tool=forced)  # type: ignore[arg-type]
+    assert text_of([event async for batch in adapter.stream(request) for event in batch]) == TEXT
+    await adapter.aclose()
+    assert tool_exchange(vendor, server.requests[-1]["body"]).choice == said
 
 
 @pytest.mark.parametrize("vendor", VENDORS)

@@ -2,8 +2,8 @@
 
 The model name picks a scenario: ``normal``, ``split-utf8`` (frames cut inside a multi-byte character),
 ``crlf``, ``pings``, ``error-frame``, ``drop`` (connection cut mid-stream), ``stall`` (goes silent),
-``401``, ``429`` (with Retry-After: 7), ``500``, ``503``, ``529``, and ``slow-<marker>`` (a long paced stream
-whose client going away is recorded under ``marker``).
+``401``, ``429`` (with Retry-After: 7), ``500``, ``503``, ``529``, ``tools`` (text, then two tool calls), and
+``slow-<marker>`` (a long paced stream whose client going away is recorded under ``marker``).
 """
 
 from __future__ import annotations
@@ -79,6 +79,72 @@ def _gemini_frames(tokens: list[str], finish: bool = True) -> list[bytes]:
     return frames
 
 
+# The ``tools`` scenario: a little text, then two tool calls (the first one's arguments in two pieces).
+TOOL_TEXT = "Checking."
+TOOL_CALLS = [("call_1", "get_weather", {"city": "Paris"}), ("call_2", "get_time", {"zone": "CET"})]
+
+
+def _openai_tool_frames() -> list[bytes]:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return b"data: " + orjson.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+                                         "model": "m", "choices": [{"index": 0, "delta": delta,
+                                                                    "finish_reason": finish}]})
+
+    def call(index: int, **fields: Any) -> dict[str, Any]:
+        return {"tool_calls": [{"index": index, **fields}]}
+
+    return [
+        chunk({"role": "assistant", "content": ""}), chunk({"content": TOOL_TEXT}),
+        chunk(call(0, id="call_1", type="function", function={"name": "get_weather", "arguments": ""})),
+        chunk(call(0, function={"arguments": '{"city": '})), chunk(call(0, function={"arguments": '"Paris"}'})),
+        chunk(call(1, id="call_2", type="function", function={"name": "get_time", "arguments": '{"zone": "CET"}'})),
+        chunk({}, "tool_calls"),
+        b"data: " + orjson.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                                  "choices": [], "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 9,
+                                                           "total_tokens": PROMPT_TOKENS + 9}}),
+        b"data: [DONE]",
+    ]
+
+
+def _anthropic_tool_frames() -> list[bytes]:
+    def event(name: str, **data: Any) -> bytes:
+        return b"event: " + name.encode() + b"\ndata: " + orjson.dumps({"type": name, **data})
+
+    def tool(index: int, call_id: str, name: str, pieces: list[str]) -> list[bytes]:
+        return [event("content_block_start", index=index,
+                      content_block={"type": "tool_use", "id": call_id, "name": name, "input": {}}),
+                *(event("content_block_delta", index=index, delta={"type": "input_json_delta", "partial_json": p})
+                  for p in pieces),
+                event("content_block_stop", index=index)]
+
+    return [
+        event("message_start", message={"id": "msg_1", "type": "message", "role": "assistant", "content": [],
+                                        "model": "m", "stop_reason": None,
+                                        "usage": {"input_tokens": PROMPT_TOKENS, "output_tokens": 1}}),
+        event("content_block_start", index=0, content_block={"type": "text", "text": ""}),
+        event("content_block_delta", index=0, delta={"type": "text_delta", "text": TOOL_TEXT}),
+        event("content_block_stop", index=0),
+        *tool(1, "call_1", "get_weather", ['{"city": ', '"Paris"}']),
+        *tool(2, "call_2", "get_time", ['{"zone": "CET"}']),
+        event("message_delta", delta={"stop_reason": "tool_use", "stop_sequence": None}, usage={"output_tokens": 9}),
+        event("message_stop"),
+    ]
+
+
+def _gemini_tool_frames() -> list[bytes]:
+    usage = {"promptTokenCount": PROMPT_TOKENS, "candidatesTokenCount": 9, "totalTokenCount": PROMPT_TOKENS + 9}
+    calls = [{"functionCall": {"id": call_id, "name": name, "args": args}} for call_id, name, args in TOOL_CALLS]
+    return [
+        b"data: " + orjson.dumps({"candidates": [{"content": {"parts": [{"text": TOOL_TEXT}], "role": "model"},
+                                                  "index": 0}], "usageMetadata": usage}),
+        b"data: " + orjson.dumps({"candidates": [{"content": {"parts": calls, "role": "model"}, "index": 0,
+                                                  "finishReason": "STOP"}], "usageMetadata": usage}),
+    ]
+
+
+TOOL_FRAMES: dict[str, Callable[[], list[bytes]]] = {
+    "openai": _openai_tool_frames, "anthropic": _anthropic_tool_frames, "gemini": _gemini_tool_frames,
+}
 FRAMES: dict[str, Callable[..., list[bytes]]] = {
     "openai": _openai_frames, "anthropic": _anthropic_frames, "gemini": _gemini_frames,
 }
@@ -153,6 +219,75 @@ def _gemini_turn(content: types.Content) -> Turn:
     return "assistant" if content.role == "model" else "user", text, kinds
 
 
+OPENAI_TOOL: TypeAdapter[Any] = TypeAdapter(openai.types.chat.ChatCompletionToolUnionParam)
+OPENAI_TOOL_CHOICE: TypeAdapter[Any] = TypeAdapter(openai.types.chat.ChatCompletionToolChoiceOptionParam)
+ANTHROPIC_TOOL: TypeAdapter[Any] = TypeAdapter(anthropic.types.ToolParam)
+ANTHROPIC_TOOL_CHOICE: TypeAdapter[Any] = TypeAdapter(anthropic.types.ToolChoiceParam)
+
+
+@dataclass
+class ToolExchange:
+    """What a request says about tools, the same for every vendor: the tools' names and parameters, the
+    choice (``auto``, ``none``, ``required`` or the forced tool's name), the calls in its history as
+    ``(id, name, arguments)`` and the results as ``(id, result)``."""
+
+    tools: list[tuple[str, dict[str, Any]]]
+    choice: str | None
+    calls: list[tuple[str, str, Any]]
+    results: list[tuple[str, Any]]
+
+
+def tool_exchange(vendor: str, body: dict[str, Any]) -> ToolExchange:
+    """Read through the vendor SDK's own request types, as ``conversation`` does."""
+    if vendor == "openai":
+        return _openai_exchange(body)
+    if vendor == "anthropic":
+        return _anthropic_exchange(body)
+    return _gemini_exchange(body)
+
+
+def _openai_exchange(body: dict[str, Any]) -> ToolExchange:
+    for message in body["messages"]:
+        OPENAI_MESSAGE.validate_python(message)
+    tools = [OPENAI_TOOL.validate_python(t)["function"] for t in body.get("tools", [])]
+    choice = OPENAI_TOOL_CHOICE.validate_python(body["tool_choice"]) if "tool_choice" in body else None
+    return ToolExchange(
+        [(t["name"], t["parameters"]) for t in tools],
+        choice["function"]["name"] if isinstance(choice, dict) else choice,
+        [(c["id"], c["function"]["name"], orjson.loads(c["function"]["arguments"]))
+         for m in body["messages"] for c in m.get("tool_calls", [])],
+        [(m["tool_call_id"], orjson.loads(m["content"])) for m in body["messages"] if m["role"] == "tool"])
+
+
+def _anthropic_exchange(body: dict[str, Any]) -> ToolExchange:
+    for message in body["messages"]:
+        list(ANTHROPIC_MESSAGE.validate_python(message)["content"])
+    tools = [ANTHROPIC_TOOL.validate_python(t) for t in body.get("tools", [])]
+    choice = ANTHROPIC_TOOL_CHOICE.validate_python(body["tool_choice"]) if "tool_choice" in body else None
+    blocks = [b for m in body["messages"] if isinstance(m["content"], list) for b in m["content"]]
+    named = {"any": "required"}
+    return ToolExchange(
+        [(t["name"], t["input_schema"]) for t in tools],
+        None if choice is None else choice.get("name") or named.get(choice["type"], choice["type"]),
+        [(b["id"], b["name"], b["input"]) for b in blocks if b["type"] == "tool_use"],
+        [(b["tool_use_id"], orjson.loads(b["content"])) for b in blocks if b["type"] == "tool_result"])
+
+
+def _gemini_exchange(body: dict[str, Any]) -> ToolExchange:
+    parts = [p for c in body["contents"] for p in types.Content.model_validate(c).parts or ()]
+    declarations = [d for t in body.get("tools", []) for d in types.Tool.model_validate(t).function_declarations or ()]
+    config = types.ToolConfig.model_validate(body["toolConfig"]).function_calling_config if "toolConfig" in body else None
+    choice = None
+    if config is not None:
+        named = {"AUTO": "auto", "NONE": "none", "ANY": "required"}
+        choice = (config.allowed_function_names or [None])[0] or named[str(config.mode.value if config.mode else "")]
+    return ToolExchange(
+        [(d.name or "", d.parameters_json_schema) for d in declarations], choice,
+        [(p.function_call.id or "", p.function_call.name or "", p.function_call.args)
+         for p in parts if p.function_call is not None],
+        [(p.function_response.id or "", p.function_response.response) for p in parts if p.function_response is not None])
+
+
 @dataclass
 class VendorServer:
     """One vendor's fake. ``requests`` keeps each request's path, headers, body and client address."""
@@ -218,7 +353,7 @@ class VendorServer:
     def _chunks(self, scenario: str) -> list[bytes | None]:
         make = FRAMES[self.vendor]
         sep = b"\r\n" if scenario == "crlf" or self.vendor == "gemini" else b"\n"
-        frames = make(TOKENS)
+        frames = TOOL_FRAMES[self.vendor]() if scenario == "tools" else make(TOKENS)
         if scenario == "pings":
             frames = [f for frame in frames for f in (PINGS[self.vendor], frame)]
         if scenario in ("error-frame", "drop", "stall"):
