@@ -2,8 +2,10 @@
 
 Any provider answers in OpenAI's exact chunk format, so the official ``openai`` SDKs and load-test tools
 work by changing only their base URL. Auth, quotas, cancellation on disconnect and the usage ledger are the
-chat stream's; nothing is stored in chats. Tool calls are not supported yet: requests that use them are
-refused with a 400 (as are ``n`` > 1, log probabilities, audio and structured output formats).
+chat stream's; nothing is stored in chats. Tools (``tools``, ``tool_choice``, assistant ``tool_calls`` and
+``tool`` messages) are translated for each vendor, and the calls a model makes stream back as OpenAI's
+``tool_calls`` deltas. Refused with a 400: the legacy ``functions``, ``n`` > 1, log probabilities, audio
+and structured output formats.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from providers.base import (
     ChatMessage,
     ProviderError,
     ProviderRequest,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
     UnknownModel,
     Usage,
 )
@@ -53,10 +58,51 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    arguments: str = "{}"
+
+
+class CompletionToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class CompletionMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[CompletionToolCall] | None = Field(default=None, max_length=128)
+    tool_call_id: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class ToolName(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class NamedToolChoice(BaseModel):
+    """``{"type": "function", "function": {"name": ...}}``: the model must call that tool."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: ToolName
 
 
 class StreamOptions(BaseModel):
@@ -81,8 +127,9 @@ class CompletionRequest(BaseModel):
     user: str | None = None
     # Fields that would change the meaning of the answer; refused unless harmless.
     n: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[ToolSpec] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # the vendors' default (parallel calls allowed) either way
     functions: list[Any] | None = None
     function_call: Any = None
     logprobs: bool | None = None
@@ -94,8 +141,8 @@ class CompletionRequest(BaseModel):
 def refuse_unsupported(body: CompletionRequest) -> None:
     refusals = {
         "n": body.n not in (None, 1),
-        "tools": bool(body.tools) or bool(body.functions),
-        "tool_choice": body.tool_choice not in (None, "none") or body.function_call not in (None, "none"),
+        "functions": bool(body.functions) or body.function_call not in (None, "none"),  # the legacy form of tools
+        "tool_choice": body.tool_choice not in (None, "none", "auto") and not body.tools,
         "logprobs": bool(body.logprobs),
         "response_format": (body.response_format or {}).get("type", "text") != "text",
         "audio": body.audio is not None or (body.modalities or ["text"]) != ["text"],
@@ -144,23 +191,40 @@ def attachment_of(part: ContentPart, loc: list[str | int]) -> Attachment:
     return Attachment(name if isinstance(name, str) and name else part.type, media_type, url)
 
 
+def message_of(message: CompletionMessage, index: int) -> ChatMessage:
+    """A user, assistant (with its tool calls) or tool (a call's result) message."""
+    if message.role == "function":
+        raise unsupported("'function' messages are not supported: use tools", ["messages", index, "role"])
+    if message.role == "tool":
+        if message.tool_call_id is None:
+            raise unsupported("A tool message needs its 'tool_call_id'", ["messages", index, "tool_call_id"])
+        return ChatMessage("tool", text_of(message), tool_call_id=message.tool_call_id)
+    if message.role == "user":
+        attachments: list[Attachment] = []
+        return ChatMessage("user", text_of(message, attachments), tuple(attachments))
+    calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or ())
+    return ChatMessage("assistant", text_of(message), tool_calls=calls)
+
+
 def provider_request(body: CompletionRequest, model_name: str) -> ProviderRequest:
     system, messages = [], []
-    for message in body.messages:
-        if message.role in ("tool", "function"):
-            raise unsupported("Tool messages are not supported", ["messages", "role"])
+    for index, message in enumerate(body.messages):
         if message.role in ("system", "developer"):
             system.append(text_of(message))
-        elif message.role == "user":
-            attachments: list[Attachment] = []
-            messages.append(ChatMessage("user", text_of(message, attachments), tuple(attachments)))
         else:
-            messages.append(ChatMessage("assistant", text_of(message)))
+            messages.append(message_of(message, index))
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    tools = tuple(Tool(t.function.name, t.function.description, t.function.parameters) for t in body.tools or ())
+    choice = body.tool_choice
+    forced = choice.function.name if isinstance(choice, NamedToolChoice) else None
+    if forced is not None and forced not in {tool.name for tool in tools}:
+        raise unsupported(f"tool_choice names '{forced}', which is not among the tools", ["tool_choice"])
     return ProviderRequest(
         model_name, messages, system="\n\n".join(system) or None,
         max_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
-        top_p=body.top_p, stop=stop,
+        top_p=body.top_p, stop=stop, tools=tools,
+        tool_choice="required" if forced else choice if tools else None,  # type: ignore[arg-type]
+        forced_tool=forced,
     )
 
 
@@ -196,6 +260,14 @@ class CompletionChunks:
     def usage(self, usage: Usage) -> None:
         return None  # OpenAI reports usage once, after the last choice
 
+    def tool_call(self, delta: ToolCallDelta) -> bytes:
+        call: dict[str, Any] = {"index": delta.index}
+        if delta.id is not None or delta.name is not None:  # the call's first piece
+            call |= {"id": delta.id, "type": "function", "function": {"name": delta.name, "arguments": delta.arguments}}
+        else:
+            call["function"] = {"arguments": delta.arguments}
+        return self._choice(b'{"tool_calls":' + orjson.dumps([call]) + b"}")
+
     def done(self, turn: Turn) -> bytes:
         frames = self._choice(b"{}", orjson.dumps(FINISH.get(turn.ending or "", "stop")))
         if self.include_usage:
@@ -214,11 +286,16 @@ def usage_object(turn: Turn) -> dict[str, int]:
 
 
 def completion_object(turn: Turn, completion_id: str, created: int) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": turn.text, "refusal": None}
+    if calls := turn.tool_calls:
+        message["content"] = turn.text or None
+        message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                                 for c in calls]
     return {
         "id": completion_id, "object": "chat.completion", "created": created, "model": turn.model,
         "system_fingerprint": None,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": turn.text, "refusal": None},
-                     "logprobs": None, "finish_reason": FINISH.get(turn.ending or "", "stop")}],
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": FINISH.get(turn.ending or "", "stop")}],
         "usage": usage_object(turn),
     }
 

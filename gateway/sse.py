@@ -14,7 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.middleware import BODY_SEND, RESPONSE_REST
 from gateway.turns import StreamCodec, Turn
-from providers.base import ProviderError, Usage
+from providers.base import ProviderError, ToolCallDelta, Usage
 
 PING = b": ping\n\n"
 
@@ -58,6 +58,9 @@ class ChatEvents:
         self.seq += 1
         return encode_event(self.seq, "usage", {"input_tokens": usage.input_tokens,
                                                 "output_tokens": usage.output_tokens})
+
+    def tool_call(self, delta: ToolCallDelta) -> None:
+        return None  # a chat turn offers the model no tools
 
     def done(self, turn: Turn) -> bytes:
         assert turn.ids is not None

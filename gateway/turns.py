@@ -26,6 +26,8 @@ from providers.base import (
     ProviderStream,
     StreamBatch,
     StreamEvent,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 from storage.chats import Owner
@@ -60,6 +62,8 @@ class StreamCodec(Protocol):
 
     def usage(self, usage: Usage) -> bytes | None: ...
 
+    def tool_call(self, delta: ToolCallDelta) -> bytes | None: ...
+
     def done(self, turn: Turn) -> bytes: ...
 
     def error(self, turn: Turn, error: ProviderError) -> bytes: ...
@@ -82,7 +86,7 @@ class Turn:
         "_buffered", "_codec", "_failure", "_finisher", "_finishing", "_head", "_stop_reason",
         "_stored", "_task", "_upstream", "_upstream_finish", "_waiting", "_wake", "_write", "checkpointed_at",
         "checkpointed_parts", "duration_ms", "ending", "error", "first_token_s", "ids", "model", "owner",
-        "parts", "request", "started", "ticket", "usage",
+        "parts", "request", "started", "ticket", "tool_parts", "usage",
     )
 
     def __init__(
@@ -97,6 +101,7 @@ class Turn:
         self.model = model
         self.request = request
         self.parts: list[str] = []
+        self.tool_parts: dict[int, tuple[str, str, list[str]]] = {}  # a call's index -> id, name, arguments
         self.usage: Usage | None = None
         self.ending: str | None = None
         self.error: ProviderError | None = None
@@ -184,7 +189,7 @@ class Turn:
             if batch is None:
                 return
             self._buffered.append(batch)
-            if any(isinstance(event, (str, Finish)) for event in batch):
+            if any(isinstance(event, (str, Finish, ToolCallDelta)) for event in batch):
                 return
 
     def _take(self, event: StreamEvent) -> None:
@@ -192,6 +197,18 @@ class Turn:
             self.usage = event
         elif isinstance(event, Finish):
             self._upstream_finish = event.reason
+        elif isinstance(event, ToolCallDelta):
+            self._tool_call(event)
+
+    def _tool_call(self, delta: ToolCallDelta) -> None:
+        if self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - self.started
+        call = self.tool_parts.get(delta.index)
+        if call is None:
+            self.tool_parts[delta.index] = (delta.id or f"call_{uuid.uuid4().hex[:24]}", delta.name or "",
+                                            [delta.arguments])
+        else:
+            call[2].append(delta.arguments)
 
     def _delivered(self, texts: list[str]) -> None:
         if self.first_token_s is None:
@@ -241,6 +258,8 @@ class Turn:
                     frames.append(frame)
             else:
                 self._take(event)
+                if type(event) is ToolCallDelta and (frame := codec.tool_call(event)):
+                    frames.append(frame)
         if frames:
             self._write(b"".join(frames))
             self._head = b""
@@ -332,15 +351,21 @@ class Turn:
     def text(self) -> str:
         return "".join(self.parts)
 
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The tool calls the model made, whole, in order."""
+        return [ToolCall(id, name, "".join(arguments)) for _, (id, name, arguments) in sorted(self.tool_parts.items())]
+
     def final_usage(self) -> tuple[Usage, bool]:
         """The provider's usage when it reported one, else the documented estimate (and True)."""
         if self.usage is not None:
             return self.usage, False
-        return Usage(estimate_tokens(self.request.prompt_chars), estimate_tokens(len(self.text))), True
+        output = len(self.text) + sum(len(call.arguments) for call in self.tool_calls)
+        return Usage(estimate_tokens(self.request.prompt_chars), estimate_tokens(output)), True
 
     def charged_tokens(self) -> int:
         """What the turn costs: nothing when it failed before producing anything, else prompt and output."""
-        if self.ending == "error" and not self.parts:
+        if self.ending == "error" and not self.parts and not self.tool_parts:
             return 0
         usage, _ = self.final_usage()
         return usage.input_tokens + usage.output_tokens

@@ -25,7 +25,7 @@ from gateway.schemas import ModelName, TurnOptions, parse_body
 from gateway.send import checked_content, run_turn
 from gateway.services import services_of
 from gateway.turns import Turn
-from providers.base import ProviderError, Usage
+from providers.base import ProviderError, ToolCallDelta, Usage
 from storage import chats
 from storage.chats import ChatFields, Owner
 
@@ -86,6 +86,9 @@ class UIMessageChunks:
 
     def usage(self, usage: Usage) -> None:
         return None
+
+    def tool_call(self, delta: ToolCallDelta) -> None:
+        return None  # a chat turn offers the model no tools
 
     def done(self, turn: Turn) -> bytes:
         usage, estimated = turn.final_usage()

@@ -16,7 +16,7 @@ import pytest
 from gateway.auth import mint_token
 from tests.conftest import JWT_SECRET
 from tests.test_routing import vendor_gateway
-from tests.vendors import TEXT, VENDORS, VendorServer
+from tests.vendors import TEXT, TOOL_CALLS, TOOL_TEXT, VENDORS, VendorServer, tool_exchange
 
 
 def sdk(url: str, token: str) -> openai.AsyncOpenAI:
@@ -78,6 +78,73 @@ async def test_each_vendor_behind_the_surface(start_gateway: Any, vendors: dict[
     assert whole.choices[0].message.content == TEXT
 
 
+TOOLS: list[Any] = [
+    {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+    {"type": "function", "function": {"name": "get_time",
+                                      "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}}},
+]
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+async def test_tool_calls_through_the_surface(start_gateway: Any, vendors: dict[str, Any], vendor: str,
+                                              token: str) -> None:
+    server: VendorServer = vendors[vendor][0]
+    ask: list[Any] = [{"role": "user", "content": "weather and time in Paris?"}]
+    async with vendor_gateway(start_gateway, vendors) as gateway, sdk(gateway.url, token) as client:
+        stream = await client.chat.completions.create(model=f"{vendor}/tools", messages=ask, tools=TOOLS,
+                                                      stream=True, stream_options={"include_usage": True})
+        chunks = [chunk async for chunk in stream]
+        whole = await client.chat.completions.create(model=f"{vendor}/tools", messages=ask, tools=TOOLS,
+                                                     tool_choice="required")
+        message = whole.choices[0].message
+        calls = [(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or ()
+                 if c.type == "function"]
+        answered = [*ask, {"role": "assistant", "content": message.content, "tool_calls": [
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+            for call_id, name, arguments in calls]}]
+        answered += [{"role": "tool", "tool_call_id": call_id, "content": orjson.dumps({"ok": name}).decode()}
+                     for call_id, name, _ in calls]
+        after = await client.chat.completions.create(model=f"{vendor}/normal", messages=answered, tools=TOOLS)
+    pieces: dict[int, list[str]] = {}
+    for chunk in chunks:
+        for call in (chunk.choices[0].delta.tool_calls or ()) if chunk.choices else ():
+            assert call.function is not None
+            if call.id is not None:
+                pieces[call.index] = [call.id, call.function.name or "", ""]
+            pieces[call.index][2] += call.function.arguments or ""
+    expected = [(call_id, name, args) for call_id, name, args in TOOL_CALLS]
+    assert [(i, n, orjson.loads(a)) for i, n, a in pieces.values()] == expected
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == TOOL_TEXT
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    assert chunks[-1].usage is not None
+    assert whole.choices[0].finish_reason == "tool_calls" and message.content == TOOL_TEXT
+    assert [(i, n, orjson.loads(a)) for i, n, a in calls] == expected
+    assert after.choices[0].message.content == TEXT and after.choices[0].message.tool_calls is None
+    exchange = tool_exchange(vendor, server.requests[-1]["body"])
+    assert exchange.calls == expected and exchange.choice is None
+    assert exchange.results == [(call_id, {"ok": name}) for call_id, name, _ in TOOL_CALLS]
+
+
+async def test_tool_requests_that_cannot_work_are_refused(gateway_url: str, token: str) -> None:
+    hi: list[Any] = [{"role": "user", "content": "hi"}]
+    refused: list[dict[str, Any]] = [
+        {"messages": hi, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "elsewhere"}}},
+        {"messages": hi, "tool_choice": "required"},
+        {"messages": [*hi, {"role": "tool", "content": "42"}], "tools": TOOLS},
+        {"messages": hi, "functions": [{"name": "f", "parameters": {}}]},
+        {"messages": hi, "tools": [{"type": "function", "function": {"name": "has spaces"}}]},
+    ]
+    async with sdk(gateway_url, token) as client:
+        for extra in refused:
+            with pytest.raises(openai.BadRequestError if "functions" in extra or "tool_choice" in extra
+                               or extra["messages"][-1]["role"] == "tool" else openai.UnprocessableEntityError):
+                await client.chat.completions.create(model="fake/echo", **extra)
+        # The fake offers no tool calls: it answers in text whatever tools it is given.
+        answer = await client.chat.completions.create(model="fake/echo", messages=hi, tools=TOOLS)
+    assert answer.choices[0].message.content == "hi" and answer.choices[0].finish_reason == "stop"
+
+
 async def test_errors_raise_the_matching_sdk_exception(start_gateway: Any, token: str) -> None:
     message = [{"role": "user", "content": "x"}]
     async with start_gateway(quota_user_tokens=10) as gateway, sdk(gateway.url, token) as client:
@@ -88,9 +155,8 @@ async def test_errors_raise_the_matching_sdk_exception(start_gateway: Any, token
         assert missing.value.code == "model_not_found"
         with pytest.raises(openai.BadRequestError) as bad:
             await client.chat.completions.create(
-                model="fake/echo", messages=message,
-                tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
-        assert bad.value.param == "tools"
+                model="fake/echo", messages=message, functions=[{"name": "f", "parameters": {}}])
+        assert bad.value.param == "functions"
         with pytest.raises(openai.UnprocessableEntityError):
             await client.chat.completions.create(model="fake/echo", messages=message, temperature=5)
         with pytest.raises(openai.RateLimitError) as limited:
