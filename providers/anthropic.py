@@ -101,6 +101,8 @@ def messages_body(request: ProviderRequest) -> dict[str, Any]:
     }
     if request.tools:
         body |= tools_of(request)
+    if request.response_format is not None:  # only json_schema: Messages has no schemaless JSON mode
+        body["output_config"] = {"format": {"type": "json_schema", "schema": request.response_format.schema}}
     if request.system:
         body["system"] = request.system
     if request.temperature is not None:
@@ -116,6 +118,7 @@ class AnthropicProvider:
     def __init__(self, api_key: str | None, base_url: str | None, config: UpstreamConfig) -> None:
         self.name = "anthropic"
         self.models: tuple[str, ...] = ANTHROPIC_MODELS
+        self.response_formats = frozenset({"json_schema"})
         self.has_credentials = bool(api_key)
         client = anthropic.AsyncAnthropic(api_key=api_key or "no-key-configured", base_url=base_url)
         self.url = f"{str(client.base_url).rstrip('/')}/v1/messages"

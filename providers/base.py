@@ -67,6 +67,16 @@ class ToolCall:
 
 
 @dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """The answer must be JSON: any object (``json_object``) or one matching ``schema`` (``json_schema``)."""
+
+    kind: Literal["json_object", "json_schema"]
+    schema: dict[str, Any] | None = None
+    name: str = "response"
+    strict: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ChatMessage:
     """A message of the conversation. An assistant's may hold ``tool_calls``; a ``tool`` message is the
     result of the call named by ``tool_call_id``, its ``content`` the result as text."""
@@ -93,6 +103,7 @@ class ProviderRequest:
     tools: tuple[Tool, ...] = ()
     tool_choice: Literal["auto", "none", "required"] | None = None  # None: the vendor's default (auto)
     forced_tool: str | None = None  # with "required": the one tool the model must call
+    response_format: ResponseFormat | None = None
 
     @property
     def prompt_chars(self) -> int:
@@ -250,6 +261,10 @@ class Provider(Protocol):
     name: str
     models: tuple[str, ...]  # the models it is known to serve, for /v1/models
     has_credentials: bool
+
+    @property
+    def response_formats(self) -> frozenset[str]:
+        """The ResponseFormat kinds the vendor can hold an answer to."""
 
     def stream(self, request: ProviderRequest) -> ProviderStream: ...
 

@@ -94,6 +94,7 @@ class FakeProvider:
     name = "fake"
     models: tuple[str, ...] = ("echo",)
     has_credentials = True
+    response_formats = frozenset({"json_object", "json_schema"})  # echoed as text all the same
 
     def __init__(self) -> None:
         self.records: deque[FakeStreamRecord] = deque(maxlen=_RECORDS_KEPT)

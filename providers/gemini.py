@@ -118,9 +118,11 @@ def generate_body(request: ProviderRequest) -> dict[str, Any]:
         body |= tools_of(request)
     if request.system:
         body["systemInstruction"] = _wire(types.Content(parts=[types.Part(text=request.system)]))
+    fmt = request.response_format
     config = types.GenerationConfig(
         max_output_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-        stop_sequences=list(request.stop) or None,
+        stop_sequences=list(request.stop) or None, response_mime_type="application/json" if fmt else None,
+        response_json_schema=fmt.schema if fmt else None,
     )
     if generation := _wire(config):
         body["generationConfig"] = generation
@@ -131,6 +133,7 @@ class GeminiProvider:
     def __init__(self, api_key: str | None, base_url: str | None, config: UpstreamConfig) -> None:
         self.name = "gemini"
         self.models: tuple[str, ...] = GEMINI_MODELS
+        self.response_formats = frozenset({"json_object", "json_schema"})
         self.has_credentials = bool(api_key)
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
         self.headers = {"x-goog-api-key": api_key or "", "content-type": "application/json"}

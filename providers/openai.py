@@ -95,6 +95,10 @@ def chat_body(request: ProviderRequest) -> dict[str, Any]:
     }
     if request.tools:
         body |= tools_of(request)
+    if (fmt := request.response_format) is not None:
+        body["response_format"] = {"type": "json_object"} if fmt.kind == "json_object" else {
+            "type": "json_schema", "json_schema": {"name": fmt.name, "schema": fmt.schema}
+            | ({"strict": fmt.strict} if fmt.strict is not None else {})}
     if request.max_tokens is not None:
         body["max_tokens"] = request.max_tokens
     if request.temperature is not None:
@@ -115,6 +119,7 @@ class OpenAIProvider:
     ) -> None:
         self.name = name
         self.models = models
+        self.response_formats = frozenset({"json_object", "json_schema"})
         self.vendor = vendor
         self.has_credentials = bool(api_key)
         client = openai.AsyncOpenAI(api_key=api_key or "no-key-configured", base_url=base_url)

@@ -65,6 +65,10 @@ class LazyProvider:
     def accepts(self, attachment: Attachment) -> bool:
         return self.load().accepts(attachment)
 
+    @property
+    def response_formats(self) -> frozenset[str]:
+        return self.load().response_formats
+
     async def aclose(self) -> None:
         if self._adapter is not None:
             await self._adapter.aclose()

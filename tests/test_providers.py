@@ -20,6 +20,7 @@ from providers.base import (
     ProviderRequest,
     ProviderStatusError,
     ProviderTimeout,
+    ResponseFormat,
     StreamBatch,
     StreamEvent,
     Tool,
@@ -41,6 +42,7 @@ from tests.vendors import (
     VENDORS,
     ToolExchange,
     conversation,
+    json_format,
     tool_exchange,
 )
 
@@ -185,6 +187,29 @@ async def test_tool_choice_reaches_the_vendor(
     assert text_of([event async for batch in adapter.stream(request) for event in batch]) == TEXT
     await adapter.aclose()
     assert tool_exchange(vendor, server.requests[-1]["body"]).choice == said
+
+
+ANSWER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+          "additionalProperties": False}
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+@pytest.mark.parametrize("fmt", [ResponseFormat("json_schema", ANSWER, "place", True), ResponseFormat("json_object")])
+async def test_a_json_answer_is_asked_in_the_vendors_own_form(
+    vendors: dict[str, Any], vendor: str, fmt: ResponseFormat
+) -> None:
+    server, url = vendors[vendor]
+    adapter = adapter_for(vendor, url)
+    if fmt.kind not in adapter.response_formats:
+        assert vendor == "anthropic"  # Messages has no schemaless JSON mode
+        return
+    request = ProviderRequest("normal", [ChatMessage("user", "where?")], response_format=fmt)
+    assert text_of([event async for batch in adapter.stream(request) for event in batch]) == TEXT
+    await adapter.aclose()
+    assert json_format(vendor, server.requests[-1]["body"]) == (fmt.kind, fmt.schema)
+    if vendor == "openai" and fmt.kind == "json_schema":
+        assert server.requests[-1]["body"]["response_format"]["json_schema"] == {
+            "name": "place", "schema": ANSWER, "strict": True}
 
 
 @pytest.mark.parametrize("vendor", VENDORS)

@@ -225,6 +225,28 @@ ANTHROPIC_TOOL: TypeAdapter[Any] = TypeAdapter(anthropic.types.ToolParam)
 ANTHROPIC_TOOL_CHOICE: TypeAdapter[Any] = TypeAdapter(anthropic.types.ToolChoiceParam)
 
 
+ANTHROPIC_OUTPUT: TypeAdapter[Any] = TypeAdapter(anthropic.types.OutputConfigParam)
+OPENAI_FORMAT: TypeAdapter[Any] = TypeAdapter(openai.types.chat.completion_create_params.ResponseFormat)
+
+
+def json_format(vendor: str, body: dict[str, Any]) -> tuple[str, Any] | None:
+    """The JSON a request asks the answer to be, the same for every vendor: ``("json_object", None)`` or
+    ``("json_schema", schema)``; read through the vendor SDK's own types."""
+    if vendor == "openai":
+        if "response_format" not in body:
+            return None
+        fmt = OPENAI_FORMAT.validate_python(body["response_format"])
+        return (fmt["type"], fmt.get("json_schema", {}).get("schema"))
+    if vendor == "anthropic":
+        if "output_config" not in body:
+            return None
+        return "json_schema", ANTHROPIC_OUTPUT.validate_python(body["output_config"])["format"]["schema"]
+    config = types.GenerationConfig.model_validate(body.get("generationConfig", {}))
+    if config.response_mime_type != "application/json":
+        return None
+    return ("json_schema", config.response_json_schema) if config.response_json_schema else ("json_object", None)
+
+
 @dataclass
 class ToolExchange:
     """What a request says about tools, the same for every vendor: the tools' names and parameters, the
