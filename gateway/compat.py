@@ -4,8 +4,8 @@ Any provider answers in OpenAI's exact chunk format, so the official ``openai`` 
 work by changing only their base URL. Auth, quotas, cancellation on disconnect and the usage ledger are the
 chat stream's; nothing is stored in chats. Tools (``tools``, ``tool_choice``, assistant ``tool_calls`` and
 ``tool`` messages) are translated for each vendor, and the calls a model makes stream back as OpenAI's
-``tool_calls`` deltas. Refused with a 400: the legacy ``functions``, ``n`` > 1, log probabilities, audio
-and structured output formats.
+``tool_calls`` deltas. ``response_format`` (``json_object``, ``json_schema``) goes to each vendor's own
+structured output. Refused with a 400: the legacy ``functions``, ``n`` > 1, log probabilities and audio.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from providers.base import (
     ChatMessage,
     ProviderError,
     ProviderRequest,
+    ResponseFormat,
     Tool,
     ToolCall,
     ToolCallDelta,
@@ -105,6 +106,21 @@ class NamedToolChoice(BaseModel):
     function: ToolName
 
 
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatSpec(BaseModel):
+    """``text``, ``json_object`` (any JSON object) or ``json_schema`` (JSON that matches ``schema``)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
@@ -133,7 +149,7 @@ class CompletionRequest(BaseModel):
     functions: list[Any] | None = None
     function_call: Any = None
     logprobs: bool | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormatSpec | None = None
     audio: Any = None
     modalities: list[str] | None = None
 
@@ -144,7 +160,8 @@ def refuse_unsupported(body: CompletionRequest) -> None:
         "functions": bool(body.functions) or body.function_call not in (None, "none"),  # the legacy form of tools
         "tool_choice": body.tool_choice not in (None, "none", "auto") and not body.tools,
         "logprobs": bool(body.logprobs),
-        "response_format": (body.response_format or {}).get("type", "text") != "text",
+        "response_format": body.response_format is not None and body.response_format.type == "json_schema"
+        and body.response_format.json_schema is None,
         "audio": body.audio is not None or (body.modalities or ["text"]) != ["text"],
         "stop": isinstance(body.stop, list) and len(body.stop) > 4,
     }
@@ -224,8 +241,18 @@ def provider_request(body: CompletionRequest, model_name: str) -> ProviderReques
         max_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
         top_p=body.top_p, stop=stop, tools=tools,
         tool_choice="required" if forced else choice if tools else None,  # type: ignore[arg-type]
-        forced_tool=forced,
+        forced_tool=forced, response_format=response_format_of(body.response_format),
     )
+
+
+def response_format_of(spec: ResponseFormatSpec | None) -> ResponseFormat | None:
+    if spec is None or spec.type == "text":
+        return None
+    if spec.type == "json_object":
+        return ResponseFormat("json_object")
+    schema = spec.json_schema
+    assert schema is not None  # a json_schema format without its schema is refused before
+    return ResponseFormat("json_schema", schema.json_schema, schema.name, schema.strict)
 
 
 # The constant ends of a chunk, without and with ``"usage":null`` (``stream_options.include_usage``).
@@ -312,6 +339,9 @@ async def chat_completions(request: Request) -> Response:
         missing.code = "model_not_found"
         raise missing from None
     call = provider_request(body, model_name)
+    if call.response_format is not None and call.response_format.kind not in provider.response_formats:
+        raise unsupported(f"{body.model} cannot hold its answer to a {call.response_format.kind} format: give a "
+                          "json_schema", ["response_format", "type"])
     owner = Owner(principal.org_id, principal.user_id)
     estimate = token_estimate(services, call.prompt_chars, call.max_tokens)
     admission = await admit(services, owner, uuid.uuid4(), estimate)

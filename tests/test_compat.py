@@ -16,7 +16,7 @@ import pytest
 from gateway.auth import mint_token
 from tests.conftest import JWT_SECRET
 from tests.test_routing import vendor_gateway
-from tests.vendors import TEXT, TOOL_CALLS, TOOL_TEXT, VENDORS, VendorServer, tool_exchange
+from tests.vendors import TEXT, TOOL_CALLS, TOOL_TEXT, VENDORS, VendorServer, json_format, tool_exchange
 
 
 def sdk(url: str, token: str) -> openai.AsyncOpenAI:
@@ -143,6 +143,33 @@ async def test_tool_requests_that_cannot_work_are_refused(gateway_url: str, toke
         # The fake offers no tool calls: it answers in text whatever tools it is given.
         answer = await client.chat.completions.create(model="fake/echo", messages=hi, tools=TOOLS)
     assert answer.choices[0].message.content == "hi" and answer.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+async def test_structured_output_through_the_surface(start_gateway: Any, vendors: dict[str, Any], vendor: str,
+                                                     token: str) -> None:
+    server: VendorServer = vendors[vendor][0]
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+              "additionalProperties": False}
+    ask: list[Any] = [{"role": "user", "content": "where?"}]
+    async with vendor_gateway(start_gateway, vendors) as gateway, sdk(gateway.url, token) as client:
+        answer = await client.chat.completions.create(model=f"{vendor}/normal", messages=ask, response_format={
+            "type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}})
+        assert answer.choices[0].message.content == TEXT
+        assert json_format(vendor, server.requests[-1]["body"]) == ("json_schema", schema)
+        calls = len(server.requests)
+        if vendor == "anthropic":
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.chat.completions.create(model=f"{vendor}/normal", messages=ask,
+                                                     response_format={"type": "json_object"})
+            assert refused.value.param == "response_format.type" and len(server.requests) == calls
+        else:
+            await client.chat.completions.create(model=f"{vendor}/normal", messages=ask,
+                                                 response_format={"type": "json_object"})
+            assert json_format(vendor, server.requests[-1]["body"]) == ("json_object", None)
+        with pytest.raises(openai.BadRequestError):
+            await client.chat.completions.create(model=f"{vendor}/normal", messages=ask,
+                                                 response_format={"type": "json_schema"})  # type: ignore[typeddict-item]
 
 
 async def test_errors_raise_the_matching_sdk_exception(start_gateway: Any, token: str) -> None:
