@@ -3,7 +3,9 @@ with every later turn of its chat, in each vendor's own format; and through the 
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -30,14 +32,22 @@ def owner() -> dict[str, str]:
     return auth_headers(f"u-{uuid.uuid4().hex[:6]}", f"org-{uuid.uuid4().hex[:6]}")
 
 
+@contextlib.asynccontextmanager
+async def vendor_chat(
+    start_gateway: Any, vendors: dict[str, Any], vendor: str
+) -> AsyncIterator[tuple[VendorServer, httpx.AsyncClient, dict[str, str], str]]:
+    """A gateway in front of the vendor fakes, a client, a new caller and a chat of theirs with ``vendor``'s
+    model; with the vendor's fake, to read what reached it."""
+    headers = owner()
+    async with vendor_gateway(start_gateway, vendors) as gateway, httpx.AsyncClient(base_url=gateway.url) as http:
+        yield vendors[vendor][0], http, headers, await new_chat(http, headers, model=f"{vendor}/normal")
+
+
 @pytest.mark.parametrize("vendor", VENDORS)
 async def test_attachments_are_stored_and_go_with_every_later_turn(
     start_gateway: Any, vendors: dict[str, Any], vendor: str
 ) -> None:
-    server: VendorServer = vendors[vendor][0]
-    headers = owner()
-    async with vendor_gateway(start_gateway, vendors) as gateway, httpx.AsyncClient(base_url=gateway.url) as http:
-        chat_id = await new_chat(http, headers, model=f"{vendor}/normal")
+    async with vendor_chat(start_gateway, vendors, vendor) as (server, http, headers, chat_id):
         first = await http.post(f"/v1/chats/{chat_id}/messages", headers={**headers, **JSON},
                                 json={"content": "what is this?", "attachments": LOOK})
         assert first.status_code == 200
@@ -55,10 +65,7 @@ async def test_attachments_are_stored_and_go_with_every_later_turn(
 async def test_a_link_the_vendor_cannot_take_is_refused_and_changes_nothing(
     start_gateway: Any, vendors: dict[str, Any], db: asyncpg.Pool
 ) -> None:
-    server: VendorServer = vendors["openai"][0]
-    headers = owner()
-    async with vendor_gateway(start_gateway, vendors) as gateway, httpx.AsyncClient(base_url=gateway.url) as http:
-        chat_id = await new_chat(http, headers, model="openai/normal")
+    async with vendor_chat(start_gateway, vendors, "openai") as (server, http, headers, chat_id):
         before, calls = await chat_rows(db, chat_id), len(server.requests)
         report = {"name": "report.pdf", "media_type": "application/pdf", "url": REPORT.url}
         refused = await http.post(f"/v1/chats/{chat_id}/messages", headers=headers,
@@ -106,10 +113,7 @@ async def test_attachments_count_in_the_prompt(client: httpx.AsyncClient) -> Non
 async def test_an_attachment_stored_before_the_checks_is_named_in_the_text(
     start_gateway: Any, vendors: dict[str, Any], db: asyncpg.Pool
 ) -> None:
-    server: VendorServer = vendors["anthropic"][0]
-    headers = owner()
-    async with vendor_gateway(start_gateway, vendors) as gateway, httpx.AsyncClient(base_url=gateway.url) as http:
-        chat_id = await new_chat(http, headers, model="anthropic/normal")
+    async with vendor_chat(start_gateway, vendors, "anthropic") as (server, http, headers, chat_id):
         chat = await db.fetchrow("SELECT org_id, user_id FROM chats WHERE id = $1", uuid.UUID(chat_id))
         parts = [{"type": "text", "text": "old"},
                  {"type": "attachment", "name": "notes.txt", "media_type": "text/plain", "url": "https://x/n.txt"},
