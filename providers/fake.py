@@ -9,6 +9,10 @@
   or a ``connection`` error; ``fail_after=0`` fails before the first token;
 - ``finish``: the finish reason (default ``stop``); ``usage=0``: report no usage.
 
+Given tools and a choice that requires a call (``required``, or a named tool), and unless the last message
+is a tool's result, it calls the named tool (else the first) with ``{}`` as arguments and finishes with
+``tool_calls``: an agent's loop runs against it with no key. Otherwise tools are ignored.
+
 Each stream leaves a ``FakeStreamRecord`` so tests can see when the gateway closed it.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -35,6 +40,7 @@ from providers.base import (
     ProviderTimeout,
     Pump,
     StreamBatch,
+    ToolCallDelta,
     Usage,
 )
 
@@ -122,6 +128,11 @@ class FakeProvider:
         return Pump(self._stream(request))
 
     async def _stream(self, request: ProviderRequest) -> AsyncGenerator[StreamBatch, None]:
+        if request.tool_choice == "required" and request.tools and request.messages[-1].role != "tool":
+            name = request.forced_tool or request.tools[0].name
+            yield [ToolCallDelta(0, f"call_{uuid.uuid4().hex[:24]}", name, "{}"),
+                   Usage(max(1, request.prompt_chars // 4), 1), Finish("tool_calls")]
+            return
         options = FakeOptions.parse(request.model, request.options)
         prompt = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
         tokens = self.tokens_for(prompt, options)

@@ -140,9 +140,25 @@ async def test_tool_requests_that_cannot_work_are_refused(gateway_url: str, toke
             with pytest.raises(openai.BadRequestError if "functions" in extra or "tool_choice" in extra
                                or extra["messages"][-1]["role"] == "tool" else openai.UnprocessableEntityError):
                 await client.chat.completions.create(model="fake/echo", **extra)
-        # The fake offers no tool calls: it answers in text whatever tools it is given.
+        # The fake answers in text unless a call is required; then it calls the named (or first) tool.
         answer = await client.chat.completions.create(model="fake/echo", messages=hi, tools=TOOLS)
-    assert answer.choices[0].message.content == "hi" and answer.choices[0].finish_reason == "stop"
+        assert answer.choices[0].message.content == "hi" and answer.choices[0].finish_reason == "stop"
+        named = await client.chat.completions.create(
+            model="fake/echo", messages=hi, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}})
+        required = await client.chat.completions.create(model="fake/echo", messages=hi, tools=TOOLS,
+                                                        tool_choice="required", stream=True)
+        streamed = [c.choices[0].delta.tool_calls for c in [chunk async for chunk in required] if c.choices]
+        call = (named.choices[0].message.tool_calls or [None])[0]
+        assert call is not None and call.type == "function"
+        assert (call.function.name, call.function.arguments, named.choices[0].finish_reason) == (
+            "get_time", "{}", "tool_calls")
+        first = next(calls[0] for calls in streamed if calls)
+        assert first.function is not None and first.function.name == "get_weather"
+        answered = await client.chat.completions.create(model="fake/echo", tools=TOOLS, tool_choice="required", messages=[
+            *hi, {"role": "assistant", "tool_calls": [{"id": call.id, "type": "function",
+                                                       "function": {"name": "get_time", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": call.id, "content": "12:00"}])
+    assert answered.choices[0].message.content == "hi" and answered.choices[0].finish_reason == "stop"
 
 
 @pytest.mark.parametrize("vendor", VENDORS)
