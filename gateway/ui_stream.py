@@ -1,11 +1,12 @@
 """The AI SDK's UI message stream protocol (v1), so ``useChat`` with ``DefaultChatTransport`` works as is.
 
-``POST /v1/ui/chat`` takes the body the transport posts (``{id, messages, trigger, messageId}``) and stores
-the turn in the caller's chat named by the client's ``id`` (created on first use; the client's id becomes a
-UUID derived from the caller and that id). The answer is ``data: {json}`` chunks: ``start``, ``text-start``,
-``text-delta``..., ``text-end``, ``finish`` (usage in ``messageMetadata``), or ``error``; then
-``data: [DONE]``. The SDK's ``stop()`` only disconnects, which stores the partial reply as
-``client_disconnected``. Resumable streams do not exist yet, so the resume request answers 204.
+``POST /v1/ui/chat`` takes the body the transport posts (``{id, messages, trigger, messageId}``; the last
+user message's ``file`` parts are its attachments) and stores the turn in the caller's chat named by the
+client's ``id`` (created on first use; the client's id becomes a UUID derived from the caller and that id).
+The answer is ``data: {json}`` chunks: ``start``, ``text-start``, ``text-delta``..., ``text-end``,
+``finish`` (usage in ``messageMetadata``), or ``error``; then ``data: [DONE]``. The SDK's ``stop()`` only
+disconnects, which stores the partial reply as ``client_disconnected``. Resumable streams do not exist yet,
+so the resume request answers 204.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import uuid
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.chats import new_chat, owner_of
 from gateway.errors import ValidationFailed
-from gateway.schemas import ModelName, TurnOptions, parse_body
+from gateway.schemas import ModelName, TurnOptions, parse_body, validation_details
 from gateway.send import checked_content, run_turn
 from gateway.services import services_of
 from gateway.turns import Turn
@@ -62,10 +63,14 @@ def chat_id_for(owner: Owner, client_id: str) -> uuid.UUID:
     return uuid.uuid5(CHAT_NAMESPACE, f"{owner.org_id}\x00{owner.user_id}\x00{client_id}")
 
 
-def last_user_text(body: UIChatRequest) -> str:
+def last_user_message(body: UIChatRequest) -> tuple[str, list[dict[str, Any]]]:
+    """The last user message's text, and its ``file`` parts as attachments (``{name, media_type, url}``)."""
     for message in reversed(body.messages):
         if message.role == "user":
-            return "".join(part.text or "" for part in message.parts if part.type == "text")
+            files = [{"name": (part.model_extra or {}).get("filename") or "file",
+                      "media_type": (part.model_extra or {}).get("mediaType"), "url": (part.model_extra or {}).get("url")}
+                     for part in message.parts if part.type == "file"]
+            return "".join(part.text or "" for part in message.parts if part.type == "text"), files
     raise ValidationFailed(details=[{"loc": ["messages"], "msg": "no user message", "type": "missing"}])
 
 
@@ -113,12 +118,17 @@ async def ui_chat(request: Request) -> Response:
     body = await parse_body(request, UIChatRequest)
     services = services_of(request)
     owner = owner_of(request)
-    content = checked_content(last_user_text(body), services.settings.max_message_chars, "messages")
+    text, files = last_user_message(body)
+    content = checked_content(text, services.settings.max_message_chars, "messages")
+    try:
+        options = TurnOptions.model_validate(
+            {"model": body.model, "client_message_id": body.messageId, "attachments": files})
+    except ValidationError as error:
+        raise ValidationFailed(details=validation_details(error)) from None
     chat_id = chat_id_for(owner, body.id)
     if await chats.get_chat(services.pool, owner, chat_id) is None:
         fields = ChatFields(None, body.model or services.settings.default_model, None, {"client_chat_id": body.id})
         await new_chat(services, owner, fields, chat_id)
-    options = TurnOptions(model=body.model, client_message_id=body.messageId)
     return await run_turn(request, services, owner, chat_id, content, options, UIMessageChunks(), HEADERS)
 
 

@@ -109,9 +109,8 @@ class ProviderRequest:
     def prompt_chars(self) -> int:
         """The prompt's size in characters: the system prompt, every message and the tools' definitions."""
         chars = sum(len(m.content) + len(m.attachments) * ATTACHMENT_CHARS for m in self.messages)
-        if self.tools:
-            chars += sum(len(c.arguments) for m in self.messages for c in m.tool_calls)
-            chars += sum(len(t.name) + len(t.description or "") + len(str(t.parameters)) for t in self.tools)
+        chars += sum(len(c.arguments) for m in self.messages for c in m.tool_calls)
+        chars += sum(len(t.name) + len(t.description or "") + len(str(t.parameters)) for t in self.tools)
         return chars + len(self.system or "")
 
 
@@ -138,8 +137,6 @@ class Finish:
     reason: FinishReason
 
 
-# The closed union of what an adapter yields. A text delta is a plain ``str``: it is by far the most
-# frequent event, and a bare string costs no allocation beyond the text itself.
 @dataclass(frozen=True, slots=True)
 class ToolCallDelta:
     """A piece of a tool call as it streams: the first piece of call ``index`` has its ``id`` and ``name``,
@@ -151,6 +148,8 @@ class ToolCallDelta:
     arguments: str
 
 
+# The closed union of what an adapter yields. A text delta is a plain ``str``: it is by far the most
+# frequent event, and a bare string costs no allocation beyond the text itself.
 StreamEvent = str | Usage | Finish | ToolCallDelta
 # What ``stream`` yields: the events one read from the vendor carried, in order. A read of an unpaced
 # stream holds dozens of deltas; taking them together lets the gateway write all their frames in one send

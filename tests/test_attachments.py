@@ -155,3 +155,26 @@ async def test_completions_take_images_and_pdfs(start_gateway: Any, vendors: dic
             with pytest.raises(openai.BadRequestError):
                 await client.chat.completions.create(model="gemini/normal", messages=messages)  # type: ignore[arg-type]
         assert len(server.requests) == calls
+
+
+async def test_file_parts_of_the_ui_stream_are_attachments(
+    start_gateway: Any, vendors: dict[str, Any], db: asyncpg.Pool
+) -> None:
+    async with vendor_chat(start_gateway, vendors, "anthropic") as (server, http, headers, _):
+        def body(chat: str, *files: dict[str, str]) -> dict[str, Any]:
+            return {"id": chat, "trigger": "submit-message", "model": "anthropic/normal", "messages": [
+                {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "what is it?"}, *files]}]}
+
+        photo = {"type": "file", "mediaType": "image/jpeg", "filename": "photo.jpg", "url": PHOTO.url}
+        response = await http.post("/v1/ui/chat", headers=headers, json=body("with-a-file", photo))
+        assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+        assert conversation("anthropic", server.requests[-1]["body"]) == [
+            ("user", "what is it?", [("image", PHOTO.url)])]
+        chats = await db.fetchval("SELECT count(*) FROM chats WHERE metadata->>'client_chat_id' = 'refused-file'")
+        notes = {"type": "file", "mediaType": "text/plain", "filename": "notes.txt", "url": "https://x/n.txt"}
+        refused = await http.post("/v1/ui/chat", headers=headers, json=body("refused-file", photo, notes))
+        assert refused.status_code == 422
+        assert refused.json()["error"]["details"][0]["loc"] == ["attachments", 1, "media_type"]
+        assert await db.fetchval(
+            "SELECT count(*) FROM chats WHERE metadata->>'client_chat_id' = 'refused-file'") == chats == 0
+
