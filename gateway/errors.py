@@ -68,6 +68,10 @@ class StreamAlreadyActive(GatewayError):
     code, status, message = "stream_already_active", 409, "A reply is already streaming in this chat"
 
 
+class DuplicateMessage(GatewayError):
+    code, status, message = "duplicate_message", 409, "The chat already holds a message with this client_message_id"
+
+
 class Unavailable(GatewayError):
     code, status, message = "unavailable", 503, "A backing service is unavailable"
 

@@ -342,7 +342,7 @@ PATH_PARAMETERS: dict[str, dict[str, Any]] = {
 }
 ERROR_TEXT = {
     400: "Refused (OpenAI's error shape)", 401: "No valid token", 403: "Forbidden, or the chat limit reached",
-    404: "Not found (another tenant's chat is answered the same)", 409: "A reply is already streaming in the chat",
+    404: "Not found (another tenant's chat is answered the same)", 409: "A reply is already streaming in the chat, or the chat already holds the message's client_message_id",
     413: "The body is too large", 422: "Invalid input (with `details`)", 429: "Over a quota (with Retry-After)",
     502: "The provider failed before the first token", 503: "A store is unavailable",
     504: "The provider timed out before the first token",

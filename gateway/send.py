@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Awaitable, Coroutine
 from typing import Any
 
+import asyncpg
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -16,6 +17,7 @@ from gateway.chats import new_chat, owner_of
 from gateway.dispatch import admit, event_stream, start_turn, token_estimate
 from gateway.errors import (
     ChatNotFound,
+    DuplicateMessage,
     GatewayError,
     NotFound,
     ValidationFailed,
@@ -151,6 +153,8 @@ async def run_turn(
     asked = token_estimate(services, len(content) + len(attachments) * ATTACHMENT_CHARS, options.max_tokens)
     context, admission = await read_and_admit(services, owner, ids, asked)
     try:
+        if options.client_message_id is not None:
+            await refuse_duplicate(services, owner, chat_id, options.client_message_id)
         model = options.model or context.model
         provider, model_name = chosen or resolve_model(services, model)
         if attachments:
@@ -218,6 +222,16 @@ async def withdraw(services: Services, owner: Owner, ids: TurnIds, admission: Ad
     await services.quotas.withdraw(admission, lease)
 
 
+async def refuse_duplicate(services: Services, owner: Owner, chat_id: uuid.UUID, client_message_id: str) -> None:
+    """409 when the chat already holds the message a client's id names: a retried send is not stored (or
+    answered) twice. The details name the stored message and its reply."""
+    found = await messages.client_message(services.pool, owner, chat_id, client_message_id)
+    if found is not None:
+        user_message_id, assistant_message_id = found
+        raise DuplicateMessage(details={"user_message_id": str(user_message_id),
+                                        "assistant_message_id": assistant_message_id and str(assistant_message_id)})
+
+
 async def store_turn(
     services: Services,
     owner: Owner,
@@ -240,8 +254,13 @@ async def store_turn(
         options.client_message_id,
         options.metadata or {},
     )
-    with timed("postgres", "insert_turn"):
-        stored = await messages.insert_turn(services.pool, owner, new_turn)
+    try:
+        with timed("postgres", "insert_turn"):
+            stored = await messages.insert_turn(services.pool, owner, new_turn)
+    except asyncpg.UniqueViolationError:  # the same id sent twice at once (the read before saw neither)
+        assert options.client_message_id is not None
+        await refuse_duplicate(services, owner, ids.chat_id, options.client_message_id)
+        raise DuplicateMessage() from None
     if not stored:
         raise ChatNotFound()
 

@@ -99,6 +99,14 @@ class NewTurn:
     metadata: dict[str, Any]
 
 
+async def client_message(
+    db: Executor, owner: Owner, chat_id: uuid.UUID, client_message_id: str
+) -> tuple[uuid.UUID, uuid.UUID | None] | None:
+    """The ids of the message ``client_message_id`` names in the chat, and of its reply; None if none."""
+    row = await db.fetchrow(SQL["client_message"], chat_id, client_message_id, owner.org_id, owner.user_id)
+    return None if row is None else (row["user_message_id"], row["assistant_message_id"])
+
+
 async def insert_turn(db: Executor, owner: Owner, turn: NewTurn) -> bool:
     """Store the user's message and an empty streaming reply; False when the chat is gone."""
     rows = await db.fetch(

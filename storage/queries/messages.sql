@@ -39,6 +39,14 @@ FROM chats c,
                     ORDER BY seq DESC LIMIT {history_messages}) m) h
 WHERE c.id = $1 AND c.org_id = $2 AND c.user_id = $3 AND c.deleted_at IS NULL;
 
+-- name: client_message
+-- The message a client's id names in a chat, and the reply stored right after it (a turn's two rows).
+SELECT u.id AS user_message_id,
+       (SELECT a.id FROM messages a WHERE a.chat_id = u.chat_id AND a.seq > u.seq AND a.role = 'assistant'
+        ORDER BY a.seq LIMIT 1) AS assistant_message_id
+FROM messages u
+WHERE u.chat_id = $1 AND u.client_message_id = $2 AND u.org_id = $3 AND u.user_id = $4;
+
 -- name: insert_turn
 -- The user's message (complete) and the assistant's reply (streaming, empty) in one statement, which also
 -- moves the chat's activity time and titles an untitled chat. Rows are inserted in VALUES order, so the
