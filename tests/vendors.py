@@ -219,7 +219,7 @@ def _gemini_turn(content: types.Content) -> Turn:
     return "assistant" if content.role == "model" else "user", text, kinds
 
 
-OPENAI_TOOL: TypeAdapter[Any] = TypeAdapter(openai.types.chat.ChatCompletionToolUnionParam)
+OPENAI_TOOL: TypeAdapter[Any] = TypeAdapter(openai.types.chat.ChatCompletionToolParam)
 OPENAI_TOOL_CHOICE: TypeAdapter[Any] = TypeAdapter(openai.types.chat.ChatCompletionToolChoiceOptionParam)
 ANTHROPIC_TOOL: TypeAdapter[Any] = TypeAdapter(anthropic.types.ToolParam)
 ANTHROPIC_TOOL_CHOICE: TypeAdapter[Any] = TypeAdapter(anthropic.types.ToolChoiceParam)
