@@ -1,8 +1,9 @@
 """The AI SDK's UI message stream protocol (v1), so ``useChat`` with ``DefaultChatTransport`` works as is.
 
-``POST /v1/ui/chat`` takes the body the transport posts (``{id, messages, trigger, messageId}``; the last
-user message's ``file`` parts are its attachments) and stores the turn in the caller's chat named by the
-client's ``id`` (created on first use; the client's id becomes a UUID derived from the caller and that id).
+``POST /v1/ui/chat`` takes the body the transport posts (``{id, messages, trigger, messageId}``) and stores
+the turn in the caller's chat named by the client's ``id`` (created on first use; the client's id becomes a
+UUID derived from the caller and that id). The last user message's ``file`` parts are its attachments, and
+on a submit its id is the client's message id (a retried submit is refused, not stored twice).
 The answer is ``data: {json}`` chunks: ``start``, ``text-start``, ``text-delta``..., ``text-end``,
 ``finish`` (usage in ``messageMetadata``), or ``error``; then ``data: [DONE]``. The SDK's ``stop()`` only
 disconnects, which stores the partial reply as ``client_disconnected``. Resumable streams do not exist yet,
@@ -55,7 +56,7 @@ class UIChatRequest(BaseModel):
     id: Annotated[str, StringConstraints(min_length=1, max_length=200)]
     messages: list[UIMessage] = Field(min_length=1, max_length=1000)
     trigger: Literal["submit-message", "regenerate-message"] = "submit-message"
-    messageId: str | None = None
+    messageId: str | None = None  # on a regenerate, the reply it replaces (nothing to keep of it)
     model: ModelName | None = None
 
 
@@ -63,15 +64,23 @@ def chat_id_for(owner: Owner, client_id: str) -> uuid.UUID:
     return uuid.uuid5(CHAT_NAMESPACE, f"{owner.org_id}\x00{owner.user_id}\x00{client_id}")
 
 
-def last_user_message(body: UIChatRequest) -> tuple[str, list[dict[str, Any]]]:
-    """The last user message's text, and its ``file`` parts as attachments (``{name, media_type, url}``)."""
+def last_user_message(body: UIChatRequest) -> UIMessage:
     for message in reversed(body.messages):
         if message.role == "user":
-            files = [{"name": (part.model_extra or {}).get("filename") or "file",
-                      "media_type": (part.model_extra or {}).get("mediaType"), "url": (part.model_extra or {}).get("url")}
-                     for part in message.parts if part.type == "file"]
-            return "".join(part.text or "" for part in message.parts if part.type == "text"), files
+            return message
     raise ValidationFailed(details=[{"loc": ["messages"], "msg": "no user message", "type": "missing"}])
+
+
+def turn_options(body: UIChatRequest, message: UIMessage) -> TurnOptions:
+    """The turn's model, the message's ``file`` parts as its attachments, and, for a new message (not a
+    regenerated reply), its id as the client's message id: a retried submit is not stored twice."""
+    files = [{"name": extra.get("filename") or "file", "media_type": extra.get("mediaType"), "url": extra.get("url")}
+             for part in message.parts if part.type == "file" for extra in [part.model_extra or {}]]
+    client_id = message.id if body.trigger == "submit-message" and message.id else None
+    try:
+        return TurnOptions.model_validate({"model": body.model, "client_message_id": client_id, "attachments": files})
+    except ValidationError as error:
+        raise ValidationFailed(details=validation_details(error)) from None
 
 
 class UIMessageChunks:
@@ -118,13 +127,10 @@ async def ui_chat(request: Request) -> Response:
     body = await parse_body(request, UIChatRequest)
     services = services_of(request)
     owner = owner_of(request)
-    text, files = last_user_message(body)
+    message = last_user_message(body)
+    text = "".join(part.text or "" for part in message.parts if part.type == "text")
     content = checked_content(text, services.settings.max_message_chars, "messages")
-    try:
-        options = TurnOptions.model_validate(
-            {"model": body.model, "client_message_id": body.messageId, "attachments": files})
-    except ValidationError as error:
-        raise ValidationFailed(details=validation_details(error)) from None
+    options = turn_options(body, message)
     chat_id = chat_id_for(owner, body.id)
     if await chats.get_chat(services.pool, owner, chat_id) is None:
         fields = ChatFields(None, body.model or services.settings.default_model, None, {"client_chat_id": body.id})

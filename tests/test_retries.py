@@ -105,3 +105,23 @@ async def test_the_migration_keeps_the_first_of_each_duplicate_id(
             await conn.close()
     finally:
         await db.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+async def test_a_retried_ui_submit_is_refused_and_a_regenerate_is_not(
+    client: httpx.AsyncClient, alice: dict[str, str], db: asyncpg.Pool
+) -> None:
+    def body(trigger: str) -> dict[str, Any]:
+        return {"id": chat, "trigger": trigger, "messages": [
+            {"id": "user-msg-1", "role": "user", "parts": [{"type": "text", "text": "once please"}]}]}
+
+    chat = f"ui-{uuid.uuid4().hex[:6]}"
+    first = await client.post("/v1/ui/chat", headers=alice, json=body("submit-message"))
+    assert first.status_code == 200 and first.text.endswith("data: [DONE]\n\n")
+    retried = await client.post("/v1/ui/chat", headers=alice, json=body("submit-message"))
+    assert retried.status_code == 409 and retried.json()["error"]["code"] == "duplicate_message"
+    regenerated = await client.post("/v1/ui/chat", headers=alice, json=body("regenerate-message"))
+    assert regenerated.status_code == 200
+    rows = await db.fetch("SELECT m.role, m.client_message_id FROM messages m JOIN chats c ON c.id = m.chat_id"
+                          " WHERE c.metadata->>'client_chat_id' = $1 ORDER BY m.seq", chat)
+    assert [(r["role"], r["client_message_id"]) for r in rows] == [
+        ("user", "user-msg-1"), ("assistant", None), ("user", None), ("assistant", None)]
