@@ -59,25 +59,30 @@ def content_blocks(message: ChatMessage) -> list[dict[str, Any]]:
     return [*map(attachment_block, message.attachments), {"type": "text", "text": message.content}]
 
 
-def tool_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """A conversation with tool calls: an assistant's calls as ``tool_use`` blocks after its text, and the
-    results of consecutive tool messages as ``tool_result`` blocks of one user message."""
+def message_of(message: ChatMessage) -> dict[str, Any]:
+    """A user or assistant message; an assistant's tool calls are ``tool_use`` blocks after its text."""
+    if message.tool_calls:
+        blocks = [{"type": "text", "text": message.content}] if message.content else []
+        blocks += [{"type": "tool_use", "id": c.id, "name": c.name, "input": orjson.loads(c.arguments or "{}")}
+                   for c in message.tool_calls]
+        return {"role": "assistant", "content": blocks}
+    return {"role": message.role, "content": content_blocks(message) if message.attachments else message.content}
+
+
+def messages_of(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The conversation; the results of consecutive tool messages are ``tool_result`` blocks of one user
+    message."""
     out: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] | None = None  # the blocks of the tool results' user message, while open
     for message in messages:
-        if message.tool_call_id is not None:
-            result = {"type": "tool_result", "tool_use_id": message.tool_call_id, "content": message.content}
-            if out and out[-1]["role"] == "user" and out[-1]["content"][-1]["type"] == "tool_result":
-                out[-1]["content"].append(result)
-            else:
-                out.append({"role": "user", "content": [result]})
-        elif message.tool_calls:
-            blocks = [{"type": "text", "text": message.content}] if message.content else []
-            blocks += [{"type": "tool_use", "id": c.id, "name": c.name, "input": orjson.loads(c.arguments or "{}")}
-                       for c in message.tool_calls]
-            out.append({"role": "assistant", "content": blocks})
-        else:
-            out.append({"role": message.role, "content": content_blocks(message)
-                        if message.attachments else [{"type": "text", "text": message.content}]})
+        if message.tool_call_id is None:
+            out.append(message_of(message))
+            results = None
+            continue
+        if results is None:
+            results = []
+            out.append({"role": "user", "content": results})
+        results.append({"type": "tool_result", "tool_use_id": message.tool_call_id, "content": message.content})
     return out
 
 
@@ -93,11 +98,9 @@ def tools_of(request: ProviderRequest) -> dict[str, Any]:
 
 
 def messages_body(request: ProviderRequest) -> dict[str, Any]:
-    messages = [m for m in request.messages if m.role != "system"]
     body: dict[str, Any] = {
         "model": request.model, "max_tokens": request.max_tokens or DEFAULT_MAX_TOKENS, "stream": True,
-        "messages": tool_messages(messages) if request.tools or any(m.role == "tool" for m in messages) else
-        [{"role": m.role, "content": content_blocks(m) if m.attachments else m.content} for m in messages],
+        "messages": messages_of([m for m in request.messages if m.role != "system"]),
     }
     if request.tools:
         body |= tools_of(request)

@@ -62,10 +62,10 @@ def parts_of(message: ChatMessage) -> list[types.Part]:
     return [*map(attachment_part, message.attachments), types.Part(text=message.content)]
 
 
-def tool_contents(messages: list[ChatMessage]) -> list[types.Content]:
-    """A conversation with tool calls: an assistant's calls as ``functionCall`` parts after its text, and
-    the results of consecutive tool messages as ``functionResponse`` parts of one user turn (named by the
-    call they answer; a result that is not a JSON object is given as ``{"result": ...}``)."""
+def contents_of(messages: list[ChatMessage]) -> list[types.Content]:
+    """The conversation: an assistant's tool calls as ``functionCall`` parts after its text, and the
+    results of consecutive tool messages as ``functionResponse`` parts of one user turn (named by the call
+    they answer; a result that is not a JSON object is given as ``{"result": ...}``)."""
     names = {c.id: c.name for m in messages for c in m.tool_calls}
     contents: list[types.Content] = []
     for message in messages:
@@ -98,8 +98,8 @@ def tools_of(request: ProviderRequest) -> dict[str, Any]:
         types.FunctionDeclaration(name=t.name, description=t.description, parameters_json_schema=t.parameters)
         for t in request.tools])
     body: dict[str, Any] = {"tools": [_wire(tool)]}
-    if request.tool_choice or request.forced_tool:
-        mode = {"auto": "AUTO", "none": "NONE", "required": "ANY"}[request.tool_choice or "required"]
+    if request.tool_choice:  # a forced tool comes with "required"
+        mode = {"auto": "AUTO", "none": "NONE", "required": "ANY"}[request.tool_choice]
         config = types.FunctionCallingConfig(
             mode=mode, allowed_function_names=[request.forced_tool] if request.forced_tool else None)  # type: ignore[arg-type]
         body["toolConfig"] = _wire(types.ToolConfig(function_calling_config=config))
@@ -107,12 +107,7 @@ def tools_of(request: ProviderRequest) -> dict[str, Any]:
 
 
 def generate_body(request: ProviderRequest) -> dict[str, Any]:
-    messages = [m for m in request.messages if m.role != "system"]
-    if request.tools or any(m.role == "tool" for m in messages):
-        contents = tool_contents(messages)
-    else:
-        contents = [types.Content(role="model" if m.role == "assistant" else "user", parts=parts_of(m))
-                    for m in messages]
+    contents = contents_of([m for m in request.messages if m.role != "system"])
     body: dict[str, Any] = {"contents": [_wire(c) for c in contents]}
     if request.tools:
         body |= tools_of(request)

@@ -42,11 +42,6 @@ FINISH_REASONS: dict[str, FinishReason] = {
 }
 
 
-def accepts(attachment: Attachment) -> bool:
-    """Images by link or data URL; a PDF only as data (Chat Completions takes no file links)."""
-    return attachment.media_type in IMAGE_TYPES or attachment.data is not None
-
-
 def content_parts(message: ChatMessage) -> list[dict[str, Any]]:
     """A message with attachments: its text, then an ``image_url`` or ``file`` part for each."""
     text = message.content
@@ -85,11 +80,7 @@ def tools_of(request: ProviderRequest) -> dict[str, Any]:
 
 def chat_body(request: ProviderRequest) -> dict[str, Any]:
     messages: list[dict[str, Any]] = [{"role": "system", "content": request.system}] if request.system else []
-    if request.tools or any(m.tool_calls or m.tool_call_id for m in request.messages):
-        messages += map(message_of, request.messages)
-    else:
-        messages += [{"role": m.role, "content": content_parts(m) if m.attachments else m.content}
-                     for m in request.messages]
+    messages += map(message_of, request.messages)
     body: dict[str, Any] = {
         "model": request.model, "messages": messages, "stream": True, "stream_options": {"include_usage": True},
     }
@@ -131,7 +122,8 @@ class OpenAIProvider:
         await self.upstream.aclose()
 
     def accepts(self, attachment: Attachment) -> bool:
-        return accepts(attachment)
+        """Images by link or data URL; a PDF only as data (Chat Completions takes no file links)."""
+        return attachment.media_type in IMAGE_TYPES or attachment.data is not None
 
     def stream(self, request: ProviderRequest) -> ProviderStream:
         if not self.has_credentials and self.name == "openai":
