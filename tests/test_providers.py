@@ -75,6 +75,14 @@ async def run(provider: Provider, model: str) -> tuple[list[StreamEvent], BaseEx
     return events, None
 
 
+async def all_events(adapter: Provider, request: ProviderRequest) -> list[StreamEvent]:
+    """Every event of one call, then the adapter closed."""
+    try:
+        return [event async for batch in adapter.stream(request) for event in batch]
+    finally:
+        await adapter.aclose()
+
+
 def text_of(events: list[StreamEvent]) -> str:
     return "".join(e for e in events if isinstance(e, str))
 
@@ -123,8 +131,7 @@ async def test_attachments_reach_the_vendor_in_its_own_format(vendors: dict[str,
         ChatMessage("assistant", "seen"),
         ChatMessage("user", "and these", (Attachment("paper.pdf", "application/pdf", PDF), REPORT)),
     ])
-    events = [event async for batch in adapter.stream(request) for event in batch]
-    await adapter.aclose()
+    events = await all_events(adapter, request)
     assert text_of(events) == TEXT
     turns = conversation(vendor, server.requests[-1]["body"])
     assert turns[:2] == [("user", "look", [("image", PHOTO.url), ("image", PNG)]), ("assistant", "seen", [])]
@@ -164,8 +171,7 @@ async def test_tool_calls_stream_in_pieces_and_the_exchange_reaches_the_vendor(
         ChatMessage("tool", '{"celsius": 21}', tool_call_id="call_0"),
         ChatMessage("user", "and Paris, and the time there?"),
     ], tools=(WEATHER, CLOCK), tool_choice="auto")
-    events = [event async for batch in adapter.stream(request) for event in batch]
-    await adapter.aclose()
+    events = await all_events(adapter, request)
     assert text_of(events) == TOOL_TEXT
     assert assembled(events) == TOOL_CALLS
     assert events[-1] == Finish("tool_calls")
@@ -184,8 +190,7 @@ async def test_tool_choice_reaches_the_vendor(
     adapter = adapter_for(vendor, url)
     request = ProviderRequest("normal", [ChatMessage("user", "hi")], tools=(WEATHER, CLOCK),
                               tool_choice=choice, forced_tool=forced)  # type: ignore[arg-type]
-    assert text_of([event async for batch in adapter.stream(request) for event in batch]) == TEXT
-    await adapter.aclose()
+    assert text_of(await all_events(adapter, request)) == TEXT
     assert tool_exchange(vendor, server.requests[-1]["body"]).choice == said
 
 
@@ -204,8 +209,7 @@ async def test_a_json_answer_is_asked_in_the_vendors_own_form(
         assert vendor == "anthropic"  # Messages has no schemaless JSON mode
         return
     request = ProviderRequest("normal", [ChatMessage("user", "where?")], response_format=fmt)
-    assert text_of([event async for batch in adapter.stream(request) for event in batch]) == TEXT
-    await adapter.aclose()
+    assert text_of(await all_events(adapter, request)) == TEXT
     assert json_format(vendor, server.requests[-1]["body"]) == (fmt.kind, fmt.schema)
     if vendor == "openai" and fmt.kind == "json_schema":
         assert server.requests[-1]["body"]["response_format"]["json_schema"] == {

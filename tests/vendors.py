@@ -29,40 +29,53 @@ PROMPT_TOKENS, OUTPUT_TOKENS = 5, len(TOKENS)
 SLOW_TOKENS, SLOW_GAP_S = 200, 0.02
 
 
-def _openai_frames(tokens: list[str], finish: bool = True) -> list[bytes]:
-    def chunk(choices: list[Any], **extra: Any) -> bytes:
-        return orjson.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
-                             "model": "m", "choices": choices, **extra})
+def _openai_chunk(choices: list[Any], **extra: Any) -> bytes:
+    return b"data: " + orjson.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+                                     "model": "m", "choices": choices, **extra})
 
-    frames = [chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
-    frames += [chunk([{"index": 0, "delta": {"content": t}, "finish_reason": None}]) for t in tokens]
-    if finish:
-        frames.append(chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
-        frames.append(chunk([], usage={"prompt_tokens": PROMPT_TOKENS, "completion_tokens": len(tokens),
-                                       "total_tokens": PROMPT_TOKENS + len(tokens)}))
-        frames.append(b"[DONE]")
-    return [b"data: " + f for f in frames]
+
+def _openai_delta(delta: dict[str, Any], finish: str | None = None) -> bytes:
+    return _openai_chunk([{"index": 0, "delta": delta, "finish_reason": finish}])
+
+
+def _openai_end(finish: str, output_tokens: int) -> list[bytes]:
+    usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": output_tokens,
+             "total_tokens": PROMPT_TOKENS + output_tokens}
+    return [_openai_delta({}, finish), _openai_chunk([], usage=usage), b"data: [DONE]"]
+
+
+def _openai_frames(tokens: list[str], finish: bool = True) -> list[bytes]:
+    frames = [_openai_delta({"role": "assistant", "content": ""})]
+    frames += [_openai_delta({"content": t}) for t in tokens]
+    return frames + (_openai_end("stop", len(tokens)) if finish else [])
+
+
+def _anthropic_event(name: str, **data: Any) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps({"type": name, **data})
+
+
+_ANTHROPIC_START = _anthropic_event(
+    "message_start", message={"id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": "m",
+                              "stop_reason": None, "usage": {"input_tokens": PROMPT_TOKENS, "output_tokens": 1}})
+
+
+def _anthropic_end(stop_reason: str, output_tokens: int) -> list[bytes]:
+    return [_anthropic_event("message_delta", delta={"stop_reason": stop_reason, "stop_sequence": None},
+                             usage={"output_tokens": output_tokens}),
+            _anthropic_event("message_stop")]
+
+
+def _anthropic_text(tokens: list[str]) -> list[bytes]:
+    """A text block at index 0, without its stop."""
+    return [_anthropic_event("content_block_start", index=0, content_block={"type": "text", "text": ""}),
+            *(_anthropic_event("content_block_delta", index=0, delta={"type": "text_delta", "text": t})
+              for t in tokens)]
 
 
 def _anthropic_frames(tokens: list[str], finish: bool = True) -> list[bytes]:
-    def event(name: str, data: dict[str, Any]) -> bytes:
-        return b"event: " + name.encode() + b"\ndata: " + orjson.dumps({"type": name, **data})
-
-    frames = [
-        event("message_start", {"message": {"id": "msg_1", "type": "message", "role": "assistant", "content": [],
-                                            "model": "m", "stop_reason": None,
-                                            "usage": {"input_tokens": PROMPT_TOKENS, "output_tokens": 1}}}),
-        event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
-    ]
-    frames += [event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": t}})
-               for t in tokens]
+    frames = [_ANTHROPIC_START, *_anthropic_text(tokens)]
     if finish:
-        frames += [
-            event("content_block_stop", {"index": 0}),
-            event("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                                    "usage": {"output_tokens": len(tokens)}}),
-            event("message_stop", {}),
-        ]
+        frames += [_anthropic_event("content_block_stop", index=0), *_anthropic_end("end_turn", len(tokens))]
     return frames
 
 
@@ -85,49 +98,31 @@ TOOL_CALLS = [("call_1", "get_weather", {"city": "Paris"}), ("call_2", "get_time
 
 
 def _openai_tool_frames() -> list[bytes]:
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return b"data: " + orjson.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
-                                         "model": "m", "choices": [{"index": 0, "delta": delta,
-                                                                    "finish_reason": finish}]})
-
-    def call(index: int, **fields: Any) -> dict[str, Any]:
-        return {"tool_calls": [{"index": index, **fields}]}
+    def call(index: int, **fields: Any) -> bytes:
+        return _openai_delta({"tool_calls": [{"index": index, **fields}]})
 
     return [
-        chunk({"role": "assistant", "content": ""}), chunk({"content": TOOL_TEXT}),
-        chunk(call(0, id="call_1", type="function", function={"name": "get_weather", "arguments": ""})),
-        chunk(call(0, function={"arguments": '{"city": '})), chunk(call(0, function={"arguments": '"Paris"}'})),
-        chunk(call(1, id="call_2", type="function", function={"name": "get_time", "arguments": '{"zone": "CET"}'})),
-        chunk({}, "tool_calls"),
-        b"data: " + orjson.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
-                                  "choices": [], "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 9,
-                                                           "total_tokens": PROMPT_TOKENS + 9}}),
-        b"data: [DONE]",
+        _openai_delta({"role": "assistant", "content": ""}), _openai_delta({"content": TOOL_TEXT}),
+        call(0, id="call_1", type="function", function={"name": "get_weather", "arguments": ""}),
+        call(0, function={"arguments": '{"city": '}), call(0, function={"arguments": '"Paris"}'}),
+        call(1, id="call_2", type="function", function={"name": "get_time", "arguments": '{"zone": "CET"}'}),
+        *_openai_end("tool_calls", 9),
     ]
 
 
 def _anthropic_tool_frames() -> list[bytes]:
-    def event(name: str, **data: Any) -> bytes:
-        return b"event: " + name.encode() + b"\ndata: " + orjson.dumps({"type": name, **data})
-
     def tool(index: int, call_id: str, name: str, pieces: list[str]) -> list[bytes]:
-        return [event("content_block_start", index=index,
-                      content_block={"type": "tool_use", "id": call_id, "name": name, "input": {}}),
-                *(event("content_block_delta", index=index, delta={"type": "input_json_delta", "partial_json": p})
-                  for p in pieces),
-                event("content_block_stop", index=index)]
+        return [_anthropic_event("content_block_start", index=index,
+                                 content_block={"type": "tool_use", "id": call_id, "name": name, "input": {}}),
+                *(_anthropic_event("content_block_delta", index=index,
+                                   delta={"type": "input_json_delta", "partial_json": p}) for p in pieces),
+                _anthropic_event("content_block_stop", index=index)]
 
     return [
-        event("message_start", message={"id": "msg_1", "type": "message", "role": "assistant", "content": [],
-                                        "model": "m", "stop_reason": None,
-                                        "usage": {"input_tokens": PROMPT_TOKENS, "output_tokens": 1}}),
-        event("content_block_start", index=0, content_block={"type": "text", "text": ""}),
-        event("content_block_delta", index=0, delta={"type": "text_delta", "text": TOOL_TEXT}),
-        event("content_block_stop", index=0),
+        _ANTHROPIC_START, *_anthropic_text([TOOL_TEXT]), _anthropic_event("content_block_stop", index=0),
         *tool(1, "call_1", "get_weather", ['{"city": ', '"Paris"}']),
         *tool(2, "call_2", "get_time", ['{"zone": "CET"}']),
-        event("message_delta", delta={"stop_reason": "tool_use", "stop_sequence": None}, usage={"output_tokens": 9}),
-        event("message_stop"),
+        *_anthropic_end("tool_use", 9),
     ]
 
 
