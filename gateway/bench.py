@@ -48,6 +48,7 @@ SECRET = "bench-secret-" + "b" * 32
 UNPACED = "mock?tokens=64"
 PACED = "mock?tokens=100000&gap_ms=100"  # 10 tokens/s, longer than any measurement window
 IDLE = "mock?tokens=1&hold_ms=3600000"
+SEED_TURNS = 32  # 64 messages a chat before the statistics are taken (see Bench.seed)
 
 
 def pin_to(cpu: int) -> None:
@@ -158,13 +159,19 @@ class Bench:
             self.chats.append(chat["id"])
 
     async def seed(self) -> None:
-        """A turn in each chat, then planner statistics, as autovacuum keeps them on a server that runs it
-        (the CI machine's PostgreSQL runs without). With none, a chat lookup by id walks the owner's
-        index, and a history read (messages analyzed while still empty) sorts the whole chat: the c=1
-        runs' chat grows by thousands of messages, and its reads grew from 0.1 to 4 ms."""
-        for n in range(len(self.chats)):
-            result = await one_stream(self.gateway, self.request("chat", UNPACED, n))
-            assert result.status == 200, result
+        """Every chat filled past the history window, then planner statistics, as autovacuum keeps them on a
+        server that runs it (this machine's PostgreSQL runs without). PostgreSQL caps its estimate of a
+        chat's messages at the longest chat it saw: analyzed with chats of one turn, it plans a history read
+        as fetch-the-whole-chat-and-sort (below about 40 messages a chat the walk back along the index
+        looks dearer), and the c=1 runs' chat grows by thousands of messages, its read from 0.1 to over
+        1 ms. With chats of SEED_TURNS turns the walk is the plan however long a chat grows."""
+
+        async def fill(n: int) -> None:  # a chat takes one stream at a time
+            for _ in range(SEED_TURNS):
+                result = await one_stream(self.gateway, self.request("chat", UNPACED, n))
+                assert result.status == 200, result
+
+        await asyncio.gather(*(fill(n) for n in range(len(self.chats))))
         db = await asyncpg.connect(self.database_url)
         try:
             await db.execute("ANALYZE chats; ANALYZE messages")
