@@ -9,7 +9,6 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import asyncpg
 from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -29,7 +28,7 @@ from gateway.streams import StreamRegistry
 from providers.base import ANTHROPIC_MODELS, GEMINI_MODELS, OPENAI_MODELS, Provider, UpstreamConfig
 from providers.fake import FakeProvider
 from providers.registry import LazyProvider, ProviderRegistry
-from storage.db import create_pool
+from storage.db import Pool, create_pool
 from storage.migrations import migrate
 from storage.quotas import QuotaDefaults, QuotaStore
 from storage.usage import QuotaOverride, get_override
@@ -116,7 +115,7 @@ def create_app(settings: Settings | None = None, providers: ProviderRegistry | N
     return app
 
 
-def quota_store(settings: Settings, pool: asyncpg.Pool, redis: Redis) -> QuotaStore:
+def quota_store(settings: Settings, pool: Pool, redis: Redis) -> QuotaStore:
     defaults = QuotaDefaults(
         settings.quota_user_tokens, settings.quota_org_tokens, settings.quota_period,
         settings.quota_requests_per_minute, settings.quota_max_concurrent_streams,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import asyncpg
 from redis.asyncio import Redis
 from starlette.requests import Request
 
@@ -12,12 +11,13 @@ from gateway.quotas import QuotaGuard
 from gateway.settings import Settings
 from gateway.streams import StreamRegistry
 from providers.registry import ProviderRegistry
+from storage.db import Pool
 
 
 @dataclass(slots=True)
 class Services:
     settings: Settings
-    pool: asyncpg.Pool
+    pool: Pool
     redis: Redis
     providers: ProviderRegistry
     streams: StreamRegistry

@@ -36,6 +36,7 @@ from gateway.metrics import (
 from gateway.quotas import QuotaGuard
 from gateway.settings import Settings
 from gateway.turns import Turn
+from storage.db import Pool
 from storage.messages import (
     FinishedReply,
     checkpoint_replies,
@@ -86,7 +87,7 @@ def usage_of(turn: Turn, charged: int) -> UsageEntry:
 class StreamRegistry:
     """Running turns by chat id, with their leases, stop channel, checkpoints and recovery."""
 
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, redis: Redis, quotas: QuotaGuard) -> None:
+    def __init__(self, settings: Settings, pool: Pool, redis: Redis, quotas: QuotaGuard) -> None:
         self.settings = settings
         self.pool = pool
         self.redis = redis

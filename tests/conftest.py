@@ -31,6 +31,7 @@ from gateway.services import Services
 from gateway.settings import Settings
 from providers.fake import FakeProvider
 from providers.registry import ProviderRegistry
+from storage.db import Pool
 from tests.servers import serve_app
 from tests.vendors import VENDORS, VendorServer
 
@@ -112,7 +113,7 @@ async def settings(
 
 
 @pytest.fixture(scope="session")
-async def db(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+async def db(settings: Settings) -> AsyncIterator[Pool]:
     """A pool on the run's database, for checking what the gateway stored."""
     from storage.db import create_pool
     from storage.migrations import migrate
@@ -157,7 +158,7 @@ def start_gateway(settings: Settings) -> Callable[..., contextlib.AbstractAsyncC
 
 
 @pytest.fixture(scope="session")
-async def gateway(start_gateway: Callable[..., Any], db: asyncpg.Pool) -> AsyncIterator[Gateway]:
+async def gateway(start_gateway: Callable[..., Any], db: Pool) -> AsyncIterator[Gateway]:
     async with start_gateway() as started:
         yield started
 

@@ -4,12 +4,12 @@ import asyncio
 import gc
 import uuid
 
-import asyncpg
 import httpx
 
 from gateway.app import create_app
 from gateway.settings import Endpoint, Settings
 from providers.registry import LazyProvider
+from storage.db import Pool
 from tests.conftest import database_named
 from tests.servers import serve_app
 
@@ -50,7 +50,7 @@ async def test_wrong_method_gets_405_envelope(client: httpx.AsyncClient, alice: 
     assert response.json()["error"]["code"] == "method_not_allowed"
 
 
-async def test_ready_turns_503_when_postgres_is_gone(settings: Settings, db: asyncpg.Pool) -> None:
+async def test_ready_turns_503_when_postgres_is_gone(settings: Settings, db: Pool) -> None:
     name = f"sg_gone_{uuid.uuid4().hex[:8]}"
     await db.execute(f'CREATE DATABASE "{name}"')
     assert settings.database_url

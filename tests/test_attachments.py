@@ -8,13 +8,13 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import httpx
 import openai
 import pytest
 
 from gateway.auth import mint_token
 from providers.base import ATTACHMENT_CHARS
+from storage.db import Pool
 from tests.conftest import JWT_SECRET, auth_headers
 from tests.test_providers import PDF, PHOTO, PNG, REPORT
 from tests.test_quotas import chat_rows
@@ -63,7 +63,7 @@ async def test_attachments_are_stored_and_go_with_every_later_turn(
 
 
 async def test_a_link_the_vendor_cannot_take_is_refused_and_changes_nothing(
-    start_gateway: Any, vendors: dict[str, Any], db: asyncpg.Pool
+    start_gateway: Any, vendors: dict[str, Any], db: Pool
 ) -> None:
     async with vendor_chat(start_gateway, vendors, "openai") as (server, http, headers, chat_id):
         before, calls = await chat_rows(db, chat_id), len(server.requests)
@@ -89,7 +89,7 @@ async def test_a_link_the_vendor_cannot_take_is_refused_and_changes_nothing(
     ({"name": "", "media_type": "image/png", "url": PNG}, "name"),
 ])
 async def test_an_attachment_that_cannot_reach_a_model_is_refused_and_changes_nothing(
-    client: httpx.AsyncClient, db: asyncpg.Pool, attachment: dict[str, str], loc: str
+    client: httpx.AsyncClient, db: Pool, attachment: dict[str, str], loc: str
 ) -> None:
     headers = owner()
     chat_id = await new_chat(client, headers)
@@ -111,7 +111,7 @@ async def test_attachments_count_in_the_prompt(client: httpx.AsyncClient) -> Non
 
 
 async def test_an_attachment_stored_before_the_checks_is_named_in_the_text(
-    start_gateway: Any, vendors: dict[str, Any], db: asyncpg.Pool
+    start_gateway: Any, vendors: dict[str, Any], db: Pool
 ) -> None:
     async with vendor_chat(start_gateway, vendors, "anthropic") as (server, http, headers, chat_id):
         chat = await db.fetchrow("SELECT org_id, user_id FROM chats WHERE id = $1", uuid.UUID(chat_id))
@@ -158,7 +158,7 @@ async def test_completions_take_images_and_pdfs(start_gateway: Any, vendors: dic
 
 
 async def test_file_parts_of_the_ui_stream_are_attachments(
-    start_gateway: Any, vendors: dict[str, Any], db: asyncpg.Pool
+    start_gateway: Any, vendors: dict[str, Any], db: Pool
 ) -> None:
     async with vendor_chat(start_gateway, vendors, "anthropic") as (server, http, headers, _):
         def body(chat: str, *files: dict[str, str]) -> dict[str, Any]:

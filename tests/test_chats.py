@@ -5,11 +5,11 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
 from storage.chats import ChatFields, Owner, create_chat, erase_org
+from storage.db import Pool
 from storage.messages import (
     FinishedReply,
     NewTurn,
@@ -36,12 +36,12 @@ async def create(client: httpx.AsyncClient, headers: dict[str, str], **body: Any
     return response.json()
 
 
-async def add_turn(db: asyncpg.Pool, headers: dict[str, str], chat_id: str, text: str) -> None:
+async def add_turn(db: Pool, headers: dict[str, str], chat_id: str, text: str) -> None:
     turn = NewTurn(uuid.UUID(chat_id), uuid.uuid4(), uuid.uuid4(), text, text[:80], "fake/echo", [], None, {})
     assert await insert_turn(db, owner_of(headers), turn)
 
 
-async def snapshot(db: asyncpg.Pool, headers: dict[str, str]) -> list[Any]:
+async def snapshot(db: Pool, headers: dict[str, str]) -> list[Any]:
     owner = owner_of(headers)
     chats = await db.fetch(
         "SELECT * FROM chats WHERE org_id = $1 AND user_id = $2 ORDER BY id", owner.org_id, owner.user_id
@@ -97,7 +97,7 @@ async def test_pagination_edges(client: httpx.AsyncClient, alice: dict[str, str]
 
 
 async def test_list_orders_by_recent_activity(
-    client: httpx.AsyncClient, alice: dict[str, str], db: asyncpg.Pool
+    client: httpx.AsyncClient, alice: dict[str, str], db: Pool
 ) -> None:
     older = await create(client, alice, title="older")
     newer = await create(client, alice, title="newer")
@@ -120,7 +120,7 @@ async def test_search_finds_a_word_in_the_middle_of_a_title(
 
 
 async def test_soft_delete_hides_messages_and_restore_brings_them_back(
-    client: httpx.AsyncClient, alice: dict[str, str], db: asyncpg.Pool
+    client: httpx.AsyncClient, alice: dict[str, str], db: Pool
 ) -> None:
     chat = await create(client, alice)
     await add_turn(db, alice, chat["id"], "first question")
@@ -137,7 +137,7 @@ async def test_soft_delete_hides_messages_and_restore_brings_them_back(
 
 
 async def test_message_pages_and_order(
-    client: httpx.AsyncClient, alice: dict[str, str], db: asyncpg.Pool
+    client: httpx.AsyncClient, alice: dict[str, str], db: Pool
 ) -> None:
     chat = await create(client, alice)
     for n in range(3):
@@ -152,7 +152,7 @@ async def test_message_pages_and_order(
 
 
 async def test_permanent_delete_cascades(
-    client: httpx.AsyncClient, alice: dict[str, str], db: asyncpg.Pool
+    client: httpx.AsyncClient, alice: dict[str, str], db: Pool
 ) -> None:
     chat = await create(client, alice)
     await add_turn(db, alice, chat["id"], "to be erased")
@@ -163,7 +163,7 @@ async def test_permanent_delete_cascades(
 
 
 async def test_stats_count_the_callers_chats(
-    client: httpx.AsyncClient, alice: dict[str, str], db: asyncpg.Pool
+    client: httpx.AsyncClient, alice: dict[str, str], db: Pool
 ) -> None:
     keep = await create(client, alice)
     gone = await create(client, alice)
@@ -192,7 +192,7 @@ def _requests(chat_id: str) -> list[tuple[str, str, dict[str, Any] | None]]:
 
 @pytest.mark.parametrize("intruder", ["same-org", "other-org"])
 async def test_other_users_see_nothing(
-    client: httpx.AsyncClient, alice: dict[str, str], db: asyncpg.Pool, intruder: str
+    client: httpx.AsyncClient, alice: dict[str, str], db: Pool, intruder: str
 ) -> None:
     chat = await create(client, alice, title="private plans")
     await add_turn(db, alice, chat["id"], "secret")
@@ -250,7 +250,7 @@ async def test_deleted_chat_is_isolated_from_restore_by_others(
 async def test_bad_input_gets_an_envelope_and_changes_nothing(
     client: httpx.AsyncClient,
     alice: dict[str, str],
-    db: asyncpg.Pool,
+    db: Pool,
     method: str,
     path: str,
     content: bytes,
@@ -301,7 +301,7 @@ async def test_chat_cap_answers_chat_limit_reached(start_gateway: Any) -> None:
     ],
 )
 async def test_page_queries_use_their_indexes(
-    db: asyncpg.Pool, query: str, args: tuple[Any, ...], index: str
+    db: Pool, query: str, args: tuple[Any, ...], index: str
 ) -> None:
     async with db.acquire() as conn, conn.transaction():
         await conn.execute("SET LOCAL enable_seqscan = off")
@@ -309,7 +309,7 @@ async def test_page_queries_use_their_indexes(
     assert index in str(plan)
 
 
-async def test_title_search_can_use_its_index(db: asyncpg.Pool) -> None:
+async def test_title_search_can_use_its_index(db: Pool) -> None:
     query = (
         "SELECT id FROM chats WHERE to_tsvector('simple', COALESCE(title, '')) @@ to_tsquery('simple', $1)"
     )
@@ -323,7 +323,7 @@ def plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
     return [node, *(child for sub in node.get("Plans", []) for child in plan_nodes(sub))]
 
 
-async def test_history_read_of_a_long_chat_stops_at_its_limit(db: asyncpg.Pool) -> None:
+async def test_history_read_of_a_long_chat_stops_at_its_limit(db: Pool) -> None:
     owner = Owner("org-long", f"long-{uuid.uuid4().hex[:6]}")
     # Statistics of a server where most chats are short; then one chat of 400 messages.
     await db.execute(
@@ -344,7 +344,7 @@ async def test_history_read_of_a_long_chat_stops_at_its_limit(db: asyncpg.Pool) 
     assert scans and all(node["Actual Rows"] <= 20 for node in scans), [node["Node Type"] for node in scans]
 
 
-async def test_a_turns_statements_are_planned_once_per_connection(db: asyncpg.Pool) -> None:
+async def test_a_turns_statements_are_planned_once_per_connection(db: Pool) -> None:
     # PostgreSQL plans a prepared statement afresh on every call while its generic plan looks costlier
     # than a custom one; the history read did so with its limit as a parameter (half its time planning).
     # Each turn runs these three once (checkpoints are one statement an interval for all streams).
@@ -365,7 +365,7 @@ async def test_a_turns_statements_are_planned_once_per_connection(db: asyncpg.Po
     assert all(count > 0 for count in generic.values()), generic
 
 
-async def test_erasing_an_org_takes_its_chats_messages_and_ledger_and_nothing_else(db: asyncpg.Pool) -> None:
+async def test_erasing_an_org_takes_its_chats_messages_and_ledger_and_nothing_else(db: Pool) -> None:
     gone, kept = (Owner(f"org-{uuid.uuid4().hex[:6]}", "same-user") for _ in range(2))
     for owner in (gone, kept):
         for n in range(2):

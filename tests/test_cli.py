@@ -13,6 +13,7 @@ import asyncpg
 import httpx
 
 from gateway.settings import Settings
+from storage.db import Pool
 from storage.migrations import migrations_dir
 from tests.conftest import database_named
 from tests.servers import gateway_process
@@ -60,7 +61,7 @@ async def test_invalid_setting_names_the_variable(tmp_path: Path) -> None:
     assert "GATEWAY_CHECKPOINT_S" in err
 
 
-async def test_two_migrators_at_once_apply_each_migration_once(settings: Settings, db: asyncpg.Pool) -> None:
+async def test_two_migrators_at_once_apply_each_migration_once(settings: Settings, db: Pool) -> None:
     name = f"sg_migrate_{uuid.uuid4().hex[:8]}"
     await db.execute(f'CREATE DATABASE "{name}"')
     assert settings.database_url

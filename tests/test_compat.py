@@ -7,13 +7,13 @@ import time
 import uuid
 from typing import Any
 
-import asyncpg
 import httpx
 import openai
 import orjson
 import pytest
 
 from gateway.auth import mint_token
+from storage.db import Pool
 from tests.conftest import JWT_SECRET
 from tests.test_routing import vendor_gateway
 from tests.vendors import TEXT, TOOL_CALLS, TOOL_TEXT, VENDORS, VendorServer, json_format, tool_exchange
@@ -52,7 +52,7 @@ async def test_streaming_with_usage(gateway_url: str, token: str) -> None:
     assert chunks[-2].choices[0].finish_reason == "stop"
 
 
-async def test_non_streaming(gateway_url: str, token: str, db: asyncpg.Pool) -> None:
+async def test_non_streaming(gateway_url: str, token: str, db: Pool) -> None:
     async with sdk(gateway_url, token) as client:
         completion = await client.chat.completions.create(
             model="fake/echo", messages=[{"role": "user", "content": "stop here please"}], stop=["here"],
@@ -247,7 +247,7 @@ async def test_framing_matches_openai_byte_for_byte(gateway_url: str, token: str
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
 
 
-async def test_usage_goes_to_the_ledger_and_nothing_to_chats(gateway_url: str, db: asyncpg.Pool) -> None:
+async def test_usage_goes_to_the_ledger_and_nothing_to_chats(gateway_url: str, db: Pool) -> None:
     org, user = f"org-{uuid.uuid4().hex[:6]}", f"u-{uuid.uuid4().hex[:6]}"
     async with sdk(gateway_url, mint_token(JWT_SECRET, user, org)) as client:
         await client.chat.completions.create(model="fake/echo", messages=[{"role": "user", "content": "count"}])

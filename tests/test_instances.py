@@ -6,11 +6,11 @@ import signal
 import uuid
 from collections.abc import AsyncIterator
 
-import asyncpg
 import httpx
 import pytest
 
 from gateway.settings import Settings
+from storage.db import Pool
 from tests.conftest import JWT_SECRET, auth_headers
 from tests.servers import gateway_process
 from tests.test_send import SLOW, eventually, next_delta, read_events, reply_row
@@ -40,7 +40,7 @@ async def create_chat(url: str, headers: dict[str, str], model: str = SLOW) -> s
 
 
 async def test_stop_on_another_instance_cancels_the_stream(
-    env: dict[str, str], user: dict[str, str], db: asyncpg.Pool
+    env: dict[str, str], user: dict[str, str], db: Pool
 ) -> None:
     async with gateway_process(env) as a, gateway_process(env) as b:
         chat_id = await create_chat(a.url, user)
@@ -66,7 +66,7 @@ async def test_stop_on_another_instance_cancels_the_stream(
 
 
 async def test_sigterm_lets_short_streams_finish_and_stores_long_ones_as_interrupted(
-    env: dict[str, str], user: dict[str, str], db: asyncpg.Pool
+    env: dict[str, str], user: dict[str, str], db: Pool
 ) -> None:
     async with gateway_process({**env, "GATEWAY_SHUTDOWN_GRACE_S": "1.5"}) as gateway:
         long_chat = await create_chat(gateway.url, user)
@@ -98,7 +98,7 @@ async def test_sigterm_lets_short_streams_finish_and_stores_long_ones_as_interru
 
 
 async def test_sigkill_then_restart_marks_the_reply_interrupted_and_frees_the_chat(
-    env: dict[str, str], user: dict[str, str], db: asyncpg.Pool
+    env: dict[str, str], user: dict[str, str], db: Pool
 ) -> None:
     crash_env = {**env, "GATEWAY_INSTANCE_ID": f"node-{uuid.uuid4().hex[:6]}"}
     async with gateway_process(crash_env) as gateway:

@@ -69,7 +69,7 @@ def pooled_connections(gateway: Gateway) -> int:
     """Connections kept open on purpose by the PostgreSQL and Redis pools (they grow under load)."""
     redis_pool = gateway.services.redis.connection_pool
     redis_open = len(redis_pool._available_connections) + len(redis_pool._in_use_connections)  # type: ignore[attr-defined]
-    return gateway.services.pool.get_size() + redis_open
+    return gateway.services.pool.size + redis_open
 
 
 async def test_nothing_leaks_after_a_thousand_streams(gateway: Gateway, alice: dict[str, str]) -> None:
@@ -81,7 +81,7 @@ async def test_nothing_leaks_after_a_thousand_streams(gateway: Gateway, alice: d
     streams = gateway.services.streams
     tasks_before, fds_before = len(asyncio.all_tasks()), open_descriptors() - pooled_connections(gateway)
     pool = gateway.services.pool
-    assert pool.get_size() - pool.get_idle_size() == 0
+    assert pool.in_use == 0
 
     def redis_in_use() -> int:
         return len(gateway.services.redis.connection_pool._in_use_connections)  # type: ignore[attr-defined]
@@ -119,7 +119,7 @@ async def test_nothing_leaks_after_a_thousand_streams(gateway: Gateway, alice: d
         await asyncio.sleep(0)
     assert len(asyncio.all_tasks()) == tasks_before
     assert open_descriptors() - pooled_connections(gateway) == fds_before
-    assert pool.get_size() - pool.get_idle_size() == 0
+    assert pool.in_use == 0
     assert redis_in_use() == redis_in_use_before  # the stop channel's subscription holds one throughout
     rows = await pool.fetch(
         "SELECT status, finish_reason, count(*) FROM messages WHERE chat_id = ANY($1::uuid[]) AND role = 'assistant'"

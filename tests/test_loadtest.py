@@ -8,7 +8,6 @@ import re
 import sys
 import uuid
 
-import asyncpg
 import pytest
 
 from gateway.bench import store_floors
@@ -22,6 +21,7 @@ from gateway.loadtest import (
     request_bytes,
 )
 from gateway.mock_upstream import start_mock
+from storage.db import Pool
 from tests.conftest import auth_headers
 
 WORDS = "one two three four five six seven"  # the fake echoes it as 7 deltas
@@ -96,7 +96,7 @@ async def test_the_loadtest_command_prints_the_figures(gateway_url: str) -> None
 
 
 async def test_the_store_floors_time_each_call_and_leave_no_table(
-    database_url: str, redis_url: str, db: asyncpg.Pool
+    database_url: str, redis_url: str, db: Pool
 ) -> None:
     tables = await db.fetchval("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'bench_commit_%'")
     floors = await store_floors(database_url, redis_url, 20)

@@ -7,9 +7,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 from playwright.async_api import async_playwright, expect
+
+from storage.db import Pool
 
 ARTIFACTS = Path(__file__).with_name("artifacts")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -32,7 +33,7 @@ async def test_dev_token_exists_only_in_dev_mode(client: httpx.AsyncClient, star
         assert (await http.get("/v1/chats", headers={"Authorization": f"Bearer {token}"})).status_code == 200
 
 
-async def test_chat_in_a_real_browser(start_gateway: Any, db: asyncpg.Pool) -> None:
+async def test_chat_in_a_real_browser(start_gateway: Any, db: Pool) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     async with start_gateway(dev_mode=True) as gateway, async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)

@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
@@ -21,6 +20,7 @@ from gateway.embedded import embedded_redis
 from gateway.settings import Settings
 from providers.fake import FakeProvider
 from providers.registry import ProviderRegistry
+from storage.db import Pool
 from storage.quotas import Lease, QuotaDefaults, QuotaStore
 from storage.usage import QuotaOverride, get_override, put_override
 from tests.conftest import JWT_SECRET, auth_headers
@@ -45,7 +45,7 @@ StoreFor = Callable[..., QuotaStore]
 
 
 @pytest.fixture
-async def store_for(redis: Redis, db: asyncpg.Pool, settings: Settings) -> AsyncIterator[StoreFor]:
+async def store_for(redis: Redis, db: Pool, settings: Settings) -> AsyncIterator[StoreFor]:
     """Quota stores on a test clock, closed after the test."""
     async def load(org_id: str, scope: str, subject_id: str) -> QuotaOverride | None:
         return await get_override(db, org_id, scope, subject_id)
@@ -80,7 +80,7 @@ async def test_budget_refuses_then_resets_at_the_utc_day_boundary(
 
 
 async def test_month_period_override_resets_at_the_month_boundary(
-    store_for: StoreFor, db: asyncpg.Pool, subject: tuple[str, str]
+    store_for: StoreFor, db: Pool, subject: tuple[str, str]
 ) -> None:
     org, user = subject
     await put_override(db, org, "user", user, QuotaOverride(tokens_per_period=100, period="month"))
@@ -154,7 +154,7 @@ async def test_a_stale_lease_is_released_only_while_it_is_still_the_same(
 
 
 async def test_refusal_comes_before_any_sse_byte_with_headers(
-    start_gateway: Any, db: asyncpg.Pool
+    start_gateway: Any, db: Pool
 ) -> None:
     headers = auth_headers(f"u-{uuid.uuid4().hex[:6]}", f"org-{uuid.uuid4().hex[:6]}")
     async with start_gateway(quota_user_tokens=300, quota_requests_per_minute=10,
@@ -210,7 +210,7 @@ async def test_a_chats_history_counts_in_the_admission_of_its_turns(start_gatewa
 
 
 async def test_a_turn_whose_history_overdraws_the_budget_is_refused_and_changes_nothing(
-    start_gateway: Any, db: asyncpg.Pool
+    start_gateway: Any, db: Pool
 ) -> None:
     org = f"org-{uuid.uuid4().hex[:6]}"
     headers = auth_headers(f"u-{uuid.uuid4().hex[:6]}", org)
@@ -259,7 +259,7 @@ async def test_a_turn_that_does_not_start_leaves_the_quota_as_it_was(start_gatew
     assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
 
 
-async def test_a_refused_turn_leaves_its_chat_as_it_was(start_gateway: Any, db: asyncpg.Pool) -> None:
+async def test_a_refused_turn_leaves_its_chat_as_it_was(start_gateway: Any, db: Pool) -> None:
     # A turn refused by its quota, by the stream already running in its chat, or by its chat's own model
     # (known only once the chat is read) writes nothing: untitled chats stay untitled, and no message,
     # activity time or title is left behind.
@@ -285,7 +285,7 @@ async def test_a_refused_turn_leaves_its_chat_as_it_was(start_gateway: Any, db: 
     assert [row["title"] for row in before if "role" not in row] == [None, "first"]
 
 
-async def chat_rows(db: asyncpg.Pool, *chat_ids: str) -> list[dict[str, Any]]:
+async def chat_rows(db: Pool, *chat_ids: str) -> list[dict[str, Any]]:
     """The chats as rows, then their messages (without the content a running reply adds to)."""
     ids = [uuid.UUID(chat_id) for chat_id in chat_ids]
     chats = await db.fetch("SELECT * FROM chats WHERE id = ANY($1) ORDER BY array_position($1, id)", ids)
@@ -295,7 +295,7 @@ async def chat_rows(db: asyncpg.Pool, *chat_ids: str) -> list[dict[str, Any]]:
 
 
 async def test_settlement_charges_what_was_produced(
-    client: httpx.AsyncClient, gateway: Any, db: asyncpg.Pool, redis: Redis
+    client: httpx.AsyncClient, gateway: Any, db: Pool, redis: Redis
 ) -> None:
     org, user = f"org-{uuid.uuid4().hex[:6]}", f"u-{uuid.uuid4().hex[:6]}"
     headers = auth_headers(user, org)
@@ -361,7 +361,7 @@ async def test_concurrency_cap_holds_across_instances(start_gateway: Any) -> Non
 
 
 async def test_budget_admits_exactly_n_across_two_processes(
-    settings: Settings, db: asyncpg.Pool, redis: Redis
+    settings: Settings, db: Pool, redis: Redis
 ) -> None:
     admitted_target, max_tokens = 5, 100
     org, user = f"org-{uuid.uuid4().hex[:6]}", f"u-{uuid.uuid4().hex[:6]}"

@@ -19,6 +19,7 @@ from gateway.settings import Settings
 from gateway.turns import TurnIds
 from providers.fake import FakeProvider
 from storage.chats import Owner
+from storage.db import Pool
 from storage.messages import TurnContext
 from storage.migrations import migrate, migrations_dir
 from tests.conftest import Gateway, database_named
@@ -33,7 +34,7 @@ async def send(client: httpx.AsyncClient, headers: dict[str, str], chat_id: str,
 
 
 async def test_a_retried_send_is_refused_with_what_was_stored_and_changes_nothing(
-    client: httpx.AsyncClient, alice: dict[str, str], db: asyncpg.Pool, gateway: Gateway
+    client: httpx.AsyncClient, alice: dict[str, str], db: Pool, gateway: Gateway
 ) -> None:
     chat_id = await new_chat(client, alice)
     first = (await send(client, alice, chat_id, content="only once", client_message_id="m-1")).json()
@@ -74,7 +75,7 @@ async def test_the_same_id_stored_at_once_twice_is_refused_at_the_write(
 
 
 async def test_the_migration_keeps_the_first_of_each_duplicate_id(
-    settings: Settings, db: asyncpg.Pool, tmp_path: Path
+    settings: Settings, db: Pool, tmp_path: Path
 ) -> None:
     name = f"sg_ids_{uuid.uuid4().hex[:8]}"
     await db.execute(f'CREATE DATABASE "{name}"')
@@ -108,7 +109,7 @@ async def test_the_migration_keeps_the_first_of_each_duplicate_id(
 
 
 async def test_a_retried_ui_submit_is_refused_and_a_regenerate_is_not(
-    client: httpx.AsyncClient, alice: dict[str, str], db: asyncpg.Pool
+    client: httpx.AsyncClient, alice: dict[str, str], db: Pool
 ) -> None:
     def body(trigger: str) -> dict[str, Any]:
         return {"id": chat, "trigger": trigger, "messages": [

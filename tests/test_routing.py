@@ -12,12 +12,12 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
 from providers.fake import FakeProvider
 from providers.registry import ProviderRegistry
+from storage.db import Pool
 from tests.conftest import Gateway, auth_headers
 from tests.test_providers import SECRET, adapter_for
 from tests.test_send import new_chat, next_delta, read_events, reply_row
@@ -33,7 +33,7 @@ async def vendor_gateway(start_gateway: Any, vendors: dict[str, Any], **override
 
 @pytest.mark.parametrize("vendor", VENDORS)
 async def test_client_disconnect_closes_the_vendor_connection(
-    start_gateway: Any, vendors: dict[str, Any], vendor: str, db: asyncpg.Pool
+    start_gateway: Any, vendors: dict[str, Any], vendor: str, db: Pool
 ) -> None:
     server: VendorServer = vendors[vendor][0]
     marker = uuid.uuid4().hex[:8]
@@ -57,7 +57,7 @@ async def test_client_disconnect_closes_the_vendor_connection(
 
 @pytest.mark.parametrize("vendor", VENDORS)
 async def test_each_vendor_streams_through_the_chat_path(
-    start_gateway: Any, vendors: dict[str, Any], vendor: str, db: asyncpg.Pool
+    start_gateway: Any, vendors: dict[str, Any], vendor: str, db: Pool
 ) -> None:
     headers = auth_headers("u-route", f"org-{uuid.uuid4().hex[:6]}")
     async with vendor_gateway(start_gateway, vendors) as gateway, httpx.AsyncClient(base_url=gateway.url) as http:
@@ -73,7 +73,7 @@ async def test_each_vendor_streams_through_the_chat_path(
 
 
 async def test_fallback_answers_when_the_first_model_fails_before_any_token(
-    start_gateway: Any, vendors: dict[str, Any], db: asyncpg.Pool
+    start_gateway: Any, vendors: dict[str, Any], db: Pool
 ) -> None:
     openai_server: VendorServer = vendors["openai"][0]
     headers = auth_headers("u-fallback", f"org-{uuid.uuid4().hex[:6]}")
@@ -91,7 +91,7 @@ async def test_fallback_answers_when_the_first_model_fails_before_any_token(
 
 
 async def test_failure_after_the_first_token_is_not_retried(
-    start_gateway: Any, vendors: dict[str, Any], db: asyncpg.Pool
+    start_gateway: Any, vendors: dict[str, Any], db: Pool
 ) -> None:
     openai_server: VendorServer = vendors["openai"][0]
     headers = auth_headers("u-noretry", f"org-{uuid.uuid4().hex[:6]}")

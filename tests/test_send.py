@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY
 from gateway.app import create_app
 from gateway.settings import Settings
 from providers.fake import FakeOptions
+from storage.db import Pool
 from tests.conftest import Gateway, auth_headers
 from tests.servers import serve_app
 
@@ -43,7 +44,7 @@ async def next_delta(stream: AsyncIterator[httpx_sse.ServerSentEvent]) -> httpx_
     raise AssertionError("the stream ended before a delta")
 
 
-async def reply_row(db: asyncpg.Pool, message_id: str) -> asyncpg.Record:
+async def reply_row(db: Pool, message_id: str) -> asyncpg.Record:
     row = await db.fetchrow("SELECT * FROM messages WHERE id = $1", uuid.UUID(message_id))
     assert row is not None
     return row
@@ -58,7 +59,7 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10) 
 
 
 async def test_full_stream_is_parsed_stored_and_titles_the_chat(
-    client: httpx.AsyncClient, alice: dict[str, str], db: asyncpg.Pool
+    client: httpx.AsyncClient, alice: dict[str, str], db: Pool
 ) -> None:
     chat_id = await new_chat(client, alice)
     message = "Explain   the difference between a process and a thread, please"
@@ -125,7 +126,7 @@ async def test_json_answer_holds_both_messages(client: httpx.AsyncClient, alice:
 
 
 async def test_client_disconnect_closes_the_provider_and_keeps_what_was_sent(
-    client: httpx.AsyncClient, alice: dict[str, str], db: asyncpg.Pool, gateway: Gateway
+    client: httpx.AsyncClient, alice: dict[str, str], db: Pool, gateway: Gateway
 ) -> None:
     prompt = f"disconnect {uuid.uuid4().hex} now"
     chat_id = await new_chat(client, alice, model=SLOW)
@@ -196,7 +197,7 @@ async def test_a_running_stream_holds_no_middleware_frames(
 
 @pytest.mark.parametrize(("http", "direct"), [("httptools", True), ("h11", False)])
 async def test_frames_reach_the_client_under_either_http_server(
-    settings: Settings, db: asyncpg.Pool, http: str, direct: bool
+    settings: Settings, db: Pool, http: str, direct: bool
 ) -> None:
     # Under httptools frames are written to the transport directly; under h11 they take the ASGI send.
     headers = auth_headers(f"u-{uuid.uuid4().hex[:6]}", "org-http")
@@ -228,7 +229,7 @@ def owner_id(headers: dict[str, str]) -> str:
 
 
 async def test_checkpoints_append_the_text_streamed_since_the_last(
-    client: httpx.AsyncClient, alice: dict[str, str], gateway: Gateway, db: asyncpg.Pool
+    client: httpx.AsyncClient, alice: dict[str, str], gateway: Gateway, db: Pool
 ) -> None:
     prompt = "checkpoint one two three four"
     chat_id = await new_chat(client, alice, model=SLOW)
@@ -307,7 +308,7 @@ async def test_stop_with_nothing_running_is_404(client: httpx.AsyncClient, alice
 
 
 async def test_other_tenants_cannot_send_or_stop(
-    client: httpx.AsyncClient, alice: dict[str, str], db: asyncpg.Pool
+    client: httpx.AsyncClient, alice: dict[str, str], db: Pool
 ) -> None:
     chat_id = await new_chat(client, alice)
     for intruder in (auth_headers("mallory", "org-x"), auth_headers("mallory", "org-y")):
@@ -348,7 +349,7 @@ async def test_other_tenants_cannot_send_or_stop(
     ],
 )
 async def test_bad_message_is_422_and_stores_nothing(
-    client: httpx.AsyncClient, alice: dict[str, str], db: asyncpg.Pool, body: dict[str, Any]
+    client: httpx.AsyncClient, alice: dict[str, str], db: Pool, body: dict[str, Any]
 ) -> None:
     chat_id = await new_chat(client, alice)
     response = await client.post(f"/v1/chats/{chat_id}/messages", headers=alice, json=body)
@@ -359,7 +360,7 @@ async def test_bad_message_is_422_and_stores_nothing(
 
 
 async def test_provider_failure_mid_stream_sends_one_error_and_keeps_the_partial(
-    client: httpx.AsyncClient, alice: dict[str, str], db: asyncpg.Pool
+    client: httpx.AsyncClient, alice: dict[str, str], db: Pool
 ) -> None:
     chat_id = await new_chat(client, alice, model="fake/echo?fail_after=3&fail=500")
     async with client.stream(
@@ -385,7 +386,7 @@ async def test_provider_failure_mid_stream_sends_one_error_and_keeps_the_partial
     ],
 )
 async def test_provider_failure_before_first_token_is_json_and_keeps_the_message(
-    client: httpx.AsyncClient, alice: dict[str, str], db: asyncpg.Pool, fail: str, status: int, code: str
+    client: httpx.AsyncClient, alice: dict[str, str], db: Pool, fail: str, status: int, code: str
 ) -> None:
     chat_id = await new_chat(client, alice, model=f"fake/echo?fail_after=0&fail={fail}")
     response = await client.post(f"/v1/chats/{chat_id}/messages", headers=alice, json={"content": "kept"})
@@ -431,7 +432,7 @@ async def test_quiet_stream_gets_ping_comments(start_gateway: Any, alice: dict[s
 
 
 async def test_frozen_client_cannot_hold_a_stream(
-    start_gateway: Any, alice: dict[str, str], db: asyncpg.Pool
+    start_gateway: Any, alice: dict[str, str], db: Pool
 ) -> None:
     async with start_gateway(send_timeout_s=0.5) as gateway, httpx.AsyncClient(base_url=gateway.url) as http:
         chat_id = await new_chat(http, alice, model="fake/echo?tokens=10000000")
@@ -454,7 +455,7 @@ async def test_frozen_client_cannot_hold_a_stream(
 
 
 async def test_a_turn_whose_message_cannot_be_stored_leaves_nothing_behind(
-    client: httpx.AsyncClient, alice: dict[str, str], db: asyncpg.Pool, gateway: Gateway
+    client: httpx.AsyncClient, alice: dict[str, str], db: Pool, gateway: Gateway
 ) -> None:
     # The provider is called while the message is written; when the write fails, the provider call is
     # closed, nothing is stored or charged, and the chat is free again. A trigger makes the write fail.

@@ -8,7 +8,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import orjson
 import pytest
@@ -16,6 +15,7 @@ import pytest
 from gateway.auth import mint_token
 from gateway.ui_stream import chat_id_for
 from storage.chats import Owner
+from storage.db import Pool
 from tests.conftest import JWT_SECRET
 
 JS = Path(__file__).with_name("js")
@@ -43,7 +43,7 @@ async def run_transport(node: Path, url: str, token: str, chat_id: str, mode: st
     return result
 
 
-async def test_whole_reply_through_the_sdk(node_ai: Path, gateway_url: str, db: asyncpg.Pool) -> None:
+async def test_whole_reply_through_the_sdk(node_ai: Path, gateway_url: str, db: Pool) -> None:
     owner = Owner(f"org-{uuid.uuid4().hex[:6]}", "sdk-user")
     token = mint_token(JWT_SECRET, owner.user_id, owner.org_id)
     result = await run_transport(node_ai, gateway_url, token, "client-chat-1", "full", "fake/echo")
@@ -61,7 +61,7 @@ async def test_whole_reply_through_the_sdk(node_ai: Path, gateway_url: str, db: 
     assert message["id"] == str(assistant_id)
 
 
-async def test_stop_in_the_sdk_keeps_the_partial_reply(node_ai: Path, gateway: Any, db: asyncpg.Pool) -> None:
+async def test_stop_in_the_sdk_keeps_the_partial_reply(node_ai: Path, gateway: Any, db: Pool) -> None:
     owner = Owner(f"org-{uuid.uuid4().hex[:6]}", "sdk-user")
     token = mint_token(JWT_SECRET, owner.user_id, owner.org_id)
     result = await run_transport(node_ai, gateway.url, token, "client-chat-2", "abort", "fake/echo?tokens=300&gap_ms=20")
