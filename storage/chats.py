@@ -9,9 +9,10 @@ from typing import Any, TypeAlias
 
 import asyncpg
 
+from storage.db import Pool
 from storage.queries import SQL
 
-Executor: TypeAlias = "asyncpg.Pool[asyncpg.Record] | asyncpg.Connection[asyncpg.Record]"
+Executor: TypeAlias = "Pool | asyncpg.Connection[asyncpg.Record]"
 
 _WORD = re.compile(r"\w+")
 
@@ -55,7 +56,7 @@ def chat_record(row: asyncpg.Record | None) -> dict[str, Any]:
 
 
 async def create_chat(
-    pool: asyncpg.Pool, owner: Owner, fields: ChatFields, cap: int | None, chat_id: uuid.UUID | None = None
+    pool: Pool, owner: Owner, fields: ChatFields, cap: int | None, chat_id: uuid.UUID | None = None
 ) -> dict[str, Any]:
     args = (
         chat_id or uuid.uuid4(),
@@ -87,7 +88,7 @@ def title_search(query: str) -> str | None:
 
 
 async def list_chats(
-    pool: asyncpg.Pool, owner: Owner, *, query: str, deleted: bool, limit: int, offset: int
+    pool: Pool, owner: Owner, *, query: str, deleted: bool, limit: int, offset: int
 ) -> tuple[list[dict[str, Any]], int]:
     kind = "deleted" if deleted else "active"
     pattern = title_search(query)
@@ -100,7 +101,7 @@ async def list_chats(
 
 
 async def update_chat(
-    pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID, fields: ChatFields
+    pool: Pool, owner: Owner, chat_id: uuid.UUID, fields: ChatFields
 ) -> dict[str, Any] | None:
     sent = fields.present
     row = await pool.fetchrow(
@@ -120,11 +121,11 @@ async def update_chat(
     return chat_record(row) if row else None
 
 
-async def soft_delete_chat(pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID) -> bool:
+async def soft_delete_chat(pool: Pool, owner: Owner, chat_id: uuid.UUID) -> bool:
     return await pool.fetchval(SQL["soft_delete_chat"], chat_id, owner.org_id, owner.user_id) is not None
 
 
-async def erase_chat(pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID) -> bool:
+async def erase_chat(pool: Pool, owner: Owner, chat_id: uuid.UUID) -> bool:
     return await pool.fetchval(SQL["erase_chat"], chat_id, owner.org_id, owner.user_id) is not None
 
 
@@ -134,7 +135,7 @@ async def erase_org(db: Executor, org_id: str) -> None:
 
 
 async def restore_chat(
-    pool: asyncpg.Pool, owner: Owner, chat_id: uuid.UUID, cap: int | None
+    pool: Pool, owner: Owner, chat_id: uuid.UUID, cap: int | None
 ) -> dict[str, Any] | None:
     async with pool.acquire() as conn, conn.transaction():
         if cap is not None:
@@ -145,7 +146,7 @@ async def restore_chat(
     return chat_record(row) if row else None
 
 
-async def owner_stats(pool: asyncpg.Pool, owner: Owner) -> dict[str, int]:
+async def owner_stats(pool: Pool, owner: Owner) -> dict[str, int]:
     row = await pool.fetchrow(SQL["owner_stats"], owner.org_id, owner.user_id)
     assert row is not None
     return dict(row)
