@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each measurement")
     parser.add_argument("--concurrency", type=int, default=1)
-    parser.add_argument("--paths", default="chat,completions", help="chat, completions and/or new-chat")
+    parser.add_argument("--paths", default="chat,completions", help="chat, chat-id (each message with a client_message_id), completions and/or new-chat")
     args = parser.parse_args()
     with source_trees(args.versions) as trees, with_services(load_settings()) as settings:
         uvloop.run(compare(settings, args.versions, trees, args))

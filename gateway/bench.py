@@ -188,12 +188,18 @@ class Bench:
         if path == "chat":
             return request_bytes(self.gateway, f"/v1/chats/{self.chats[n]}/messages",
                                  {"content": "bench", "model": f"openai/{model}"})
+        if path == "chat-id":  # as the AI SDK submits: each message with an id of its own
+            return request_bytes(self.gateway, f"/v1/chats/{self.chats[n]}/messages",
+                                 {"content": "bench", "model": f"openai/{model}", "client_message_id": uuid.uuid4().hex})
         return request_bytes(self.gateway, "/v1/chat", {"message": "bench", "model": f"openai/{model}"})
 
     def target(self, path: str) -> Target:
         return self.mock if path == "direct" else self.gateway
 
     async def load(self, path: str, concurrency: int, model: str = UNPACED) -> dict[str, float]:
+        if path == "chat-id":  # a new body for every request
+            report = await closed_loop(concurrency, self.seconds, lambda n: self.request(path, model, n), self.target(path))
+            return report.summary()
         requests = [self.request(path, model, n) for n in range(concurrency)]
         report = await closed_loop(concurrency, self.seconds, lambda n: requests[n], self.target(path))
         return report.summary()

@@ -151,9 +151,10 @@ async def run_turn(
     chosen = resolve_model(services, options.model) if options.model else None
     attachments = tuple(attachment.for_model() for attachment in options.attachments)
     asked = token_estimate(services, len(content) + len(attachments) * ATTACHMENT_CHARS, options.max_tokens)
-    context, admission = await read_and_admit(services, owner, ids, asked)
+    context, admission = await read_and_admit(services, owner, ids, asked, options.client_message_id)
     try:
-        if options.client_message_id is not None:
+        if context.duplicate:
+            assert options.client_message_id is not None
             await refuse_duplicate(services, owner, chat_id, options.client_message_id)
         model = options.model or context.model
         provider, model_name = chosen or resolve_model(services, model)
@@ -190,15 +191,15 @@ def resolve_model(services: Services, model: str) -> tuple[Provider, str]:
 
 
 async def read_and_admit(
-    services: Services, owner: Owner, ids: TurnIds, estimate: int
+    services: Services, owner: Owner, ids: TurnIds, estimate: int, client_message_id: str | None
 ) -> tuple[TurnContext, Admission]:
-    """The chat's context (model, system prompt, history) and the turn's admission for ``estimate`` tokens,
-    both at once. A missing chat wins over a refusal (404), and an admission whose turn will not start is
-    withdrawn: neither leaves a trace."""
+    """The chat's context (model, system prompt, history, whether it holds ``client_message_id``) and the
+    turn's admission for ``estimate`` tokens, both at once. A missing chat wins over a refusal (404), and
+    an admission whose turn will not start is withdrawn: neither leaves a trace."""
     admitting = asyncio.ensure_future(admit(services, owner, ids.assistant_message_id, estimate, ids.chat_id))
     try:
         context = await messages.chat_for_turn(
-            services.pool, owner, ids.chat_id, services.settings.history_messages)
+            services.pool, owner, ids.chat_id, services.settings.history_messages, client_message_id)
         if context is None:
             raise ChatNotFound()
     except BaseException:

@@ -65,6 +65,7 @@ class TurnContext:
     system_prompt: str | None
     # (role, content, parts), oldest first; parts only for a message that has attachments, else None
     history: list[tuple[str, str, list[dict[str, Any]] | None]]
+    duplicate: bool = False  # the chat already holds a message with the turn's client_message_id
 
 
 @functools.cache
@@ -76,14 +77,17 @@ def chat_for_turn_query(history_messages: int) -> str:
 
 
 async def chat_for_turn(
-    db: Executor, owner: Owner, chat_id: uuid.UUID, history_messages: int
+    db: Executor, owner: Owner, chat_id: uuid.UUID, history_messages: int, client_message_id: str | None = None
 ) -> TurnContext | None:
-    row = await db.fetchrow(chat_for_turn_query(history_messages), chat_id, owner.org_id, owner.user_id)
+    """The chat's context for a turn; None when the owner has no such chat. With ``client_message_id``,
+    ``duplicate`` tells whether the chat already holds it (checked in the same round trip)."""
+    row = await db.fetchrow(
+        chat_for_turn_query(history_messages), chat_id, owner.org_id, owner.user_id, client_message_id)
     if row is None:
         return None
     history = list(zip(row["roles"] or (), row["contents"] or (), row["parts"] or (), strict=True))
     history.reverse()
-    return TurnContext(row["id"], row["title"], row["model"], row["system_prompt"], history)
+    return TurnContext(row["id"], row["title"], row["model"], row["system_prompt"], history, row["duplicate"])
 
 
 @dataclass(frozen=True, slots=True)

@@ -339,7 +339,7 @@ async def test_history_read_of_a_long_chat_stops_at_its_limit(db: Pool) -> None:
     await db.execute("ANALYZE messages")
     async with db.acquire() as conn:
         plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {chat_for_turn_query(20)}",
-                                   chat["id"], owner.org_id, owner.user_id)
+                                   chat["id"], owner.org_id, owner.user_id, None)
     scans = [node for node in plan_nodes(plan[0]["Plan"]) if node.get("Relation Name") == "messages"]
     assert scans and all(node["Actual Rows"] <= 20 for node in scans), [node["Node Type"] for node in scans]
 

@@ -28,8 +28,10 @@ WHERE id = $1 AND org_id = $2 AND user_id = $3;
 -- The chat and its most recent messages (newest first, as arrays: building a JSON document of them cost
 -- a third more), in one round trip before a turn. A message's parts come only when it has more than its
 -- text (attachments), else NULL. {history_messages} is written in once (see storage/messages.py): as a
--- parameter, it would have the read planned anew on every call.
-SELECT c.id, c.title, c.model, c.system_prompt, h.roles, h.contents, h.parts
+-- parameter, it would have the read planned anew on every call. duplicate: the chat already holds a
+-- message with the client's id $4 (never, when $4 is NULL).
+SELECT c.id, c.title, c.model, c.system_prompt, h.roles, h.contents, h.parts,
+       EXISTS (SELECT 1 FROM messages d WHERE d.chat_id = c.id AND d.client_message_id = $4) AS duplicate
 FROM chats c,
      LATERAL (SELECT array_agg(m.role) AS roles, array_agg(m.content) AS contents, array_agg(m.parts) AS parts
               FROM (SELECT role, content, CASE WHEN jsonb_array_length(parts) > 1 THEN parts END AS parts
