@@ -34,7 +34,7 @@ from providers.base import (
     UpstreamConfig,
     status_failure,
 )
-from providers.sse import SSEDecoder, StreamReader
+from providers.sse import SSEDecoder, SSEEvent, StreamReader
 
 logger = logging.getLogger("providers.http")
 
@@ -243,6 +243,8 @@ class UpstreamCall:
         "failure",
         "framed",
         "headers",
+        "held",
+        "held_end",
         "over",
         "parser",
         "paused",
@@ -275,6 +277,10 @@ class UpstreamCall:
         self.error_headers: dict[str, str] = {}
         self.error_body = bytearray()
         self.ready: list[StreamBatch] = []
+        # Events read while a batch waits for its consumer, kept unread until it asks for more (see
+        # ``_read``), and how the answer ended behind them (None: not yet; else keep-alive).
+        self.held: list[SSEEvent] = []
+        self.held_end: bool | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.sink: BatchSink | None = None
         self.failure: ProviderError | None = None
@@ -296,6 +302,8 @@ class UpstreamCall:
             except BaseException:
                 self.close()
                 raise
+        if not self.ready and self.held:
+            self._read_held()
         while not self.ready:
             if self.over:
                 if self.failure is not None:
@@ -320,6 +328,8 @@ class UpstreamCall:
         ready, self.ready = self.ready, []
         for batch in ready:
             self._emit(batch)
+        if self.held:
+            self._read_held()
         if self.over and self.sink is not None:
             self.sink.ended(self.failure)
             self.sink = None
@@ -339,6 +349,7 @@ class UpstreamCall:
     def close(self) -> None:
         """Stop at once: no more batches, and the connection closed (or pooled, when read to its end)."""
         self.sink = None
+        self.held = []
         if not self.over:
             self.over = True
             self._wake()
@@ -390,13 +401,31 @@ class UpstreamCall:
             return
         if self.over:
             return
+        try:
+            events = self.decoder.feed(body)
+        except Exception as error:
+            self._end(self._as_failure(error))
+            return
+        if self.held or (self.ready and self.sink is None):
+            self.held += events  # split into events, not read: a batch waits for its consumer
+            return
+        self._read(events)
+
+    def _read(self, events: list[SSEEvent]) -> None:
+        """``events`` through the vendor's reader, as one batch. Before the relay, once a batch has something
+        for its consumer (the first token, while the turn's message is being stored), the rest is held
+        unread until the consumer asks for more: an answer that arrives at once is not worked through in
+        the first token's way."""
         batch: StreamBatch = []
         try:
-            for name, data in self.decoder.feed(body):
+            for n, (name, data) in enumerate(events):
                 if self.reader.event(name, data, batch):
                     self._emit(batch)
                     self._end(None)
                     return
+                if batch and self.sink is None and n + 1 < len(events):
+                    self.held = events[n + 1:]
+                    break
         except Exception as error:  # deltas read before a failure still reach the client
             self._emit(batch)
             self._end(self._as_failure(error))
@@ -406,6 +435,12 @@ class UpstreamCall:
     def on_message_complete(self) -> None:
         assert self.parser is not None
         keep_alive = self.parser.should_keep_alive()
+        if self.held:
+            self.held_end = keep_alive  # the answer's end waits behind what is held
+            return
+        self._complete(keep_alive)
+
+    def _complete(self, keep_alive: bool) -> None:
         if self.status >= 400:
             self._end(status_failure(self.upstream.vendor, self.status, json_or_none(bytes(self.error_body)),
                                      self.error_headers))
@@ -415,6 +450,8 @@ class UpstreamCall:
 
     def lost(self) -> None:
         """The connection closed under the call (its slot in the pool is freed here too)."""
+        if self.held:
+            self._read_held(every=True)
         if not self.over:
             if self.status and self.status < 400 and not self.framed:
                 self._bytes_ended()  # an answer without a length ends with its connection
@@ -432,6 +469,18 @@ class UpstreamCall:
             self._release(reusable=False)
 
     # -- internals ----------------------------------------------------------------------------------
+
+    def _read_held(self, every: bool = False) -> None:
+        """Read the events held back (unless ``every``, until a batch waits for its consumer again), then
+        end the answer if it ended behind them."""
+        while self.held and not self.over and (every or self.sink is not None or not self.ready):
+            held, self.held = self.held, []
+            self._read(held)
+        if self.over:
+            self.held = []
+        if not self.held and self.held_end is not None:
+            keep_alive, self.held_end = self.held_end, None
+            self._complete(keep_alive)
 
     def _bytes_ended(self) -> None:
         batch: StreamBatch = []

@@ -327,6 +327,31 @@ async def test_an_iterated_call_reads_when_its_consumer_asks(vendors: dict[str, 
         await provider.aclose()
 
 
+@pytest.mark.parametrize("vendor", VENDORS)
+async def test_an_answer_that_arrives_at_once_is_decoded_as_its_consumer_asks(
+    vendors: dict[str, Any], vendor: str
+) -> None:
+    # One read holds the whole answer: past the first batch, it waits undecoded (the first token goes out
+    # before the rest is worked on), then comes in order, ended, and its connection serves the next call.
+    server, url = vendors[vendor]
+    provider = adapter_for(vendor, url)
+    try:
+        for _ in range(2):
+            stream = provider.stream(ProviderRequest("whole", [ChatMessage("user", "hi")]))
+            assert isinstance(stream, UpstreamCall)
+            events = list(await anext(stream))
+            assert stream.held, "the rest of the answer was decoded before it was asked for"
+            events += [event async for batch in stream for event in batch]
+            assert text_of(events) == TEXT
+            assert events[-2:] == [Usage(PROMPT_TOKENS, OUTPUT_TOKENS), Finish("stop")]
+        events, failure = await relayed(provider, "whole")
+        assert failure is None and text_of(events) == TEXT
+    finally:
+        await provider.aclose()
+    clients = {r["client"] for r in server.requests[-3:]}
+    assert len(clients) == 1, f"three calls, one connection: {clients}"
+
+
 async def test_a_connection_read_to_its_end_serves_the_next_call(vendors: dict[str, Any]) -> None:
     server, url = vendors["openai"]
     provider = adapter_for("openai", url)

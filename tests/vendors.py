@@ -351,6 +351,12 @@ class VendorServer:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": orjson.dumps(ERROR_BODIES[self.vendor](status))})
             return
+        if scenario == "whole":  # the whole answer in one network write, its length stated
+            answer = b"".join(chunk for chunk in self._chunks(scenario) if chunk)
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"text/event-stream"), (b"content-length", str(len(answer)).encode())]})
+            await send({"type": "http.response.body", "body": answer})
+            return
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream")]})
         if scenario.startswith("slow-"):
