@@ -328,10 +328,10 @@ async def test_an_iterated_call_reads_when_its_consumer_asks(vendors: dict[str, 
 
 
 @pytest.mark.parametrize("vendor", VENDORS)
-async def test_an_answer_that_arrives_at_once_is_decoded_as_its_consumer_asks(
+async def test_an_answer_that_arrives_at_once_is_read_as_its_consumer_asks(
     vendors: dict[str, Any], vendor: str
 ) -> None:
-    # One read holds the whole answer: past the first batch, it waits undecoded (the first token goes out
+    # One read holds the whole answer: past the first batch, it waits unread (the first token goes out
     # before the rest is worked on), then comes in order, ended, and its connection serves the next call.
     server, url = vendors[vendor]
     provider = adapter_for(vendor, url)
@@ -340,7 +340,7 @@ async def test_an_answer_that_arrives_at_once_is_decoded_as_its_consumer_asks(
             stream = provider.stream(ProviderRequest("whole", [ChatMessage("user", "hi")]))
             assert isinstance(stream, UpstreamCall)
             events = list(await anext(stream))
-            assert stream.held, "the rest of the answer was decoded before it was asked for"
+            assert stream.held, "the rest of the answer was read before it was asked for"
             events += [event async for batch in stream for event in batch]
             assert text_of(events) == TEXT
             assert events[-2:] == [Usage(PROMPT_TOKENS, OUTPUT_TOKENS), Finish("stop")]
