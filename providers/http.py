@@ -379,7 +379,7 @@ class UpstreamCall:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            self._end(ProviderProtocolError(f"{self.upstream.vendor} sent a malformed HTTP answer"))
+            self._fail(ProviderProtocolError(f"{self.upstream.vendor} sent a malformed HTTP answer"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lowered = name.lower()
@@ -404,7 +404,7 @@ class UpstreamCall:
         try:
             events = self.decoder.feed(body)
         except Exception as error:
-            self._end(self._as_failure(error))
+            self._fail(self._as_failure(error))
             return
         if self.held or (self.ready and self.sink is None):
             self.held += events  # split into events, not read: a batch waits for its consumer
@@ -469,6 +469,13 @@ class UpstreamCall:
             self._release(reusable=False)
 
     # -- internals ----------------------------------------------------------------------------------
+
+    def _fail(self, failure: ProviderError) -> None:
+        """End with ``failure``, after the events held before it (deltas read before a failure still reach
+        the client)."""
+        if self.held:
+            self._read_held(every=True)
+        self._end(failure)
 
     def _read_held(self, every: bool = False) -> None:
         """Read the events held back (unless ``every``, until a batch waits for its consumer again), then

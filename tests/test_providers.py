@@ -33,6 +33,7 @@ from providers.gemini import GeminiProvider
 from providers.http import UpstreamCall
 from providers.openai import OpenAIProvider
 from tests.vendors import (
+    FRAMES,
     OUTPUT_TOKENS,
     PROMPT_TOKENS,
     TEXT,
@@ -350,6 +351,38 @@ async def test_an_answer_that_arrives_at_once_is_read_as_its_consumer_asks(
         await provider.aclose()
     clients = {r["client"] for r in server.requests[-3:]}
     assert len(clients) == 1, f"three calls, one connection: {clients}"
+
+
+class MalformedAfterDeltas(asyncio.Protocol):
+    """Answers any request, in one write, with two OpenAI deltas in HTTP chunks and then a chunk size that
+    is not a number."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.answered = False
+
+    def data_received(self, data: bytes) -> None:
+        if self.answered:
+            return
+        self.answered = True
+        events = [frame + b"\n\n" for frame in FRAMES["openai"](TOKENS[:2], finish=False)]
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in events)
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        self.transport.write(head + chunks + b"zz\r\n")  # type: ignore[attr-defined]
+
+
+async def test_a_malformed_answer_ends_after_the_deltas_read_before_it() -> None:
+    # Everything arrives in one read: the first delta goes to the consumer, the second waits unread, and
+    # the malformed rest ends the call only after it.
+    server = await asyncio.get_running_loop().create_server(MalformedAfterDeltas, "127.0.0.1", 0)
+    provider = adapter_for("openai", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        events, failure = await run(provider, "normal")
+    finally:
+        await provider.aclose()
+        server.close()
+    assert isinstance(failure, ProviderError) and "malformed" in failure.message
+    assert text_of(events) == "".join(TOKENS[:2])
 
 
 async def test_a_connection_read_to_its_end_serves_the_next_call(vendors: dict[str, Any]) -> None:
