@@ -83,6 +83,18 @@ async def test_a_started_worker_collects_its_young_objects_at_the_set_threshold(
         gc.set_threshold(*before)
 
 
+async def test_a_started_worker_leaves_what_it_built_out_of_full_collections(settings: Settings) -> None:
+    # The services live as long as the worker: frozen at startup, no collection walks them again.
+    app = create_app(settings)
+    try:
+        async with serve_app(app):
+            services = app.state.services
+            assert gc.get_freeze_count() > 0
+            assert not any(tracked is services for tracked in gc.get_objects())
+    finally:
+        gc.unfreeze()
+
+
 async def test_vendors_with_credentials_load_before_serving_when_asked(settings: Settings) -> None:
     # A vendor's SDK otherwise loads on its first call, on the event loop. An endpoint that needs no key
     # has credentials; a vendor without them is never loaded ahead of a call.
