@@ -40,7 +40,7 @@ class Pool:
         self._command_timeout = command_timeout
         self._idle: list[asyncpg.Connection] = []
         self._size = 0  # connections open or being opened
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[asyncpg.Connection | None]] = collections.deque()
         self._closed = False
 
     @property
@@ -83,6 +83,7 @@ class Pool:
         return conn
 
     async def _take(self) -> asyncpg.Connection:
+        first = True
         while True:
             while self._idle:
                 conn = self._idle.pop()
@@ -97,39 +98,53 @@ class Pool:
                     return await self._connect()
                 except BaseException:
                     self._size -= 1
-                    self._wake_one()
+                    self._pass_on(None)
                     raise
-            waiter = asyncio.get_running_loop().create_future()
+            handed = await self._wait_turn(first)
+            if handed is not None:
+                return handed
+            first = False  # woken to open a connection, it found the room taken: it keeps its place in line
+
+    async def _wait_turn(self, first: bool) -> asyncpg.Connection | None:
+        """Wait in line (at its end, or back at its head) for a connection, or for room to open one (None)."""
+        waiter: asyncio.Future[asyncpg.Connection | None] = asyncio.get_running_loop().create_future()
+        if first:
             self._waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake_one()  # woken as it was cancelled: the turn passes on
-                raise
+        else:
+            self._waiters.appendleft(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # its turn came as it was cancelled: passed on
+                if (given := waiter.result()) is not None:
+                    self._back(given, None)
+                else:
+                    self._pass_on(None)
+            raise
 
     def _back(self, conn: asyncpg.Connection, error: BaseException | None) -> None:
         """``conn`` is given back after a use that raised ``error`` (if any). It is kept unless the use may
         have left it in the middle of an operation (cancelled, timed out, its socket or protocol broken):
         then it is closed."""
-        if error is not None and (not isinstance(error, Exception) or isinstance(error, _UNSAFE)):
-            self._size -= 1
-            conn.terminate()
-        elif self._closed or conn.is_closed() or conn.is_in_transaction():
+        unsafe = error is not None and (not isinstance(error, Exception) or isinstance(error, _UNSAFE))
+        if unsafe or self._closed or conn.is_closed() or conn.is_in_transaction():
             self._size -= 1
             if not conn.is_closed():
                 conn.terminate()
+            self._pass_on(None)
         else:
-            self._idle.append(conn)
-        self._wake_one()
+            self._pass_on(conn)
 
-    def _wake_one(self) -> None:
-        """The first caller in line looks again: a connection came back, or there is room to open one."""
+    def _pass_on(self, conn: asyncpg.Connection | None) -> None:
+        """A connection came back (``conn``), or there is room to open one (None): handed to the first caller
+        in line, who then cannot be overtaken by one arriving later; with nobody waiting, ``conn`` is idle."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(conn)
                 return
+        if conn is not None:
+            self._idle.append(conn)
 
     def acquire(self) -> _Use:
         """``async with pool.acquire() as conn``: one connection for several statements (a transaction)."""
