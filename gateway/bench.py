@@ -197,11 +197,10 @@ class Bench:
         return self.mock if path == "direct" else self.gateway
 
     async def load(self, path: str, concurrency: int, model: str = UNPACED) -> dict[str, float]:
-        if path == "chat-id":  # a new body for every request
-            report = await closed_loop(concurrency, self.seconds, lambda n: self.request(path, model, n), self.target(path))
-            return report.summary()
         requests = [self.request(path, model, n) for n in range(concurrency)]
-        report = await closed_loop(concurrency, self.seconds, lambda n: requests[n], self.target(path))
+        # chat-id sends a new body (a new client id) every time; the others, each slot's body again
+        make = (lambda n: self.request(path, model, n)) if path == "chat-id" else requests.__getitem__
+        report = await closed_loop(concurrency, self.seconds, make, self.target(path))
         return report.summary()
 
     async def ttft_and_throughput(self) -> dict[str, Any]:

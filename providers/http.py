@@ -417,13 +417,14 @@ class UpstreamCall:
         unread until the consumer asks for more: an answer that arrives at once is not worked through in
         the first token's way."""
         batch: StreamBatch = []
+        holding = self.sink is None  # not relaying yet
         try:
             for n, (name, data) in enumerate(events):
                 if self.reader.event(name, data, batch):
                     self._emit(batch)
                     self._end(None)
                     return
-                if batch and self.sink is None and n + 1 < len(events):
+                if holding and batch and n + 1 < len(events):
                     self.held = events[n + 1:]
                     break
         except Exception as error:  # deltas read before a failure still reach the client
