@@ -137,8 +137,8 @@ async def until_started(sink: list[StreamResult], tasks: list[asyncio.Task[Any]]
 @contextlib.contextmanager
 def harness_frozen() -> Iterator[list[float]]:
     """For one measurement window: the harness's own objects (thousands of streams, both ends) moved out
-    of the collector's reach, and its collection pauses (seconds) recorded, so that a stall counted in
-    the window is not the harness's."""
+    of the collector's reach, so that no collection walks them mid-window, and its collection pauses
+    (seconds) recorded, so that a pause of the harness's shows beside the stalls it would cause."""
     pauses: list[float] = []
     started = [0.0]
 
