@@ -13,6 +13,9 @@ from tests.test_send import next_delta, read_events
 
 STREAMS_PER_ENDING = 250
 CONCURRENCY = 25
+# A stream that is hung up on or stopped after its first token: 10 s long, so that on a loaded machine
+# too the hang-up or the stop comes before its end (at 100 tokens, 0.5 s, a stop once lost the race).
+LONG = "fake/echo?tokens=2000&gap_ms=5"
 
 
 async def complete(http: httpx.AsyncClient, headers: dict[str, str], chat_id: str, gateway: Gateway) -> str:
@@ -30,7 +33,7 @@ async def disconnect(http: httpx.AsyncClient, headers: dict[str, str], chat_id: 
         "POST",
         f"/v1/chats/{chat_id}/messages",
         headers=headers,
-        json={"content": "hang up", "model": "fake/echo?tokens=100&gap_ms=5"},
+        json={"content": "hang up", "model": LONG},
     ) as response:
         await next_delta(read_events(response))
         turn = gateway.services.streams.turns[uuid.UUID(chat_id)]
@@ -43,7 +46,7 @@ async def stop(http: httpx.AsyncClient, headers: dict[str, str], chat_id: str, g
         "POST",
         f"/v1/chats/{chat_id}/messages",
         headers=headers,
-        json={"content": "stop it", "model": "fake/echo?tokens=100&gap_ms=5"},
+        json={"content": "stop it", "model": LONG},
     ) as response:
         events = read_events(response)
         await next_delta(events)
