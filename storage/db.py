@@ -54,6 +54,11 @@ class Pool:
         return self._size - len(self._idle)
 
     @property
+    def spare(self) -> bool:
+        """Whether a connection can be had now, without waiting in line: one idle, or room to open one."""
+        return bool(self._idle) or self._size < self._max_size
+
+    @property
     def waiting(self) -> int:
         """Callers waiting in line for a connection."""
         return sum(not waiter.done() for waiter in self._waiters)

@@ -89,10 +89,11 @@ async def test_a_query_cancelled_midway_closes_its_connection(pool: Pool, databa
 
 
 async def test_callers_wait_in_line_when_every_connection_is_in_use(pool: Pool, database_url: str) -> None:
+    assert pool.spare
     async with lock_held(database_url) as (owner, key):
         holders = [asyncio.ensure_future(pool.fetchval("SELECT 1 FROM pg_advisory_xact_lock($1)", key)) for _ in range(2)]
         await until_waiting(owner, key, 2)
-        assert pool.size == 2
+        assert pool.size == 2 and not pool.spare
         queued = asyncio.ensure_future(pool.fetchval("SELECT 42"))
         gave_up = asyncio.ensure_future(pool.fetchval("SELECT 43"))
         last = asyncio.ensure_future(pool.fetchval("SELECT 44"))
@@ -103,7 +104,7 @@ async def test_callers_wait_in_line_when_every_connection_is_in_use(pool: Pool, 
         assert await asyncio.gather(*holders, queued, last) == [1, 1, 42, 44]
         assert gave_up.cancelled()
     assert pool.size == 2
-    assert pool.in_use == 0
+    assert pool.in_use == 0 and pool.spare
 
 
 async def test_a_closed_pool_closes_connections_as_they_come_back(pool: Pool, database_url: str) -> None:
