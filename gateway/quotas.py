@@ -41,6 +41,11 @@ class Admission:
     decision: Decision | None = None
     reserved: int = 0
 
+    def covers(self, tokens: int) -> bool:
+        """Whether the budgets' headroom would cover ``tokens`` more: ``cover`` cannot refuse that many."""
+        decision = self.decision
+        return decision is None or decision.headroom == UNLIMITED or decision.headroom >= tokens
+
 
 def rate_limit_headers(decision: Decision) -> dict[str, str]:
     headers = {}
@@ -98,7 +103,7 @@ class QuotaGuard:
         decision = admission.decision
         if decision is None or extra <= 0:
             return admission
-        if decision.headroom != UNLIMITED and decision.headroom < extra:
+        if not admission.covers(extra):
             raise self._refusal(replace(
                 decision, code="quota_exceeded", retry_after_s=decision.headroom_reset_s,
                 tokens_remaining=_plus(decision.tokens_remaining, admission.reserved),

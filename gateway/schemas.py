@@ -26,7 +26,8 @@ METADATA_MAX_BYTES = 16 * 1024
 
 Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]+/\S+$", max_length=200)]
-SystemPrompt = Annotated[str, StringConstraints(max_length=20_000)]
+MAX_SYSTEM_PROMPT_CHARS = 20_000
+SystemPrompt = Annotated[str, StringConstraints(max_length=MAX_SYSTEM_PROMPT_CHARS)]
 
 
 class Body(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import Awaitable, Coroutine
 from typing import Any
@@ -25,10 +26,19 @@ from gateway.errors import (
 from gateway.metrics import timed
 from gateway.quotas import Admission
 from gateway.responses import JSONBody
-from gateway.schemas import ChatTurn, SendMessage, TurnOptions, attachment_url_error, chat_id_of, parse_body
+from gateway.schemas import (
+    MAX_SYSTEM_PROMPT_CHARS,
+    ChatTurn,
+    SendMessage,
+    TurnOptions,
+    attachment_url_error,
+    chat_id_of,
+    parse_body,
+)
 from gateway.services import Services, services_of
+from gateway.settings import Settings
 from gateway.sse import ChatEvents
-from gateway.turns import StreamCodec, Turn, TurnIds
+from gateway.turns import StreamCodec, Turn, TurnIds, estimate_tokens
 from providers.base import (
     ATTACHMENT_CHARS,
     ATTACHMENT_TYPES,
@@ -42,7 +52,9 @@ from providers.base import (
 )
 from storage import chats, messages
 from storage.chats import ChatFields, Owner
-from storage.messages import NewTurn, TurnContext
+from storage.messages import ChatBefore, NewTurn, TurnContext
+
+logger = logging.getLogger("gateway.send")
 
 TITLE_CHARS = 80
 
@@ -150,15 +162,18 @@ async def run_turn(
     ids = TurnIds(chat_id, uuid.uuid4(), uuid.uuid4())
     chosen = resolve_model(services, options.model) if options.model else None
     attachments = tuple(attachment.for_model() for attachment in options.attachments)
+    if chosen is not None and attachments:
+        refuse_unaccepted(chosen[0], options.model or "", attachments)
     asked = token_estimate(services, len(content) + len(attachments) * ATTACHMENT_CHARS, options.max_tokens)
-    context, admission = await read_and_admit(services, owner, ids, asked, options.client_message_id)
+    write = TurnWrite(services, owner, ids, content, options)
+    context, admission = await read_and_admit(services, owner, ids, asked, options.client_message_id, write)
     try:
         if context.duplicate:
             assert options.client_message_id is not None
             await refuse_duplicate(services, owner, chat_id, options.client_message_id)
         model = options.model or context.model
         provider, model_name = chosen or resolve_model(services, model)
-        if attachments:
+        if attachments and chosen is None:
             refuse_unaccepted(provider, model, attachments)
         provider_request = ProviderRequest(
             model_name,
@@ -169,10 +184,11 @@ async def run_turn(
         admission = services.quotas.cover(admission, extra)
         turn = Turn(model, provider_request, provider.stream(provider_request), services.streams.finish, ids)
     except BaseException:
+        await write.undo()
         await withdraw(services, owner, ids, admission)
         raise
     turn.ticket = admission.ticket
-    storing: Awaitable[None] = store_turn(services, owner, ids, content, model, options, context)
+    storing: Awaitable[None] = write.done(model)
     if extra > 0 and turn.ticket is not None:
         storing = alongside(storing, services.quotas.grow(turn.ticket, extra))
     await start_turn(services, turn, model, storing)
@@ -191,22 +207,46 @@ def resolve_model(services: Services, model: str) -> tuple[Provider, str]:
 
 
 async def read_and_admit(
-    services: Services, owner: Owner, ids: TurnIds, estimate: int, client_message_id: str | None
+    services: Services, owner: Owner, ids: TurnIds, estimate: int, client_message_id: str | None,
+    write: TurnWrite,
 ) -> tuple[TurnContext, Admission]:
     """The chat's context (model, system prompt, history, whether it holds ``client_message_id``) and the
     turn's admission for ``estimate`` tokens, both at once. A missing chat wins over a refusal (404), and
-    an admission whose turn will not start is withdrawn: neither leaves a trace."""
-    admitting = asyncio.ensure_future(admit(services, owner, ids.assistant_message_id, estimate, ids.chat_id))
+    an admission whose turn will not start is withdrawn: neither leaves a trace.
+
+    When the turn names its model, a connection is free for it and no history could exhaust the budgets'
+    headroom, its ``write`` starts as soon as it is admitted, while the chat is still being read: the first
+    token waits on the write, and this takes the read off its path. A turn refused after all takes the
+    write back. Under load the write waits for the read as before: a second connection would be another
+    turn's."""
+    reading = asyncio.ensure_future(messages.chat_for_turn(
+        services.pool, owner, ids.chat_id, services.settings.history_messages, client_message_id,
+        ids.user_message_id))
     try:
-        context = await messages.chat_for_turn(
-            services.pool, owner, ids.chat_id, services.settings.history_messages, client_message_id)
+        admission = await admit(services, owner, ids.assistant_message_id, estimate, ids.chat_id)
+    except BaseException:
+        if await reading is None:
+            raise ChatNotFound() from None
+        raise
+    try:
+        if (write.options.model and services.pool.spare
+                and admission.covers(most_history_tokens(services.settings))):
+            write.start()
+        context = await reading
         if context is None:
             raise ChatNotFound()
     except BaseException:
+        await write.undo()
         with contextlib.suppress(GatewayError):  # a refusal has nothing to undo
-            await withdraw(services, owner, ids, await admitting)
+            await withdraw(services, owner, ids, admission)
         raise
-    return context, await admitting
+    return context, admission
+
+
+def most_history_tokens(settings: Settings) -> int:
+    """The most a chat's history and system prompt add to a turn's estimate (``extra`` in ``run_turn``),
+    their attachments' notes apart: a longer one is refused after the write, and the write taken back."""
+    return estimate_tokens(settings.history_chars + MAX_SYSTEM_PROMPT_CHARS)
 
 
 async def alongside(main: Awaitable[None], side: Coroutine[Any, Any, None]) -> None:
@@ -233,37 +273,60 @@ async def refuse_duplicate(services: Services, owner: Owner, chat_id: uuid.UUID,
                                         "assistant_message_id": assistant_message_id and str(assistant_message_id)})
 
 
-async def store_turn(
-    services: Services,
-    owner: Owner,
-    ids: TurnIds,
-    content: str,
-    model: str,
-    options: TurnOptions,
-    context: TurnContext,
-) -> None:
-    parts: list[dict[str, Any]] = [{"type": "text", "text": content}]
-    parts += [{"type": "attachment", **a.model_dump()} for a in options.attachments]
-    new_turn = NewTurn(
-        ids.chat_id,
-        ids.user_message_id,
-        ids.assistant_message_id,
-        content,
-        title_from(content),
-        model,
-        parts,
-        options.client_message_id,
-        options.metadata or {},
-    )
-    try:
-        with timed("postgres", "insert_turn"):
-            stored = await messages.insert_turn(services.pool, owner, new_turn)
-    except asyncpg.UniqueViolationError:  # the same id sent twice at once (the read before saw neither)
-        assert options.client_message_id is not None
-        await refuse_duplicate(services, owner, ids.chat_id, options.client_message_id)
-        raise DuplicateMessage() from None
-    if not stored:
-        raise ChatNotFound()
+class TurnWrite:
+    """The turn's two messages (the user's, and the reply's empty start) and the chat's activity time, in
+    one statement: started early (``start``), or at ``done``; taken back by ``undo`` when the turn is
+    refused after it."""
+
+    def __init__(self, services: Services, owner: Owner, ids: TurnIds, content: str, options: TurnOptions) -> None:
+        self.services, self.owner, self.ids, self.content, self.options = services, owner, ids, content, options
+        self.task: asyncio.Task[tuple[NewTurn, ChatBefore]] | None = None
+
+    def start(self) -> None:
+        """Write now: the turn names its model (``options.model``), known before its chat is read."""
+        assert self.options.model is not None
+        self.task = asyncio.ensure_future(self._write(self.options.model))
+
+    async def done(self, model: str) -> None:
+        """The write, done: the one ``start`` began, or now."""
+        if self.task is not None:
+            await self.task
+        else:
+            await self._write(model)
+
+    async def undo(self) -> None:
+        """Take back what ``start`` stored: the messages deleted and the chat as it was. Nothing to take
+        back when it failed or was never started; when taking back fails, the reply left ``streaming`` is
+        ended ``interrupted`` by the sweep of replies no instance streams."""
+        if self.task is None:
+            return
+        task, self.task = self.task, None
+        try:
+            stored, before = await asyncio.shield(task)
+        except Exception:  # nothing stored
+            return
+        try:
+            await messages.unstore_turn(self.services.pool, self.owner, stored, before)
+        except (asyncpg.PostgresError, OSError):
+            logger.warning("a refused turn's messages could not be taken back", exc_info=True,
+                           extra={"chat": str(self.ids.chat_id)})
+
+    async def _write(self, model: str) -> tuple[NewTurn, ChatBefore]:
+        services, options, ids = self.services, self.options, self.ids
+        parts: list[dict[str, Any]] = [{"type": "text", "text": self.content}]
+        parts += [{"type": "attachment", **a.model_dump()} for a in options.attachments]
+        turn = NewTurn(ids.chat_id, ids.user_message_id, ids.assistant_message_id, self.content,
+                       title_from(self.content), model, parts, options.client_message_id, options.metadata or {})
+        try:
+            with timed("postgres", "insert_turn"):
+                before = await messages.insert_turn(services.pool, self.owner, turn)
+        except asyncpg.UniqueViolationError:  # the same id sent twice at once (the read before saw neither)
+            assert options.client_message_id is not None
+            await refuse_duplicate(services, self.owner, self.ids.chat_id, options.client_message_id)
+            raise DuplicateMessage() from None
+        if before is None:
+            raise ChatNotFound()
+        return turn, before
 
 
 async def json_answer(services: Services, owner: Owner, turn: Turn, headers: dict[str, str]) -> Response:

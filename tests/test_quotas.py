@@ -25,7 +25,10 @@ from storage.quotas import Lease, QuotaDefaults, QuotaStore
 from storage.usage import QuotaOverride, get_override, put_override
 from tests.conftest import JWT_SECRET, auth_headers
 from tests.servers import gateway_process
+from tests.test_metrics import sample
 from tests.test_send import new_chat, next_delta, read_events
+
+INSERT_TURNS = 'streamgate_backend_call_seconds_count{backend="postgres",call="insert_turn"}'
 
 
 class Clock:
@@ -239,6 +242,36 @@ async def test_a_turn_whose_history_overdraws_the_budget_is_refused_and_changes_
     assert after == before
     assert after["requests_per_minute"]["used"] == 1 and after["org_tokens"]["reserved"] == 0
     assert [m["content"] for m in listed["items"]] == ["a" * 1600, "a" * 1600]
+
+
+async def test_a_turn_refused_after_its_early_write_is_taken_back_and_changes_nothing(
+    start_gateway: Any, db: Pool
+) -> None:
+    """A turn that names its model is written once admitted, while its chat is read, when no history could
+    exhaust the budget's headroom, attachments' notes apart. Here notes do: the turn is refused after its
+    write, which is taken back."""
+    headers = auth_headers(f"u-{uuid.uuid4().hex[:6]}", f"org-{uuid.uuid4().hex[:6]}")
+    # A history of at most 100 characters and the longest system prompt: 5,025 tokens at most, apart from
+    # notes; "more" asks 11 of a budget of 6,000.
+    async with start_gateway(history_chars=100, quota_user_tokens=6000, quota_default_max_tokens=10) as gateway, \
+            httpx.AsyncClient(base_url=gateway.url) as http:
+        chat_id = await new_chat(http, headers)
+        chat = await db.fetchrow("SELECT org_id, user_id FROM chats WHERE id = $1", uuid.UUID(chat_id))
+        # Two messages stored before attachments were checked, each naming 16 no model is shown: 8,400 tokens.
+        parts = [{"type": "text", "text": "old"}] + [
+            {"type": "attachment", "name": "n" * 1000, "media_type": "text/plain", "url": "https://x/n.txt"}] * 16
+        for _ in range(2):
+            await db.execute("INSERT INTO messages (id, chat_id, org_id, user_id, role, content, parts)"
+                             " VALUES ($1, $2, $3, $4, 'user', 'old', $5)",
+                             uuid.uuid4(), uuid.UUID(chat_id), chat["org_id"], chat["user_id"], parts)
+        before, usage = await chat_rows(db, chat_id), budgets(await http.get("/v1/usage", headers=headers))
+        writes = sample((await http.get("/metrics")).text, INSERT_TURNS)
+        refused = await http.post(f"/v1/chats/{chat_id}/messages", headers=headers,
+                                  json={"content": "more", "model": "fake/echo"})
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "quota_exceeded"
+        assert sample((await http.get("/metrics")).text, INSERT_TURNS) == writes + 1  # written, then taken back
+        assert await chat_rows(db, chat_id) == before
+        assert budgets(await http.get("/v1/usage", headers=headers)) == usage
 
 
 async def test_a_turn_that_does_not_start_leaves_the_quota_as_it_was(start_gateway: Any) -> None:

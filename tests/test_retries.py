@@ -14,13 +14,12 @@ import pytest
 
 from gateway.errors import DuplicateMessage
 from gateway.schemas import SendMessage
-from gateway.send import store_turn
+from gateway.send import TurnWrite
 from gateway.settings import Settings
 from gateway.turns import TurnIds
 from providers.fake import FakeProvider
 from storage.chats import Owner
 from storage.db import Pool
-from storage.messages import TurnContext
 from storage.migrations import migrate, migrations_dir
 from tests.conftest import Gateway, database_named
 from tests.test_quotas import chat_rows
@@ -66,10 +65,9 @@ async def test_the_same_id_stored_at_once_twice_is_refused_at_the_write(
     row = await gateway.services.pool.fetchrow("SELECT org_id, user_id FROM chats WHERE id = $1", uuid.UUID(chat_id))
     owner = Owner(row["org_id"], row["user_id"])
     ids = TurnIds(uuid.UUID(chat_id), uuid.uuid4(), uuid.uuid4())
-    context = TurnContext(uuid.UUID(chat_id), "raced", "fake/echo", None, [])
     options = SendMessage(content="raced", client_message_id="r-1")
     with pytest.raises(DuplicateMessage) as refused:
-        await store_turn(gateway.services, owner, ids, "raced", "fake/echo", options, context)
+        await TurnWrite(gateway.services, owner, ids, "raced", options).done("fake/echo")
     assert refused.value.details == {"user_message_id": message["id"],
                                      "assistant_message_id": first["assistant_message"]["id"]}
 

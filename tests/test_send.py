@@ -92,22 +92,24 @@ async def test_full_stream_is_parsed_stored_and_titles_the_chat(
     assert [m["role"] for m in chat["messages"]] == ["user", "assistant"]
 
 
+@pytest.mark.parametrize("named", [{}, {"model": "fake/echo"}], ids=["chat's model", "model named"])
 async def test_history_reaches_the_provider(
-    client: httpx.AsyncClient, alice: dict[str, str], gateway: Gateway
+    client: httpx.AsyncClient, alice: dict[str, str], gateway: Gateway, named: dict[str, str]
 ) -> None:
+    """A turn that names its model is written while its chat is read: the read leaves its message out."""
     chat_id = await new_chat(client, alice, system_prompt="be terse")
     for content in ("first", "second"):
         response = await client.post(
             f"/v1/chats/{chat_id}/messages",
             headers={**alice, "Accept": "application/json"},
-            json={"content": content},
+            json={"content": content, **named},
         )
         assert response.json()["assistant_message"]["content"] == content
     # The fake reports input usage from the whole prompt: system + two earlier turns + the new message.
     third = await client.post(
         f"/v1/chats/{chat_id}/messages",
         headers={**alice, "Accept": "application/json"},
-        json={"content": "third"},
+        json={"content": "third", **named},
     )
     prompt_chars = len("be terse") + len("first") * 2 + len("second") * 2 + len("third")
     assert third.json()["assistant_message"]["usage"]["input_tokens"] == prompt_chars // 4
