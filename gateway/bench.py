@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import gc
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,20 @@ UNPACED = "mock?tokens=64"
 PACED = "mock?tokens=100000&gap_ms=100"  # 10 tokens/s, longer than any measurement window
 IDLE = "mock?tokens=1&hold_ms=3600000"
 SEED_TURNS = 32  # 64 messages a chat before the statistics are taken (see Bench.seed)
+LEVELS = (500, 750, 1000, 1250, 1500, 2000, 3000, 4000, 5000, 6000, 8000, 10_000, 12_000, 16_000)
+QUICK_LEVELS = (500, 1000)
+SPARE_FDS = 1000  # the stores' connections, the files a process holds open, and slack
+
+
+def capacity_levels() -> tuple[int, ...]:
+    """The capacity ladder, up to what this process's descriptors allow: a stream takes two here (its
+    client and the mock's end) and two in the gateway, which inherits the limit. The soft limit is raised
+    to the hard one first."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return tuple(level for level in LEVELS if 2 * level + SPARE_FDS <= soft)
 
 
 def pin_to(cpu: int) -> None:
@@ -239,7 +254,8 @@ class Bench:
         return out
 
     async def capacity(self, levels: tuple[int, ...]) -> list[dict[str, float]]:
-        """Streams at 10 tokens/s, more at each level, until over 0.1% of them stall (a gap over 200 ms)."""
+        """Streams at 10 tokens/s, more at each level, until over 0.1% of them stall (a gap over 200 ms) or
+        the ladder ends."""
         steps = []
         for level in levels:
             sink: list[StreamResult] = []
@@ -396,7 +412,10 @@ def report(results: dict[str, Any]) -> str:
     cap = results["capacity"]
     best = max((s["streams"] for s in cap if s["stall_fraction"] <= 0.001 and s["opened"] == s["streams"]),
                default=0)
-    lines.append(f"capacity at 10 tokens/s with <=0.1% stalls: {best} streams ({cap})")
+    last = cap[-1] if cap else {}
+    topped = last.get("stall_fraction", 1) <= 0.001 and last.get("opened") == last.get("streams")
+    lines.append(f"capacity at 10 tokens/s with <=0.1% stalls: {best} streams"
+                 + (" (the ladder's top: no level stalled)" if topped else "") + f" ({cap})")
     lines.append(f"memory: {results['memory']}")
     lines.append(f"abort to upstream close: {results['abort']}")
     lines.append(f"quota check: {results['quota']}")
@@ -406,6 +425,7 @@ def report(results: dict[str, Any]) -> str:
 
 async def run_bench(settings: Settings, seconds: float, quick: bool) -> dict[str, Any]:
     pin_to(1)
+    levels = QUICK_LEVELS if quick else capacity_levels()  # before the gateway starts: it inherits the limit
     mock = await start_mock()
     mock_port = mock.sockets[0].getsockname()[1]
     log = Path(tempfile.gettempdir()) / "streamgate-bench-gateway.log"
@@ -422,7 +442,6 @@ async def run_bench(settings: Settings, seconds: float, quick: bool) -> dict[str
             results["floors"] = await store_floors(settings.database_url, settings.redis_url,
                                                    500 if quick else 2000)
             results["abort"] = await bench.abort(20 if quick else 100)
-            levels = (500, 1000) if quick else (500, 750, 1000, 1250, 1500, 2000, 3000)
             results["capacity"] = await bench.capacity(levels)
         finally:
             await bench.erase()
