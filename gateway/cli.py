@@ -78,9 +78,14 @@ def bench(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def loadtest(settings: Settings, args: argparse.Namespace) -> None:
-    from gateway.loadtest import run_loadtest
+    from gateway.loadtest import LoadtestError, run_loadtest
 
-    run_loadtest(args.url, args.token, args.concurrency, args.duration, args.model, args.message)
+    try:
+        run_loadtest(args.url, args.token, args.concurrency, args.duration, args.model, args.message,
+                     args.stall_ms)
+    except LoadtestError as error:
+        print(f"gateway loadtest: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -110,8 +115,12 @@ def parser() -> argparse.ArgumentParser:
     load_cmd.add_argument("--token", help="a bearer token (see `gateway token`)")
     load_cmd.add_argument("--concurrency", type=int, default=10)
     load_cmd.add_argument("--duration", type=float, default=10.0)
-    load_cmd.add_argument("--model", default="fake/echo")
+    load_cmd.add_argument("--model", default="fake/echo", help="for completions and /v1/chat; a chat's "
+                                                              "messages go to the chat's own model")
     load_cmd.add_argument("--message", default="the quick brown fox jumps over the lazy dog")
+    load_cmd.add_argument("--stall-ms", type=float, default=200.0,
+                          help="a gap between two tokens over this is a stall (the bench's: twice the "
+                               "gap of a 10 tokens/s stream)")
     load_cmd.set_defaults(handler=loadtest)
     return root
 

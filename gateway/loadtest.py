@@ -246,14 +246,24 @@ def print_summary(title: str, summary: dict[str, float]) -> None:
     print(f"{title}: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
 
 
+class LoadtestError(ValueError):
+    """A load test that cannot measure what it was asked to."""
+
+
 def run_loadtest(url: str, token: str | None, concurrency: int, duration_s: float, model: str,
-                 message: str) -> None:
-    """``gateway loadtest``: the chat path when URL names a chat's messages, else OpenAI's completions."""
+                 message: str, stall_ms: float) -> None:
+    """``gateway loadtest``: OpenAI's completions, ``/v1/chat`` (a new chat per stream) or one chat's
+    messages, by the URL's path. A gap between two tokens over ``stall_ms`` counts as a stall."""
     target = Target.of(url, token)
     if target.path.endswith("/chat/completions"):
         body: dict[str, object] = {"model": model, "stream": True, "messages": [{"role": "user", "content": message}]}
+    elif target.path.endswith("/v1/chat"):
+        body = {"message": message, "model": model}
     else:
-        body = {"message": message, "model": model} if target.path.endswith("/v1/chat") else {"content": message}
+        if concurrency > 1:
+            raise LoadtestError("a chat streams one reply at a time (409 for the others): give /v1/chat, "
+                                "which opens a chat per stream, or --concurrency 1")
+        body = {"content": message}  # in the chat's own model
     request = request_bytes(target, target.path, body)
-    report = uvloop.run(closed_loop(concurrency, duration_s, lambda n: request, target))
+    report = uvloop.run(closed_loop(concurrency, duration_s, lambda n: request, target, stall_ms / 1000))
     print_summary(f"{url} x{concurrency} for {duration_s:g}s", report.summary())

@@ -79,20 +79,42 @@ async def test_the_stream_counter_finds_token_frames_split_across_reads() -> Non
         assert [(r.status, r.tokens) for r in sink] == [(200, 6)], size
 
 
-async def test_the_loadtest_command_prints_the_figures(gateway_url: str) -> None:
+async def loadtest(url: str, *args: str) -> tuple[int, dict[str, str], str]:
+    """``gateway loadtest URL ARGS`` run with a caller's token: its exit code, the figures it printed
+    (name -> value) and its standard error."""
     token = auth_headers(f"load-{uuid.uuid4().hex[:6]}", "org-load")["Authorization"].split()[1]
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "loadtest", gateway_url + "/v1/chat/completions", "--token", token,
-        "--concurrency", "2", "--duration", "0.3", "--message", WORDS,
+        sys.executable, "-m", "gateway", "loadtest", url, "--token", token, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await process.communicate()
-    assert process.returncode == 0, err.decode()
-    figures = dict(re.findall(r"(\w+)=([0-9.e+-]+|nan)", out.decode()))
+    assert process.returncode is not None
+    return process.returncode, dict(re.findall(r"(\w+)=([0-9.e+-]+|nan)", out.decode())), err.decode()
+
+
+async def test_the_loadtest_command_prints_the_figures(gateway_url: str) -> None:
+    code, figures, err = await loadtest(gateway_url + "/v1/chat/completions", "--concurrency", "2",
+                                        "--duration", "0.3", "--message", WORDS)
+    assert code == 0, err
     assert set(figures) >= {"streams", "errors", "streams_per_s", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms",
                             "stall_fraction"}
     assert float(figures["streams"]) > 0 and float(figures["errors"]) == 0
     # Printed to 4 significant digits: each stream is 7 tokens.
     assert float(figures["tokens_per_s"]) == pytest.approx(7 * float(figures["streams_per_s"]), rel=2e-3)
+
+
+async def test_the_loadtest_command_counts_gaps_over_its_threshold_as_stalls(gateway_url: str) -> None:
+    # The fake sleeps 30 ms between tokens: every gap is over 10 ms.
+    code, figures, err = await loadtest(gateway_url + "/v1/chat", "--model", "fake/echo?gap_ms=30",
+                                        "--stall-ms", "10", "--duration", "0.1", "--message", WORDS)
+    assert code == 0, err
+    assert float(figures["streams"]) > 0 and float(figures["errors"]) == 0
+    assert float(figures["stall_fraction"]) == 1.0
+
+
+async def test_the_loadtest_command_refuses_concurrent_streams_into_one_chat(gateway_url: str) -> None:
+    code, figures, err = await loadtest(f"{gateway_url}/v1/chats/{uuid.uuid4()}/messages", "--concurrency", "2")
+    assert code == 2 and not figures
+    assert "one reply at a time" in err
 
 
 async def test_the_store_floors_time_each_call_and_leave_no_table(
