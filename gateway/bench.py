@@ -416,6 +416,8 @@ def report(results: dict[str, Any]) -> str:
     topped = last.get("stall_fraction", 1) <= 0.001 and last.get("opened") == last.get("streams")
     lines.append(f"capacity at 10 tokens/s with <=0.1% stalls: {best} streams"
                  + (" (the ladder's top: no level stalled)" if topped else "") + f" ({cap})")
+    if topped and results.get("capacity_cut_by_descriptors"):
+        lines.append("  the descriptor limit cut the ladder short: raise `ulimit -n` to let it climb further")
     lines.append(f"memory: {results['memory']}")
     lines.append(f"abort to upstream close: {results['abort']}")
     lines.append(f"quota check: {results['quota']}")
@@ -443,6 +445,7 @@ async def run_bench(settings: Settings, seconds: float, quick: bool) -> dict[str
                                                    500 if quick else 2000)
             results["abort"] = await bench.abort(20 if quick else 100)
             results["capacity"] = await bench.capacity(levels)
+            results["capacity_cut_by_descriptors"] = not quick and levels != LEVELS
         finally:
             await bench.erase()
     assert settings.redis_url
