@@ -35,7 +35,8 @@ async def disconnect(http: httpx.AsyncClient, headers: dict[str, str], chat_id: 
         headers=headers,
         json={"content": "hang up", "model": LONG},
     ) as response:
-        await next_delta(read_events(response))
+        events = read_events(response)
+        await next_delta(events)
         turn = gateway.services.streams.turns[uuid.UUID(chat_id)]
     await turn.finished()  # the chat is busy until the server has seen the hang-up
     return "hung-up"

@@ -83,7 +83,8 @@ async def test_real_answers_match_the_description(client: httpx.AsyncClient) -> 
          404)
     slow = await new_chat(client, alice, model=SLOW)
     async with client.stream("POST", f"/v1/chats/{slow}/messages", headers=alice, json={"content": "go"}) as response:
-        await next_delta(read_events(response))
+        events = read_events(response)
+        await next_delta(events)
         held(openapi.Stopped, await client.post(f"/v1/chats/{slow}/stop", headers=alice))
 
 

@@ -212,7 +212,8 @@ async def test_a_chats_history_counts_in_the_admission_of_its_turns(start_gatewa
                                json={"content": "more", "model": "fake/echo?tokens=100&gap_ms=20"}) as response:
             assert response.status_code == 200
             assert int(response.headers["x-ratelimit-remaining-tokens"]) == 2000 - used - 811
-            await next_delta(read_events(response))
+            events = read_events(response)
+            await next_delta(events)
             usage = (await http.get("/v1/usage", headers=headers)).json()
             turn = gateway.services.streams.turns[uuid.UUID(chat_id)]
         assert usage["user_tokens"]["reserved"] == usage["org_tokens"]["reserved"] == 811

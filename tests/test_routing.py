@@ -150,7 +150,8 @@ async def test_a_streams_objects_are_freed_by_their_last_reference(
                 assert [event.event async for event in read_events(response)][-1] == "done"  # and stored
             async with http.stream("POST", f"/v1/chats/{chats[1]}/messages", headers=headers,
                                    json={"content": "hang up"}) as response:
-                await next_delta(read_events(response))
+                events = read_events(response)
+                await next_delta(events)
                 turn = gateway.services.streams.turns[uuid.UUID(chats[1])]
             async with http.stream("POST", "/v1/chat/completions", headers=headers, json={
                     "model": "openai/normal", "stream": True,

@@ -38,6 +38,9 @@ async def read_events(response: httpx.Response) -> AsyncIterator[httpx_sse.Serve
 
 
 async def next_delta(stream: AsyncIterator[httpx_sse.ServerSentEvent]) -> httpx_sse.ServerSentEvent:
+    """The stream's next delta. Keep ``stream`` referenced for as long as the reply should run: an event
+    iterator dropped is finalized, and closing it closes the connection, which the gateway sees as the
+    client hanging up (a stop sent right after raced that hang-up and lost, now and then)."""
     async for event in stream:
         if event.event == "delta":
             return event
@@ -185,7 +188,8 @@ async def test_a_running_stream_holds_no_middleware_frames(
     # Each suspended layer of the stack costs memory for as long as the stream lasts.
     chat_id = await new_chat(client, alice, model=SLOW)
     async with client.stream("POST", f"/v1/chats/{chat_id}/messages", headers=alice, json={"content": "a"}) as r:
-        await next_delta(read_events(r))
+        events = read_events(r)
+        await next_delta(events)
         (turn,) = [t for t in gateway.services.streams.running if t.ids and str(t.ids.chat_id) == chat_id]
         task = turn._wake.__self__.task  # type: ignore[union-attr]
         files, coro = [], task.get_coro()
