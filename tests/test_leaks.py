@@ -121,8 +121,10 @@ async def test_nothing_leaks_after_a_thousand_streams(gateway: Gateway, alice: d
         ):
             break
         await asyncio.sleep(0)
-    assert len(asyncio.all_tasks()) == tasks_before
-    assert open_descriptors() - pooled_connections(gateway) == fds_before
+    # At most as many as before: the count before may still hold the server's end of the warm-up's
+    # connection, which closes later (a run once counted 33 against 34). A leak per stream would be hundreds.
+    assert len(asyncio.all_tasks()) <= tasks_before
+    assert open_descriptors() - pooled_connections(gateway) <= fds_before
     assert pool.in_use == 0
     assert redis_in_use() == redis_in_use_before  # the stop channel's subscription holds one throughout
     rows = await pool.fetch(
