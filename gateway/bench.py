@@ -416,7 +416,7 @@ def report(results: dict[str, Any]) -> str:
     topped = last.get("stall_fraction", 1) <= 0.001 and last.get("opened") == last.get("streams")
     lines.append(f"capacity at 10 tokens/s with <=0.1% stalls: {best} streams"
                  + (" (the ladder's top: no level stalled)" if topped else "") + f" ({cap})")
-    if topped and results.get("capacity_cut_by_descriptors"):
+    if (topped or not cap) and results.get("capacity_cut_by_descriptors"):
         lines.append("  the descriptor limit cut the ladder short: raise `ulimit -n` to let it climb further")
     lines.append(f"memory: {results['memory']}")
     lines.append(f"abort to upstream close: {results['abort']}")
