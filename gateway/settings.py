@@ -32,7 +32,15 @@ class Settings(BaseSettings):
     redis_prefix: str = "sg:"
     redis_max_connections: int = Field(default=2000, ge=4)
     jwt_secret: str | None = Field(default=None, min_length=16)
+    # An identity provider's signing keys (RS256, ES256, EdDSA): tokens are checked against them, HS256 with
+    # ``jwt_secret`` stays for development. Audience and issuer, when set, are required in every token.
+    jwt_jwks_url: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_org_claim: str = Field(default="org", min_length=1)
+    jwt_role_claim: str = Field(default="role", min_length=1)
     default_model: str = "fake/echo"
+    fake_provider: bool = True  # the keyless ``fake/...`` models; a production deployment turns them off
     data_dir: Path = Path(".streamgate")
     instance_id: str | None = None
     dev_mode: bool = False  # set by `gateway serve` when it starts embedded services

@@ -29,6 +29,7 @@ from providers.base import (
     ToolCallDelta,
     UpstreamConfig,
     Usage,
+    check_model_id,
     failed,
 )
 from providers.http import Upstream, sdk_headers
@@ -130,6 +131,9 @@ class AnthropicProvider:
 
     async def aclose(self) -> None:
         await self.upstream.aclose()
+
+    def check_model(self, model: str) -> None:
+        check_model_id(model)
 
     def accepts(self, attachment: Attachment) -> bool:
         return True  # images and PDFs, by link or data

@@ -267,6 +267,10 @@ class Provider(Protocol):
 
     def stream(self, request: ProviderRequest) -> ProviderStream: ...
 
+    def check_model(self, model: str) -> None:
+        """Raise UnknownModel for a name this provider cannot serve, InvalidModelOptions for options it
+        refuses; called before anything is reserved (vendors: ``check_model_id``)."""
+
     def accepts(self, attachment: Attachment) -> bool:
         """Whether the vendor can take ``attachment`` the way it is given (in a past message, one it cannot
         take is named in the text instead)."""
@@ -325,7 +329,20 @@ class ProviderProtocolError(ProviderError):
 
 
 class UnknownModel(LookupError):
-    pass
+    """No provider serves this model name: a 404 ``model_not_found``."""
+
+
+class InvalidModelOptions(ValueError):
+    """The model name is known but its options are not (the fake's ``?tokens=...``): a 422 naming ``model``."""
+
+
+def check_model_id(model: str) -> None:
+    """A vendor's model id travels in a request body or, percent-encoded, in a URL path. One holding ``?``,
+    ``#``, whitespace, a control character or a ``.``/``..`` segment names no model: raised as UnknownModel,
+    before anything is reserved. A ``/`` inside it is legal (``Qwen/Qwen2.5-7B-Instruct``)."""
+    if (not model or any(c in "?#" or c.isspace() or not c.isprintable() for c in model)
+            or any(segment in ("", ".", "..") for segment in model.split("/"))):
+        raise UnknownModel(f"Unknown model {model!r}")
 
 
 def retry_after_of(headers: Any) -> float | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from google.genai import types
@@ -31,6 +32,7 @@ from providers.base import (
     ToolCallDelta,
     UpstreamConfig,
     Usage,
+    check_model_id,
     failed,
 )
 from providers.http import Upstream
@@ -137,13 +139,17 @@ class GeminiProvider:
     async def aclose(self) -> None:
         await self.upstream.aclose()
 
+    def check_model(self, model: str) -> None:
+        check_model_id(model)
+
     def accepts(self, attachment: Attachment) -> bool:
         return True  # images and PDFs, by link or data
 
     def stream(self, request: ProviderRequest) -> ProviderStream:
         if not self.has_credentials:
             return failed(ProviderStatusError(401, "No API key is configured for gemini (GEMINI_API_KEY)"))
-        url = f"{self.base_url}/v1beta/models/{request.model}:streamGenerateContent?alt=sse"
+        # The id is one path segment, escaped whole: "x:countTokens?key=..#" or "../" cannot steer the call.
+        url = f"{self.base_url}/v1beta/models/{quote(request.model, safe='')}:streamGenerateContent?alt=sse"
         body = orjson.dumps(generate_body(request))
         return self.upstream.stream(url, body, self.headers, ResponseReader())
 

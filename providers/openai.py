@@ -31,6 +31,7 @@ from providers.base import (
     ToolCallDelta,
     UpstreamConfig,
     Usage,
+    check_model_id,
     failed,
     omitted,
 )
@@ -120,6 +121,9 @@ class OpenAIProvider:
 
     async def aclose(self) -> None:
         await self.upstream.aclose()
+
+    def check_model(self, model: str) -> None:
+        check_model_id(model)
 
     def accepts(self, attachment: Attachment) -> bool:
         """Images by link or data URL; a PDF only as data (Chat Completions takes no file links)."""

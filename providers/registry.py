@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from providers.base import Attachment, Provider, ProviderRequest, ProviderStream, UnknownModel
+from providers.base import Attachment, Provider, ProviderRequest, ProviderStream, UnknownModel, check_model_id
 
 
 class ProviderRegistry:
@@ -12,13 +12,15 @@ class ProviderRegistry:
         self._providers = {provider.name: provider for provider in providers}
 
     def resolve(self, model: str) -> tuple[Provider, str]:
-        """The adapter for ``model`` and the model's name at that provider."""
+        """The adapter for ``model`` and the model's name at that provider, once the provider has checked
+        the name (UnknownModel, InvalidModelOptions)."""
         name, _, model_name = model.partition("/")
         provider = self._providers.get(name)
         if provider is None or not model_name:
             raise UnknownModel(
                 f"Unknown model {model!r}: known providers are {', '.join(sorted(self._providers))}"
             )
+        provider.check_model(model_name)
         return provider, model_name
 
     def get(self, name: str) -> Provider:
@@ -61,6 +63,9 @@ class LazyProvider:
 
     def stream(self, request: ProviderRequest) -> ProviderStream:
         return self.load().stream(request)
+
+    def check_model(self, model: str) -> None:
+        check_model_id(model)  # every vendor's rule: no need to load its SDK to apply it
 
     def accepts(self, attachment: Attachment) -> bool:
         return self.load().accepts(attachment)
