@@ -104,7 +104,7 @@ def create_app(settings: Settings | None = None, providers: ProviderRegistry | N
         Middleware(RequestContextMiddleware),
         Middleware(
             AuthenticationMiddleware,
-            backend=JWTBackend(resolve_jwt_secret(settings)),
+            backend=JWTBackend.from_settings(settings, resolve_jwt_secret(settings)),
             on_error=on_auth_error,
         ),
     ]
@@ -157,8 +157,8 @@ def build_providers(settings: Settings) -> ProviderRegistry:
 
     gemini_key = env.get("GEMINI_API_KEY") or env.get("GOOGLE_API_KEY")
     openai_key = env.get("OPENAI_API_KEY")
-    providers: list[Provider] = [
-        FakeProvider(),
+    providers: list[Provider] = [FakeProvider()] if settings.fake_provider else []
+    providers += [
         LazyProvider("openai", OPENAI_MODELS, bool(openai_key),
                      lambda: openai_kind("openai", openai_key, env.get("OPENAI_BASE_URL"), "OpenAI", OPENAI_MODELS)),
         LazyProvider("anthropic", ANTHROPIC_MODELS, bool(env.get("ANTHROPIC_API_KEY")), anthropic_adapter),
