@@ -23,10 +23,18 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.auth import principal_of
-from gateway.dispatch import admit, event_stream, start_turn, token_estimate, upstream_failure
-from gateway.errors import GatewayError, NotFound
+from gateway.dispatch import (
+    admit,
+    call_provider,
+    event_stream,
+    resolve_model,
+    start_turn,
+    token_estimate,
+    upstream_failure,
+)
+from gateway.errors import GatewayError
 from gateway.responses import JSONBody
-from gateway.schemas import attachment_url_error, parse_body
+from gateway.schemas import MAX_TOKENS, attachment_url_error, parse_body
 from gateway.services import services_of
 from gateway.turns import Turn
 from providers.base import (
@@ -40,7 +48,6 @@ from providers.base import (
     Tool,
     ToolCall,
     ToolCallDelta,
-    UnknownModel,
     Usage,
 )
 from storage.chats import Owner
@@ -135,8 +142,8 @@ class CompletionRequest(BaseModel):
     messages: list[CompletionMessage] = Field(min_length=1, max_length=1000)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     stop: str | list[str] | None = None
@@ -332,12 +339,7 @@ async def chat_completions(request: Request) -> Response:
     body = await parse_body(request, CompletionRequest)
     refuse_unsupported(body)
     services = services_of(request)
-    try:
-        provider, model_name = services.providers.resolve(body.model)
-    except UnknownModel as error:
-        missing = NotFound(str(error))
-        missing.code = "model_not_found"
-        raise missing from None
+    provider, model_name = resolve_model(services, body.model)
     call = provider_request(body, model_name)
     if call.response_format is not None and call.response_format.kind not in provider.response_formats:
         raise unsupported(f"{body.model} cannot hold its answer to a {call.response_format.kind} format: give a "
@@ -345,7 +347,7 @@ async def chat_completions(request: Request) -> Response:
     owner = Owner(principal.org_id, principal.user_id)
     estimate = token_estimate(services, call.prompt_chars, call.max_tokens)
     admission = await admit(services, owner, uuid.uuid4(), estimate)
-    turn = Turn(body.model, call, provider.stream(call), services.streams.finish)
+    turn = Turn(body.model, call, call_provider(provider, call), services.streams.finish)
     turn.ticket, turn.owner = admission.ticket, owner
     await start_turn(services, turn, body.model)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import uuid
 from collections.abc import Awaitable
 from dataclasses import replace
 
-from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
+from gateway.errors import GatewayError, ModelNotFound, UpstreamError, UpstreamTimeout, ValidationFailed
 from gateway.quotas import Admission
 from gateway.services import Services
 from gateway.sse import EventStream
-from gateway.turns import StreamCodec, Turn, estimate_tokens
-from providers.base import ProviderError, ProviderTimeout, UnknownModel
+from gateway.turns import StreamCodec, Turn, estimate_tokens, internal_failure
+from providers.base import (
+    InvalidModelOptions,
+    Provider,
+    ProviderError,
+    ProviderRequest,
+    ProviderStream,
+    ProviderTimeout,
+    UnknownModel,
+    failed,
+)
 from storage.chats import Owner
 
 
@@ -23,6 +33,27 @@ def upstream_failure(error: ProviderError) -> GatewayError:
     if error.retry_after is not None:
         failure.headers["Retry-After"] = str(math.ceil(error.retry_after))
     return failure
+
+
+def call_provider(provider: Provider, request: ProviderRequest) -> ProviderStream:
+    """The provider's stream for ``request``. One the adapter fails to even build fails at its first read
+    instead, so that every failure takes the turn's one way to its end (its reservation settled)."""
+    try:
+        return provider.stream(request)
+    except Exception as error:
+        return failed(internal_failure(error, f"{provider.name}/{request.model}"))
+
+
+def resolve_model(services: Services, model: str) -> tuple[Provider, str]:
+    """The model's provider: 404 ``model_not_found`` for a name none serves, 422 for options it refuses."""
+    try:
+        return services.providers.resolve(model)
+    except UnknownModel as error:
+        raise ModelNotFound(str(error)) from None
+    except InvalidModelOptions as error:
+        raise ValidationFailed(
+            str(error), details=[{"loc": ["model"], "msg": str(error), "type": "invalid"}]
+        ) from None
 
 
 def token_estimate(services: Services, prompt_chars: int, max_tokens: int | None) -> int:
@@ -48,6 +79,10 @@ async def start_turn(services: Services, turn: Turn, model: str, storing: Awaita
     message it answers is stored. If storing fails, the provider call is closed, the turn is dropped
     without a trace (its quota reservation and chat freed) and the failure is raised.
     """
+    if turn.ticket is not None and turn.request.max_tokens is None:
+        # No output cap of its own: the reservation grows as the answer streams (finding: a reply with
+        # no max_tokens could run far past the default it reserved).
+        turn.watch_output(services.quotas.default_max_tokens, functools.partial(services.quotas.extend, turn.ticket))
     services.streams.add(turn)
     opening: Awaitable[None] = open_with_fallbacks(services, turn, model)
     if storing is not None:
@@ -62,12 +97,13 @@ async def start_turn(services: Services, turn: Turn, model: str, storing: Awaita
             raise
     try:
         await opening
-    except ProviderError as error:
-        await turn.finish(error=error)
-        raise upstream_failure(error) from None
     except asyncio.CancelledError:
         await turn.finish(ending="interrupted", shielded=True)
         raise
+    except Exception as error:
+        failure = error if isinstance(error, ProviderError) else internal_failure(error, turn.model)
+        await turn.finish(error=failure)
+        raise upstream_failure(failure) from None
 
 
 async def open_with_fallbacks(services: Services, turn: Turn, model: str) -> None:
@@ -81,12 +117,12 @@ async def open_with_fallbacks(services: Services, turn: Turn, model: str) -> Non
     for candidate in [model, *settings.fallbacks.get(model, [])]:
         try:
             provider, model_name = services.providers.resolve(candidate)
-        except UnknownModel:
+        except (UnknownModel, InvalidModelOptions):
             continue
         request = replace(turn.request, model=model_name)
         for attempt in range(settings.retries + 1):
             if error is not None:
-                await turn.switch_upstream(candidate, provider.stream(request))
+                await turn.switch_upstream(candidate, call_provider(provider, request))
             try:
                 async with asyncio.timeout(settings.first_token_timeout_s):
                     await turn.open()

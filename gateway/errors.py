@@ -9,11 +9,18 @@ import logging
 from typing import Any
 
 import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from storage import db
+
 logger = logging.getLogger("gateway.errors")
+
+# Seconds a client is told to wait when a store is down.
+OUTAGE_RETRY_AFTER_S = 1
 
 
 class GatewayError(Exception):
@@ -52,6 +59,10 @@ class ChatNotFound(GatewayError):
     code, status, message = "chat_not_found", 404, "Chat not found"
 
 
+class ModelNotFound(GatewayError):
+    code, status, message = "model_not_found", 404, "No provider serves this model"
+
+
 class ValidationFailed(GatewayError):
     code, status, message = "validation_error", 422, "The request is not valid"
 
@@ -73,7 +84,12 @@ class DuplicateMessage(GatewayError):
 
 
 class Unavailable(GatewayError):
+    """A store is down: the client is told when to try again (``Retry-After``)."""
+
     code, status, message = "unavailable", 503, "A backing service is unavailable"
+
+    def __init__(self, message: str | None = None, *, details: Any = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, details=details, headers={"Retry-After": str(OUTAGE_RETRY_AFTER_S), **(headers or {})})
 
 
 class UpstreamError(GatewayError):
@@ -147,8 +163,16 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
     return envelope(request, GatewayError())
 
 
-EXCEPTION_HANDLERS = {
+async def handle_outage(request: Request, exc: Exception) -> Response:
+    """PostgreSQL or Redis unreachable: 503 ``unavailable`` with ``Retry-After``, on every route."""
+    logger.warning("a store is unavailable", extra={"error": type(exc).__name__,
+                                                   "request_id": request_id_of(request)})
+    return envelope(request, Unavailable())
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
     GatewayError: handle_gateway_error,
     HTTPException: handle_http_exception,
+    **{outage: handle_outage for outage in (*db.OUTAGES, RedisConnectionError, RedisTimeoutError)},
     Exception: handle_unexpected,
 }

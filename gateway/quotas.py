@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from gateway.errors import GatewayError, StreamAlreadyActive, Unavailable
 from gateway.metrics import QUOTA_REFUSALS, timed
@@ -83,6 +83,11 @@ class QuotaGuard:
         try:
             with timed("redis", "quota"):
                 decision = await self.store.reserve(org_id, user_id, stream_id, estimate, lease)
+        except ResponseError:
+            # The script refused its arguments before writing anything: a bug of ours, not an outage, so
+            # never a reason to let the stream through unchecked.
+            logger.exception("the admission script failed", extra={"org": org_id, "user": user_id})
+            raise GatewayError() from None
         except (RedisError, OSError):
             if not self.fail_open:
                 raise Unavailable("The quota store is unavailable") from None
@@ -127,6 +132,18 @@ class QuotaGuard:
             await self.store.grow(ticket, tokens)
         except (RedisError, OSError):
             logger.warning("growing a quota reservation failed", exc_info=True)
+
+    async def extend(self, ticket: Ticket | None, tokens: int) -> bool:
+        """Whether a running stream's budgets cover ``tokens`` more of output (reserved if so). With the
+        store down the stream goes on: its settlement still charges what it used."""
+        if ticket is None:
+            return True
+        try:
+            with timed("redis", "extend"):
+                return await self.store.extend(ticket, tokens)
+        except (RedisError, OSError):
+            logger.warning("extending a quota reservation failed", exc_info=True)
+            return True
 
     async def withdraw(self, admission: Admission, lease: Lease | None) -> None:
         """Undo an admission whose stream will not start: its slot, reservation, request and lease."""

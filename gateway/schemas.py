@@ -27,6 +27,8 @@ METADATA_MAX_BYTES = 16 * 1024
 Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]+/\S+$", max_length=200)]
 MAX_SYSTEM_PROMPT_CHARS = 20_000
+# The most output any request may ask for, on every path: past it a quota estimate stops being a count.
+MAX_TOKENS = 1_000_000
 SystemPrompt = Annotated[str, StringConstraints(max_length=MAX_SYSTEM_PROMPT_CHARS)]
 
 
@@ -163,11 +165,16 @@ class Attachment(Body):
         return providers.Attachment(self.name, self.media_type, self.url)
 
 
+# A send's model: any name, which its provider then checks (404 ``model_not_found`` for one no provider
+# serves, 422 for options it refuses).
+SendModel = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
 class TurnOptions(Body):
     """What a send may say about the reply, beside the message itself."""
 
-    model: ModelName | None = None
-    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    model: SendModel | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     temperature: float | None = Field(default=None, ge=0, le=2)
     attachments: list[Attachment] = Field(default_factory=list, max_length=16)
     client_message_id: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.chats import new_chat, owner_of
-from gateway.dispatch import admit, event_stream, start_turn, token_estimate
+from gateway.dispatch import admit, call_provider, event_stream, resolve_model, start_turn, token_estimate
 from gateway.errors import (
     ChatNotFound,
     DuplicateMessage,
@@ -47,7 +47,6 @@ from providers.base import (
     Provider,
     ProviderRequest,
     Role,
-    UnknownModel,
     omitted,
 )
 from storage import chats, messages
@@ -182,7 +181,7 @@ async def run_turn(
         )
         extra = token_estimate(services, provider_request.prompt_chars, options.max_tokens) - asked
         admission = services.quotas.cover(admission, extra)
-        turn = Turn(model, provider_request, provider.stream(provider_request), services.streams.finish, ids)
+        turn = Turn(model, provider_request, call_provider(provider, provider_request), services.streams.finish, ids)
     except BaseException:
         await write.undo()
         await withdraw(services, owner, ids, admission)
@@ -195,15 +194,6 @@ async def run_turn(
     if "application/json" in request.headers.get("accept", ""):
         return await json_answer(services, owner, turn, admission.headers)
     return event_stream(services, turn, codec or ChatEvents(), {**admission.headers, **(headers or {})})
-
-
-def resolve_model(services: Services, model: str) -> tuple[Provider, str]:
-    try:
-        return services.providers.resolve(model)
-    except UnknownModel as error:
-        raise ValidationFailed(
-            str(error), details=[{"loc": ["model"], "msg": str(error), "type": "unknown"}]
-        ) from None
 
 
 async def read_and_admit(

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gateway.middleware import BODY_SEND, RESPONSE_REST
-from gateway.turns import StreamCodec, Turn
+from gateway.turns import StreamCodec, Turn, internal_failure
 from providers.base import ProviderError, ToolCallDelta, Usage
 
 PING = b": ping\n\n"
@@ -124,6 +124,7 @@ class EventStream(Response):
         self.task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         watch: _Watch | None = None
+        failure: ProviderError | None = None
         try:
             watch = _Watch(self, out, loop)
             self.turn.relay(self.codec, out.write, self.wake)
@@ -139,12 +140,16 @@ class EventStream(Response):
             raise
         except (OSError, RuntimeError):  # the client's connection failed under a send
             self.gone = True
+        except Exception as error:  # a bug of ours: the turn still ends, stored and settled
+            failure = internal_failure(error, self.turn.model)
         finally:
             if watch is not None:
                 watch.stop()
             out.stop()
             self.turn.detach()
-        if self.gone:
+        if failure is not None:
+            await self.turn.finish(error=failure)
+        elif self.gone:
             await self.turn.finish(ending="client_disconnected")
 
     async def _interrupted(self) -> None:

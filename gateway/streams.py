@@ -127,9 +127,10 @@ class StreamRegistry:
 
     async def finish(self, turn: Turn) -> None:
         """Persist a turn's ending and its usage, settle its quota, free its chat. Called once, by the turn."""
-        charged = turn.charged_tokens()
-        record_ending(turn)
+        charged = 0
         try:
+            charged = turn.charged_tokens()
+            record_ending(turn)
             with timed("postgres", "finish"):
                 if turn.ids is not None:
                     await finish_reply(self.pool, reply_of(turn, charged))
@@ -137,7 +138,8 @@ class StreamRegistry:
                     await record_usage(self.pool, usage_of(turn, charged))
         except Exception:
             logger.exception("storing a finished turn failed", extra={"model": turn.model})
-        await self._free(turn, charged)
+        finally:
+            await self._free(turn, charged)  # whatever happened above, its slot and reservation are settled
 
     async def abandon(self, turn: Turn) -> None:
         """A turn whose messages could not be stored: nothing to persist or charge; its chat is freed."""

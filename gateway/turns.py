@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -47,10 +48,42 @@ _STATUS_OF = {
 }
 # Characters per token for the documented estimate used when a provider reports no usage.
 CHARS_PER_TOKEN = 4
+# Output tokens a turn's reservation grows by at a time, once its answer nears what it reserved; asked half
+# a batch ahead, so a turn the budgets refuse has overspent them by at most about one batch.
+GROW_BATCH = 256
+_NEVER = sys.maxsize
+
+
+class BudgetExhausted(ProviderError):
+    """The answer outgrew its reservation and the budgets cover no more: the turn ends there, its partial
+    kept, as an ``error`` the client is told about (``quota_exceeded``)."""
+
+    code = "quota_exceeded"
+    http_status = 429
+
+    def __init__(self) -> None:
+        super().__init__("The token budget ran out while the answer streamed")
 
 
 def estimate_tokens(chars: int) -> int:
     return -(-chars // CHARS_PER_TOKEN)
+
+
+def closed_ending(ending: str | None) -> str:
+    """An ending from the closed set the database and the metrics take; anything else (an adapter's unknown
+    finish reason) is ``stop``, and logged."""
+    if ending is None:
+        return "stop"
+    if ending not in _STATUS_OF:
+        logger.warning("an unknown ending was taken as stop", extra={"ending": ending[:100]})
+        return "stop"
+    return ending
+
+
+def internal_failure(error: BaseException, model: str) -> ProviderError:
+    """Any other exception out of a provider call, as the failure it ends the turn with (logged whole)."""
+    logger.error("a provider call failed unexpectedly", exc_info=error, extra={"model": model[:200]})
+    return ProviderError("The gateway failed while calling the model provider")
 
 
 class StreamCodec(Protocol):
@@ -83,10 +116,11 @@ class Turn:
     """
 
     __slots__ = (
-        "_buffered", "_codec", "_failure", "_finisher", "_finishing", "_head", "_stop_reason",
-        "_stored", "_task", "_upstream", "_upstream_finish", "_waiting", "_wake", "_write", "checkpointed_at",
-        "checkpointed_parts", "duration_ms", "ending", "error", "first_token_s", "ids", "model", "owner",
-        "parts", "request", "started", "ticket", "tool_parts", "usage",
+        "_buffered", "_codec", "_extend", "_extending", "_failure", "_finisher", "_finishing", "_head",
+        "_stop_reason", "_stored", "_task", "_upstream", "_upstream_finish", "_waiting", "_wake", "_write",
+        "chars", "checkpointed_at", "checkpointed_parts", "covered", "duration_ms", "ending", "error",
+        "first_token_s", "grow_at_chars", "grow_at_parts", "ids", "model", "owner", "parts", "request",
+        "started", "ticket", "tool_parts", "usage",
     )
 
     def __init__(
@@ -127,6 +161,13 @@ class Turn:
         self._wake: Callable[[], None] | None = None
         self._head = b""
         self._failure: ProviderError | None = None
+        # The output its reservation covers, grown as the answer nears it (see ``watch_output``): output
+        # so far in characters, and the marks that ask for more. Never, for a turn nothing limits.
+        self.chars = 0
+        self.covered = 0
+        self.grow_at_chars = self.grow_at_parts = _NEVER
+        self._extend: Callable[[int], Awaitable[bool]] | None = None
+        self._extending: asyncio.Future[None] | None = None
 
     # -- control from outside the streaming task --------------------------------------------------
 
@@ -143,6 +184,12 @@ class Turn:
                 self._wake()
             elif self._waiting and self._task is not None:
                 self._task.cancel()
+
+    def overdraw(self) -> None:
+        """The budgets cover no more output: end the turn now with ``BudgetExhausted``."""
+        if self._stop_reason is None and self.ending is None:
+            self._failure = BudgetExhausted()
+            self.interrupt("error")
 
     def hang_up(self) -> None:
         """The client went away: a relayed turn stops reading the provider now; either way the turn then
@@ -169,6 +216,10 @@ class Turn:
             # Our own interrupt: the provider call is closed, and the turn goes on to report it.
             self._task.uncancel()
             return None
+        except ProviderError:
+            raise
+        except Exception as error:  # an adapter's bug is still a failed call: the turn ends the one way
+            raise internal_failure(error, self.model) from error
         finally:
             self._waiting = False
 
@@ -178,8 +229,37 @@ class Turn:
 
     async def switch_upstream(self, model: str, upstream: ProviderStream) -> None:
         """Before the first token only: drop the failed provider call and go on with another."""
-        await self._upstream.aclose()
+        await self.close_upstream()
         self.model, self._upstream, self._buffered = model, upstream, []
+
+    def watch_output(self, covered: int, extend: Callable[[int], Awaitable[bool]]) -> None:
+        """Grow the turn's reservation (``extend``, True when the budgets cover the tokens asked) a batch at
+        a time once its output nears the ``covered`` tokens it reserved; when they cover no more, the turn
+        ends (``overdraw``). For a turn with no output cap of its own: a vendor enforces ``max_tokens``."""
+        self.covered, self._extend = covered, extend
+        self._mark_growth()
+
+    def _mark_growth(self) -> None:
+        mark = self.covered - min(GROW_BATCH, self.covered) // 2  # half a batch ahead
+        self.grow_at_parts, self.grow_at_chars = mark, mark * CHARS_PER_TOKEN
+
+    def _outgrown(self) -> None:
+        """The output reached its mark (by characters or by deltas): ask for a batch more, once at a time."""
+        self.grow_at_chars = self.grow_at_parts = _NEVER
+        if self.ending is None and self._extend is not None:
+            self._extending = asyncio.ensure_future(self._grow(self._extend))
+
+    async def _grow(self, extend: Callable[[int], Awaitable[bool]]) -> None:
+        try:
+            covered = await extend(GROW_BATCH)
+        except Exception:
+            logger.exception("extending a reservation failed", extra={"model": self.model})
+            covered = True  # the settlement still charges what the turn used
+        if not covered:
+            self.overdraw()
+        elif self.ending is None:
+            self.covered += GROW_BATCH
+            self._mark_growth()
 
     async def open(self) -> None:
         """Wait for the first token (or the end), so a failure before it can still be a plain JSON error."""
@@ -203,6 +283,7 @@ class Turn:
     def _tool_call(self, delta: ToolCallDelta) -> None:
         if self.first_token_s is None:
             self.first_token_s = time.perf_counter() - self.started
+        self.chars += len(delta.arguments)
         call = self.tool_parts.get(delta.index)
         if call is None:
             self.tool_parts[delta.index] = (delta.id or f"call_{uuid.uuid4().hex[:24]}", delta.name or "",
@@ -214,6 +295,9 @@ class Turn:
         if self.first_token_s is None:
             self.first_token_s = time.perf_counter() - self.started
         self.parts += texts
+        self.chars += sum(map(len, texts))
+        if self.chars >= self.grow_at_chars or len(self.parts) >= self.grow_at_parts:
+            self._outgrown()
 
     # -- the two ways to deliver a turn -----------------------------------------------------------
 
@@ -245,6 +329,9 @@ class Turn:
             # The usual read of a paced stream: one token, after the first.
             self._write(codec.delta(text))
             self.parts.append(text)
+            self.chars += len(text)
+            if self.chars >= self.grow_at_chars or len(self.parts) >= self.grow_at_parts:
+                self._outgrown()
             return
         frames: list[bytes] = [self._head] if self._head else []
         texts: list[str] = []
@@ -290,6 +377,7 @@ class Turn:
     async def collect(self) -> None:
         """Run the turn to its end without a client stream (the JSON answer)."""
         self._task = asyncio.current_task()
+        failure: ProviderError | None = None
         try:
             while (batch := await self._pull()) is not None:
                 if texts := [event for event in batch if type(event) is str]:
@@ -297,13 +385,12 @@ class Turn:
                 for event in batch:
                     if type(event) is not str:
                         self._take(event)
-        except ProviderError as error:
-            await self.finish(error=error)
-            return
         except asyncio.CancelledError:
             await self.finish(ending="interrupted", shielded=True)
             raise
-        await self.finish()
+        except Exception as error:
+            failure = error if isinstance(error, ProviderError) else internal_failure(error, self.model)
+        await self.finish(error=failure)
 
     # -- ending -----------------------------------------------------------------------------------
 
@@ -312,8 +399,8 @@ class Turn:
     ) -> None:
         """Record the ending once, close the provider call and persist; safe to call again."""
         if self.ending is None:
-            self.error = error
-            self.ending = "error" if error else self._stop_reason or ending or self._upstream_finish or "stop"
+            self.error = error = error or self._failure
+            self.ending = closed_ending("error" if error else self._stop_reason or ending or self._upstream_finish)
             self.duration_ms = round((time.perf_counter() - self.started) * 1000, 1)
             self._finishing = asyncio.create_task(self._close_and_persist())
         assert self._finishing is not None

@@ -172,6 +172,13 @@ class Pool:
             return await conn.execute(query, *args)
 
 
+# What says PostgreSQL cannot be reached or is going away (refused, reset, shutting down, out of
+# connections, our pool closed): an outage for the caller to retry, not a bug.
+OUTAGES: tuple[type[Exception], ...] = (
+    OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError, asyncpg.InsufficientResourcesError,
+)
+
 # What asyncpg raises when a connection may be left mid-operation; a PostgreSQL error leaves it ready.
 _UNSAFE = (TimeoutError, OSError, asyncpg.InterfaceError)
 

@@ -140,8 +140,9 @@ class QuotaStore:
         self.scripts = ScriptClient.like(redis)
         prelude = (_LUA / "limits.lua").read_text()
         self._reserve = Script(prelude + (_LUA / "reserve.lua").read_text())
-        self._settle = Script((_LUA / "settle.lua").read_text())
-        self._grow = Script((_LUA / "grow.lua").read_text())
+        self._settle = Script(prelude + (_LUA / "settle.lua").read_text())
+        self._grow = Script(prelude + (_LUA / "grow.lua").read_text())
+        self._extend = Script(prelude + (_LUA / "extend.lua").read_text())
         self._release = Script((_LUA / "release.lua").read_text())
         self._usage = Script(prelude + (_LUA / "usage.lua").read_text())
 
@@ -252,6 +253,20 @@ class QuotaStore:
     async def grow(self, ticket: Ticket, tokens: int) -> None:
         """Add ``tokens`` to a running stream's reservation (a no-op once it is settled)."""
         await self.scripts.run(self._grow, self._reserved_keys(ticket), [ticket.stream_id, tokens])
+
+    async def extend(self, ticket: Ticket, tokens: int) -> bool:
+        """Add ``tokens`` to a running stream's reservation if both budgets cover them; False when they do
+        not. A reservation already settled or expired is left alone (True: nothing to refuse)."""
+        while True:
+            now_ms = int(self.clock() * 1000)
+            bounds = period_bounds(now_ms / 1000)
+            now, *rest = self._args(now_ms, bounds)
+            keys = self._keys(ticket.org_id, ticket.user_id, bounds)[:10]
+            result = await self.scripts.run(self._extend, keys, [now, ticket.stream_id, tokens, "", *rest])
+            if result[0] == b"limits":
+                await self._cache_limits(ticket.org_id, ticket.user_id, result[1].decode())
+                continue
+            return bool(result[0] != b"quota_exceeded")
 
     async def renew(self, tickets: Iterable[Ticket], leases: Iterable[Lease] = ()) -> None:
         """Push back the expiry of running streams' slots and reservations, and of their chats' leases

@@ -15,8 +15,11 @@ from typing import Any
 import httpx
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from gateway.embedded import embedded_redis
+from gateway.errors import GatewayError
+from gateway.quotas import QuotaGuard
 from gateway.settings import Settings
 from providers.fake import FakeProvider
 from providers.registry import ProviderRegistry
@@ -294,7 +297,8 @@ async def test_a_turn_that_does_not_start_leaves_the_quota_as_it_was(start_gatew
         limited = await http.post(f"/v1/chats/{chat_id}/messages", headers=headers,
                                   json={"content": "hi", "model": "fake/echo"})
     assert missing.status_code == missing_again.status_code == 404
-    assert unknown.status_code == bad_model.status_code == 422
+    assert unknown.status_code == bad_model.status_code == 404
+    assert unknown.json()["error"]["code"] == bad_model.json()["error"]["code"] == "model_not_found"
     assert untouched["requests_per_minute"]["used"] == 0
     assert untouched["user_tokens"]["reserved"] == untouched["user_tokens"]["used"] == 0
     assert untouched["concurrent_streams"]["active"] == 0
@@ -323,7 +327,7 @@ async def test_a_refused_turn_leaves_its_chat_as_it_was(start_gateway: Any, db: 
             )]
             after = await chat_rows(db, unknown, busy)
     assert [(r.status_code, r.json()["error"]["code"]) for r in refused] == [
-        (422, "validation_error"), (409, "stream_already_active"), (429, "quota_exceeded")]
+        (404, "model_not_found"), (409, "stream_already_active"), (429, "quota_exceeded")]
     assert after == before
     assert [row["title"] for row in before if "role" not in row] == [None, "first"]
 
@@ -488,3 +492,28 @@ async def test_admin_sets_limits_for_users_of_its_org(client: httpx.AsyncClient)
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "quota_exceeded"
     org_put = await client.put(f"/v1/admin/quotas/org/{org}", headers=admin, json={"tokens_per_period": 10**6})
     assert org_put.status_code == 200
+
+
+@pytest.mark.parametrize("estimate", [10**16, -1, 1.5])
+async def test_the_admission_script_refuses_a_bad_count_before_writing(
+    store_for: StoreFor, subject: tuple[str, str], estimate: Any
+) -> None:
+    """Finding 5, in Redis: the scripts check their numbers before any write."""
+    org_id, user_id = subject
+    store = store_for(Clock(datetime.now(UTC)), user_tokens=1000)
+    with pytest.raises(ResponseError):
+        await store.reserve(org_id, user_id, "s1", estimate)
+    report = await store.usage(org_id, user_id)
+    assert report["user_tokens"]["reserved"] == 0 and report["concurrent_streams"]["active"] == 0
+
+
+async def test_a_script_error_is_never_taken_for_an_outage(
+    store_for: StoreFor, subject: tuple[str, str]
+) -> None:
+    """Finding 5: with ``GATEWAY_QUOTA_FAIL_MODE=open`` a script error was taken for an outage and the check
+    skipped. It is a 500: the stream never goes ahead unchecked."""
+    org_id, user_id = subject
+    guard = QuotaGuard(store_for(Clock(datetime.now(UTC)), user_tokens=1000), "open", 1024)
+    with pytest.raises(GatewayError) as refused:
+        await guard.admit(org_id, user_id, "s1", 10**16)
+    assert refused.value.status == 500

@@ -337,7 +337,7 @@ async def test_other_tenants_cannot_send_or_stop(
         {"content": "x" * 10_001},
         {"content": 5},
         {},
-        {"content": "hi", "model": "nobody/knows"},
+        {"content": "hi", "model": "fake/echo?tokens=-1"},
         {"content": "hi", "temperature": 9},
         {"content": "hi", "max_tokens": 0},
         {"content": "hi", "surprise": 1},
@@ -348,7 +348,7 @@ async def test_other_tenants_cannot_send_or_stop(
         "too-long",
         "not-text",
         "missing",
-        "unknown-model",
+        "bad-model-options",
         "temperature",
         "max-tokens",
         "unknown-field",
@@ -363,6 +363,16 @@ async def test_bad_message_is_422_and_stores_nothing(
     assert response.json()["error"]["code"] == "validation_error"
     assert await db.fetchval("SELECT count(*) FROM messages WHERE chat_id = $1", uuid.UUID(chat_id)) == 0
     assert (await client.post(f"/v1/chats/{chat_id}/stop", headers=alice)).status_code == 404
+
+
+@pytest.mark.parametrize("model", ["nobody/knows", "fake/nothing", "gemini/x?y"])
+async def test_a_model_no_provider_serves_is_404_and_stores_nothing(
+    client: httpx.AsyncClient, alice: dict[str, str], db: Pool, model: str
+) -> None:
+    chat_id = await new_chat(client, alice)
+    response = await client.post(f"/v1/chats/{chat_id}/messages", headers=alice, json={"content": "hi", "model": model})
+    assert (response.status_code, response.json()["error"]["code"]) == (404, "model_not_found")
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE chat_id = $1", uuid.UUID(chat_id)) == 0
 
 
 async def test_provider_failure_mid_stream_sends_one_error_and_keeps_the_partial(
@@ -441,10 +451,10 @@ async def test_frozen_client_cannot_hold_a_stream(
     start_gateway: Any, alice: dict[str, str], db: Pool
 ) -> None:
     async with start_gateway(send_timeout_s=0.5) as gateway, httpx.AsyncClient(base_url=gateway.url) as http:
-        chat_id = await new_chat(http, alice, model="fake/echo?tokens=10000000")
+        chat_id = await new_chat(http, alice, model="fake/echo?tokens=100000")  # the fake's largest reply
         host, port = gateway.url.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
-        body = b'{"content": "flood the pipe"}'
+        body = b'{"content": "flood the pipe"}'  # 100,000 tokens: 5 MB of events, past the socket's buffers
         writer.write(
             f"POST /v1/chats/{chat_id}/messages HTTP/1.1\r\nHost: x\r\nAuthorization: {alice['Authorization']}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
@@ -457,7 +467,7 @@ async def test_frozen_client_cannot_hold_a_stream(
         writer.close()
     row = await reply_row(db, str(turn.ids.assistant_message_id))
     assert (row["status"], row["finish_reason"]) == ("cancelled", "client_disconnected")
-    assert 0 < len(row["content"]) < len("flood ") * 10_000_000
+    assert 0 < len(row["content"]) < len("flood ") * 100_000
 
 
 async def test_a_turn_whose_message_cannot_be_stored_leaves_nothing_behind(

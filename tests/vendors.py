@@ -4,6 +4,12 @@ The model name picks a scenario: ``normal``, ``split-utf8`` (frames cut inside a
 ``crlf``, ``pings``, ``error-frame``, ``drop`` (connection cut mid-stream), ``stall`` (goes silent),
 ``401``, ``429`` (with Retry-After: 7), ``500``, ``503``, ``529``, ``tools`` (text, then two tool calls), and
 ``slow-<marker>`` (a long paced stream whose client going away is recorded under ``marker``).
+
+Faults, each at the first byte (``-first``) or after two good tokens (``-mid``; ``drop`` and ``stall`` are
+the mid-stream ones): ``drop-first`` (the head sent, then the connection cut before any body byte),
+``stall-first`` (the head, then silence), ``garbage-first``/``garbage-mid`` (bytes that are neither SSE nor
+JSON, then the end), ``shape-first``/``shape-mid`` (a well-formed SSE frame whose JSON is not an object),
+``html`` (a 200 of ``text/html``, ended normally) and ``html-mid`` (two tokens, then an HTML page).
 """
 
 from __future__ import annotations
@@ -148,6 +154,16 @@ ERROR_FRAMES = {
     "anthropic": b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}',
     "gemini": b'data: {"error": {"code": 500, "message": "boom", "status": "INTERNAL"}}',
 }
+# Not SSE (a line of control bytes and invalid UTF-8), then an event whose data is not JSON (named as
+# Anthropic's text delta, so its adapter does not skip it as an event it ignores).
+GARBAGE = b"\x00\xff\x13garbage{{{\n\nevent: content_block_delta\ndata: {not json\n\n"
+# Well-formed SSE and JSON, but not the object any vendor sends.
+WRONG_SHAPE = b"event: content_block_delta\ndata: [1, 2]\n\n"
+HTML = b"<html><head><title>502 Bad Gateway</title></head>\n<body><h1>Bad Gateway</h1></body></html>\n"
+# The tail of a fault scenario: ``None`` cuts the connection, ``b""`` goes silent, other bytes are sent
+# before the body ends normally.
+FAULT_TAILS: dict[str, bytes | None] = {"drop": None, "stall": b"", "garbage": GARBAGE, "shape": WRONG_SHAPE,
+                                        "html": HTML}
 PINGS = {"openai": b": keep-alive", "anthropic": b'event: ping\ndata: {"type": "ping"}', "gemini": b": ping"}
 ERROR_BODIES = {
     "openai": lambda status: {"error": {"message": "Incorrect API key provided: sk-te***cret", "type": "error",
@@ -357,15 +373,20 @@ class VendorServer:
                 (b"content-type", b"text/event-stream"), (b"content-length", str(len(answer)).encode())]})
             await send({"type": "http.response.body", "body": answer})
             return
+        if scenario == "html":  # a 200 that is a web page, not a stream
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"text/html; charset=utf-8")]})
+            await send({"type": "http.response.body", "body": HTML})
+            return
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream")]})
         if scenario.startswith("slow-"):
             await self._slow(scenario.removeprefix("slow-"), receive, send)
             return
         for chunk in self._chunks(scenario):
-            if chunk is None:  # "drop": cut the connection without ending the body
+            if chunk is None:  # "drop", "drop-first": cut the connection without ending the body
                 raise ConnectionAbortedError("dropped on purpose")
-            if chunk == b"":  # "stall": go silent until the client gives up
+            if chunk == b"":  # "stall", "stall-first": go silent until the client gives up
                 await self._until_disconnect(receive)
                 return
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -379,8 +400,13 @@ class VendorServer:
         frames = TOOL_FRAMES[self.vendor]() if scenario == "tools" else make(TOKENS)
         if scenario == "pings":
             frames = [f for frame in frames for f in (PINGS[self.vendor], frame)]
-        if scenario in ("error-frame", "drop", "stall"):
+        fault, _, position = scenario.rpartition("-")
+        if scenario in ("drop", "stall"):
+            fault, position = scenario, "mid"
+        if scenario in ("error-frame", "drop", "stall") or position == "mid":
             frames = make(TOKENS[:2], finish=False)
+        elif position == "first":
+            frames = []
         stream = [frame.replace(b"\n", sep) + sep + sep for frame in frames]
         if scenario == "error-frame":
             stream.append(ERROR_FRAMES[self.vendor].replace(b"\n", sep) + sep + sep)
@@ -389,7 +415,7 @@ class VendorServer:
             cut = joined.index("\u00f6".encode()) + 1  # inside the two bytes of "ö"
             cut2 = joined.index("\U0001f600".encode()) + 2  # inside the four bytes of the emoji
             return [joined[:cut], joined[cut:cut2], joined[cut2:]]
-        tail: list[bytes | None] = [None] if scenario == "drop" else [b""] if scenario == "stall" else []
+        tail = [FAULT_TAILS[fault]] if fault in FAULT_TAILS and position in ("first", "mid") else []
         return [*stream, *tail]
 
     async def _slow(self, marker: str, receive: Receive, send: Send) -> None:

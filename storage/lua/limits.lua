@@ -1,8 +1,38 @@
--- Shared by reserve.lua and usage.lua (prepended when the scripts are loaded): a subject's limits from
--- its cached overrides (KEYS hash), each falling back to the default in ARGV 7-11; nil when not cached.
+-- Shared by reserve.lua, extend.lua and usage.lua (prepended when the scripts are loaded).
+
+-- A subject's limits from its cached overrides (KEYS hash), each falling back to the default in ARGV 7-11;
+-- nil when not cached.
 local function limits(key, default_tokens)
   local v = redis.call('HMGET', key, 'loaded', 'tokens', 'period', 'rpm', 'concurrent')
   if not v[1] then return nil end
   return {tokens = tonumber(v[2] or default_tokens), period = v[3] or ARGV[9],
           rpm = tonumber(v[4] or ARGV[10]), concurrent = tonumber(v[5] or ARGV[11])}
+end
+
+-- A token count from the caller: a whole number from 0 to 10^15, else nil (the script then refuses
+-- before it writes anything, so a bad argument never leaves a float or a half-made reservation behind).
+local function count(value)
+  local n = tonumber(value)
+  if n == nil or n < 0 or n > 1e15 or n ~= math.floor(n) then return nil end
+  return n
+end
+
+-- Drop slots and reservations whose stream died without settling; return the live reserved total.
+local function purge(active, reserved, now)
+  local expired = redis.call('ZRANGEBYSCORE', active, '-inf', now)
+  if #expired > 0 then
+    local amounts = redis.call('HMGET', reserved, unpack(expired))
+    local sum = 0
+    for i = 1, #amounts do sum = sum + (tonumber(amounts[i]) or 0) end
+    redis.call('ZREMRANGEBYSCORE', active, '-inf', now)
+    redis.call('HDEL', reserved, unpack(expired))
+    if sum > 0 then redis.call('HINCRBY', reserved, 'total', -sum) end
+  end
+  return tonumber(redis.call('HGET', reserved, 'total') or '0')
+end
+
+-- The used-counter key of a subject's period, and when that period resets (ARGV 5 and 6).
+local function period_of(l, day_key, month_key)
+  if l.period == 'month' then return month_key, tonumber(ARGV[6]) end
+  return day_key, tonumber(ARGV[5])
 end

@@ -14,26 +14,8 @@
 --          user_period, org_period, headroom, headroom_reset_ms}; code 'limits' (with the scope) asks the
 --          caller to load overrides. The headroom is what the tighter of the two budgets has left (-1 when
 --          neither has a limit), and when that budget resets.
-local now, id, estimate = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
-
--- Drop slots and reservations whose stream died without settling; return the live reserved total.
-local function purge(active, reserved)
-  local expired = redis.call('ZRANGEBYSCORE', active, '-inf', now)
-  if #expired > 0 then
-    local amounts = redis.call('HMGET', reserved, unpack(expired))
-    local sum = 0
-    for i = 1, #amounts do sum = sum + (tonumber(amounts[i]) or 0) end
-    redis.call('ZREMRANGEBYSCORE', active, '-inf', now)
-    redis.call('HDEL', reserved, unpack(expired))
-    if sum > 0 then redis.call('HINCRBY', reserved, 'total', -sum) end
-  end
-  return tonumber(redis.call('HGET', reserved, 'total') or '0')
-end
-
-local function period_of(l, day_key, month_key)
-  if l.period == 'month' then return month_key, tonumber(ARGV[6]) end
-  return day_key, tonumber(ARGV[5])
-end
+local now, id, estimate = tonumber(ARGV[1]), ARGV[2], count(ARGV[3])
+if not estimate then return redis.error_reply('ERR token estimate must be a whole number from 0 to 10^15') end
 
 local user = limits(KEYS[5], ARGV[7])
 if not user then return {'limits', 'user'} end
@@ -42,8 +24,8 @@ if not org then return {'limits', 'org'} end
 
 local user_used_key, user_reset = period_of(user, KEYS[3], KEYS[4])
 local org_used_key, org_reset = period_of(org, KEYS[8], KEYS[9])
-local user_spent = tonumber(redis.call('GET', user_used_key) or '0') + purge(KEYS[1], KEYS[2])
-local org_spent = tonumber(redis.call('GET', org_used_key) or '0') + purge(KEYS[6], KEYS[7])
+local user_spent = tonumber(redis.call('GET', user_used_key) or '0') + purge(KEYS[1], KEYS[2], now)
+local org_spent = tonumber(redis.call('GET', org_used_key) or '0') + purge(KEYS[6], KEYS[7], now)
 redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', now - 60000)
 local recent = redis.call('ZCARD', KEYS[11])
 

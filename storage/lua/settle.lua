@@ -4,7 +4,8 @@
 --       7 user requests   8 (optional) the chat's stream lease, deleted if it still holds ARGV[6]
 -- ARGV: 1 stream id  2 tokens charged  3 user used ttl s  4 org used ttl s  5 withdrawn ('1' or '0')
 --       6 lease value
-local charge = tonumber(ARGV[2])
+local charge = count(ARGV[2])
+if not charge then return redis.error_reply('ERR the charge must be a whole number from 0 to 10^15') end
 for i, set in ipairs({{KEYS[1], KEYS[2], KEYS[3], ARGV[3]}, {KEYS[4], KEYS[5], KEYS[6], ARGV[4]}}) do
   local amount = redis.call('HGET', set[2], ARGV[1])
   if amount then
