@@ -32,7 +32,6 @@ test: $(VENV)/.dev test-deps
 check: $(VENV)/.dev
 	$(VENV)/bin/ruff check gateway providers storage tests bench
 	$(VENV)/bin/mypy
-	$(VENV)/bin/mypy bench
 
 migrate: $(VENV)/.run
 	$(VENV)/bin/gateway migrate

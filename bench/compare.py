@@ -23,9 +23,9 @@ from pathlib import Path
 
 import uvloop
 
-from gateway.bench import Bench, gateway_server, pin_to
+from bench.harness import Bench, gateway_server, pin_to
+from bench.mock_upstream import start_mock
 from gateway.embedded import with_services
-from gateway.mock_upstream import start_mock
 from gateway.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gateway.bench import until_ready
-from gateway.loadtest import Target, closed_loop, print_summary, request_bytes
+from bench.harness import until_ready
+from bench.loadtest import Target, closed_loop, print_summary, request_bytes
 
 APP = '''
 import uuid
@@ -24,8 +24,8 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-from gateway.sse import ChatEvents, EventStream
-from gateway.turns import Turn, TurnIds
+from gateway.streaming.sse import ChatEvents, EventStream
+from gateway.streaming.turns import Turn, TurnIds
 from providers.base import Finish, ProviderRequest, Pump
 
 FRAMES = [b"id: %d\\nevent: delta\\ndata: {\\"text\\":\\"tok%d \\"}\\n\\n" % (n, n) for n in range(64)]

@@ -15,16 +15,17 @@ from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.types import Receive, Scope, Send
 
-from gateway import chats, compat, health, metrics, openapi, page, send, ui_stream, usage
-from gateway.auth import JWTBackend, on_auth_error
+from gateway.api import chats, compat, health, openapi, page, send, ui_stream, usage
+from gateway.edge import metrics
+from gateway.edge.auth import JWTBackend, on_auth_error
+from gateway.edge.errors import EXCEPTION_HANDLERS
+from gateway.edge.logs import configure_logging
+from gateway.edge.middleware import BODY_SEND, RESPONSE_REST, RequestContextMiddleware
 from gateway.embedded import resolve_jwt_secret
-from gateway.errors import EXCEPTION_HANDLERS
-from gateway.logs import configure_logging
-from gateway.middleware import BODY_SEND, RESPONSE_REST, RequestContextMiddleware
-from gateway.quotas import QuotaGuard
 from gateway.services import Services
 from gateway.settings import Settings, load_settings
-from gateway.streams import StreamRegistry
+from gateway.streaming.admission import QuotaGuard
+from gateway.streaming.registry import StreamRegistry
 from providers.base import ANTHROPIC_MODELS, GEMINI_MODELS, OPENAI_MODELS, Provider, UpstreamConfig
 from providers.fake import FakeProvider
 from providers.registry import LazyProvider, ProviderRegistry
@@ -82,7 +83,7 @@ def create_app(settings: Settings | None = None, providers: ProviderRegistry | N
         redis = Redis.from_url(settings.redis_url, max_connections=settings.redis_max_connections)
         quotas = QuotaGuard(quota_store(settings, pool, redis), settings.quota_fail_mode,
                             settings.quota_default_max_tokens)
-        streams = StreamRegistry(settings, pool, redis, quotas)
+        streams = StreamRegistry(settings, pool, redis, quotas, providers)
         await streams.start()
         app.state.services = Services(settings, pool, redis, providers, streams, quotas)
         gc.set_threshold(settings.gc_young_threshold, *gc.get_threshold()[1:])

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import uvicorn
 
-from gateway.auth import mint_token
+from gateway.edge.auth import mint_token
+from gateway.edge.logs import configure_logging
 from gateway.embedded import database_or_embedded, resolve_jwt_secret, with_services
-from gateway.logs import configure_logging
 from gateway.settings import Settings, SettingsError, load_settings
 from storage.migrations import migrate
 
@@ -72,13 +72,13 @@ def token(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def bench(settings: Settings, args: argparse.Namespace) -> None:
-    from gateway.bench import main as run_bench
+    from bench.harness import main as run_bench
 
     run_bench(settings, args.seconds, args.quick, Path(args.out))
 
 
 def loadtest(settings: Settings, args: argparse.Namespace) -> None:
-    from gateway.loadtest import LoadtestError, run_loadtest
+    from bench.loadtest import LoadtestError, run_loadtest
 
     try:
         run_loadtest(args.url, args.token, args.concurrency, args.duration, args.model, args.message,

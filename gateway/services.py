@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from starlette.requests import Request
 
-from gateway.quotas import QuotaGuard
 from gateway.settings import Settings
-from gateway.streams import StreamRegistry
+from gateway.streaming.admission import QuotaGuard
+from gateway.streaming.registry import StreamRegistry
 from providers.registry import ProviderRegistry
 from storage.db import Pool
 

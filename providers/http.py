@@ -9,6 +9,10 @@ per read (docs/performance.md has the measurements that chose this over aiohttp 
 Errors leave as our own: a status of 400 or more as ``status_failure`` (the vendor's text left out), no
 byte for ``idle_timeout_s`` as ``ProviderTimeout`` (checked by one timer per pool, so a stall ends between
 one and one and a quarter idle timeouts), anything else on the wire as ``ProviderConnectionError``.
+
+Past 400 lines because its three parts (a connection, the pool of them, and a call's state from request
+to last event) share one callback path whose every branch is the hot path; apart, each would reach into
+the others' state.
 """
 
 from __future__ import annotations

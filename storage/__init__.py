@@ -1,0 +1,2 @@
+"""PostgreSQL and Redis: the connection pool, SQL query files, one repository module per aggregate, and
+the quota scripts."""

@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from starlette.applications import Starlette
 
 from gateway.app import create_app
-from gateway.auth import mint_token
+from gateway.edge.auth import mint_token
 from gateway.embedded import embedded_postgres, embedded_redis
 from gateway.services import Services
 from gateway.settings import Settings

@@ -1,9 +1,9 @@
 """Regressions of the security review: each test is named after what a signed-in caller could do, and
 reproduces it against a running gateway over real HTTP, PostgreSQL and Redis.
 
-Finding 1 (a failing turn kept its reservation and slot) is pinned per vendor in tests/test_faults.py;
-finding 5's scripts in tests/test_quotas.py; finding 7 (tokens from an identity provider) in
-tests/test_auth.py.
+Finding 1 (a failing turn kept its reservation and slot) is pinned per vendor in tests/streaming/test_faults.py;
+finding 5's scripts in tests/streaming/test_admission.py; finding 7 (tokens from an identity provider) in
+tests/edge/test_auth.py.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import httpx
 import pytest
 
 from gateway.settings import Settings
-from gateway.turns import GROW_BATCH
+from gateway.streaming.turns import GROW_BATCH
 from storage.db import Pool
+from tests.api.test_send import read_events, reply_row
 from tests.conftest import auth_headers
-from tests.test_routing import vendor_gateway
-from tests.test_send import read_events, reply_row
+from tests.streaming.test_dispatch import vendor_gateway
 
 JSON = {"Accept": "application/json"}
 
@@ -42,7 +42,7 @@ async def usage(http: httpx.AsyncClient, headers: dict[str, str]) -> dict[str, A
 async def test_the_fake_cannot_charge_past_max_tokens_or_a_users_budget(start_gateway: Any) -> None:
     """Finding 2: ``fake/echo?tokens=200000`` with ``max_tokens: 10`` was admitted for a 5,000-token budget
     and charged 200,001 tokens. The fake now stops at max_tokens like a vendor (and refuses more than
-    100,000 tokens: tests/test_fake.py)."""
+    100,000 tokens: tests/providers/test_fake.py)."""
     headers = caller()
     async with start_gateway(quota_user_tokens=5000) as gateway, httpx.AsyncClient(base_url=gateway.url) as http:
         answer = await http.post("/v1/chat", headers={**headers, **JSON},

@@ -1,0 +1,467 @@
+"""``gateway bench`` (and ``make bench``): the gateway measured against a direct baseline in the same run.
+
+The gateway runs as ``gateway serve`` with one worker pinned to CPU 0; this harness (load generator and
+mock upstream, one event loop) is pinned to CPU 1. Every scenario also runs "direct" (load generator
+straight to the mock), and gateway figures are reported as overhead and as ratios to direct.
+Results go to ``bench/results/<date>.json``; docs/performance.md explains the method.
+
+Past 400 lines because each scenario is a few lines over the same gateway process, mock and chats; the
+module is the harness they share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import gc
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import uvloop
+from redis.asyncio import Redis
+
+from bench.loadtest import (
+    Dechunker,
+    StreamResult,
+    Target,
+    closed_loop,
+    counted_stream,
+    one_stream,
+    percentile,
+    request_bytes,
+)
+from bench.mock_upstream import MockUpstream, start_mock
+from gateway.edge.auth import mint_token
+from gateway.embedded import with_services
+from gateway.settings import Settings
+from storage.chats import erase_org
+from storage.quotas import QuotaDefaults, QuotaStore
+from storage.scripts import Script, ScriptClient
+
+SECRET = "bench-secret-" + "b" * 32
+UNPACED = "mock?tokens=64"
+PACED = "mock?tokens=100000&gap_ms=100"  # 10 tokens/s, longer than any measurement window
+IDLE = "mock?tokens=1&hold_ms=3600000"
+SEED_TURNS = 32  # 64 messages a chat before the statistics are taken (see Bench.seed)
+LEVELS = (500, 750, 1000, 1250, 1500, 2000, 3000, 4000, 5000, 6000, 8000, 10_000, 12_000, 16_000)
+QUICK_LEVELS = (500, 1000)
+SPARE_FDS = 1000  # the stores' connections, the files a process holds open, and slack
+
+
+def capacity_levels() -> tuple[int, ...]:
+    """The capacity ladder, up to what this process's descriptors allow: a stream takes two here (its
+    client and the mock's end) and two in the gateway, which inherits the limit. The soft limit is raised
+    to the hard one first."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return tuple(level for level in LEVELS if 2 * level + SPARE_FDS <= soft)
+
+
+def pin_to(cpu: int) -> None:
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > cpu:
+        os.sched_setaffinity(0, {cpu})
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def post_json(target: Target, path: str, body: dict[str, Any]) -> Any:
+    reader, writer = await asyncio.open_connection(target.host, target.port)
+    try:
+        writer.write(request_bytes(target, path, body))
+        raw = await reader.read()
+    finally:
+        writer.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        payload = Dechunker().feed(payload)
+    return orjson.loads(payload)
+
+
+@contextlib.asynccontextmanager
+async def gateway_server(
+    settings: Settings, mock_port: int, log: Path, tree: Path | None = None
+) -> AsyncIterator[tuple[int, int]]:
+    """``gateway serve`` pinned to CPU 0 (from the source ``tree`` given, else this one); yields its port
+    and pid once /ready answers."""
+    with socket_port() as port:
+        env = {**os.environ, "GATEWAY_DATABASE_URL": settings.database_url or "",
+               "GATEWAY_REDIS_URL": settings.redis_url or "", "GATEWAY_JWT_SECRET": SECRET,
+               "GATEWAY_REDIS_PREFIX": f"bench-{uuid.uuid4().hex[:6]}:",
+               "OPENAI_BASE_URL": f"http://127.0.0.1:{mock_port}/v1", "OPENAI_API_KEY": "bench"}
+        if tree is not None:
+            env["PYTHONPATH"] = str(tree)
+        pin = ["taskset", "-c", "0"] if (os.cpu_count() or 1) > 1 else []
+        with log.open("wb") as out:
+            process = subprocess.Popen([*pin, sys.executable, "-m", "gateway", "serve", "--port", str(port)],
+                                       env=env, stdout=out, stderr=out, cwd=tree)
+        try:
+            await until_ready(port)
+            yield port, process.pid
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
+async def until_ready(port: int, seconds: float = 60) -> None:
+    """Until the server booting on ``port`` answers ``GET /ready`` with 200."""
+    for _ in range(int(seconds * 10)):
+        with contextlib.suppress(OSError):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /ready HTTP/1.0\r\n\r\n")
+            answered = b" 200 " in await reader.readline()
+            writer.close()
+            if answered:
+                return
+        await asyncio.sleep(0.1)  # waiting for a subprocess to boot: nothing to await but time
+    raise RuntimeError(f"nothing answered /ready on port {port} in {seconds:.0f} s")
+
+
+@contextlib.contextmanager
+def socket_port() -> Any:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    yield port
+
+
+async def until_started(sink: list[StreamResult], tasks: list[asyncio.Task[Any]], count: int) -> None:
+    """Until ``count`` streams have their first token, every task has ended, or a minute has passed."""
+    deadline = time.monotonic() + 60
+    while (sum(1 for r in sink if r.ttft_s is not None) < count and time.monotonic() < deadline
+           and not all(task.done() for task in tasks)):
+        await asyncio.sleep(0.1)
+
+
+@contextlib.contextmanager
+def harness_frozen() -> Iterator[list[float]]:
+    """For one measurement window: the harness's own objects (thousands of streams, both ends) moved out
+    of the collector's reach, so that no collection walks them mid-window, and its collection pauses
+    (seconds) recorded, so that a pause of the harness's shows beside the stalls it would cause."""
+    pauses: list[float] = []
+    started = [0.0]
+
+    def timed(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses.append(time.perf_counter() - started[0])
+
+    gc.freeze()  # no collection first: with thousands of streams it would be the very pause to avoid
+    gc.callbacks.append(timed)
+    try:
+        yield pauses
+    finally:
+        gc.callbacks.remove(timed)
+        gc.unfreeze()
+
+
+class Bench:
+    def __init__(self, gateway_port: int, gateway_pid: int, mock_port: int, seconds: float,
+                 database_url: str) -> None:
+        self.database_url = database_url
+        self.org = f"bench-{uuid.uuid4().hex[:8]}"  # its data is erased after the run (``erase_org``)
+        token = mint_token(SECRET, "bench", self.org, ttl_s=86_400)
+        self.gateway = Target("127.0.0.1", gateway_port, "/", {"Authorization": f"Bearer {token}"})
+        self.mock = Target("127.0.0.1", mock_port, "/", {})
+        self.pid = gateway_pid
+        self.seconds = seconds
+        self.chats: list[str] = []
+
+    async def erase(self) -> None:
+        """What the run stored: a full run, about 10,000 chats (the capacity scenario opens one per stream)."""
+        db = await asyncpg.connect(self.database_url)
+        try:
+            await erase_org(db, self.org)
+        finally:
+            await db.close()
+
+    async def make_chats(self, count: int) -> None:
+        while len(self.chats) < count:
+            chat = await post_json(self.gateway, "/v1/chats", {"model": f"openai/{UNPACED}"})
+            self.chats.append(chat["id"])
+
+    async def seed(self) -> None:
+        """Every chat filled past the history window, then planner statistics, as autovacuum keeps them on a
+        server that runs it (this machine's PostgreSQL runs without). PostgreSQL caps its estimate of a
+        chat's messages at the longest chat it saw: analyzed with chats of one turn, it plans a history read
+        as fetch-the-whole-chat-and-sort (below about 40 messages a chat the walk back along the index
+        looks dearer), and the c=1 runs' chat grows by thousands of messages, its read from 0.1 to over
+        1 ms. With chats of SEED_TURNS turns the walk is the plan however long a chat grows."""
+
+        async def fill(n: int) -> None:  # a chat takes one stream at a time
+            for _ in range(SEED_TURNS):
+                result = await one_stream(self.gateway, self.request("chat", UNPACED, n))
+                assert result.status == 200, result
+
+        await asyncio.gather(*(fill(n) for n in range(len(self.chats))))
+        db = await asyncpg.connect(self.database_url)
+        try:
+            await db.execute("ANALYZE chats; ANALYZE messages")
+        finally:
+            await db.close()
+
+    def request(self, path: str, model: str, n: int) -> bytes:
+        if path == "direct":
+            return request_bytes(self.mock, "/v1/chat/completions", {
+                "model": model, "stream": True, "messages": [{"role": "user", "content": "bench"}]})
+        if path == "completions":
+            return request_bytes(self.gateway, "/v1/chat/completions", {
+                "model": f"openai/{model}", "stream": True, "messages": [{"role": "user", "content": "bench"}]})
+        if path == "chat":
+            return request_bytes(self.gateway, f"/v1/chats/{self.chats[n]}/messages",
+                                 {"content": "bench", "model": f"openai/{model}"})
+        if path == "chat-id":  # as the AI SDK submits: each message with an id of its own
+            return request_bytes(self.gateway, f"/v1/chats/{self.chats[n]}/messages",
+                                 {"content": "bench", "model": f"openai/{model}", "client_message_id": uuid.uuid4().hex})
+        return request_bytes(self.gateway, "/v1/chat", {"message": "bench", "model": f"openai/{model}"})
+
+    def target(self, path: str) -> Target:
+        return self.mock if path == "direct" else self.gateway
+
+    async def load(self, path: str, concurrency: int, model: str = UNPACED) -> dict[str, float]:
+        requests = [self.request(path, model, n) for n in range(concurrency)]
+        # chat-id sends a new body (a new client id) every time; the others, each slot's body again
+        make = (lambda n: self.request(path, model, n)) if path == "chat-id" else requests.__getitem__
+        report = await closed_loop(concurrency, self.seconds, make, self.target(path))
+        return report.summary()
+
+    async def ttft_and_throughput(self) -> dict[str, Any]:
+        await self.make_chats(100)
+        await self.seed()
+        out: dict[str, Any] = {}
+        for concurrency in (1, 100):
+            for path in ("direct", "completions", "chat"):
+                out[f"c{concurrency}_{path}"] = await self.load(path, concurrency)
+        for path in ("direct", "completions", "chat"):
+            out[f"saturation_{path}"] = await self.load(path, 64)
+        return out
+
+    async def capacity(self, levels: tuple[int, ...]) -> list[dict[str, float]]:
+        """Streams at 10 tokens/s, more at each level, until over 0.1% of them stall (a gap over 200 ms) or
+        the ladder ends."""
+        steps = []
+        for level in levels:
+            sink: list[StreamResult] = []
+            tasks = []
+            for n in range(level):
+                tasks.append(asyncio.create_task(counted_stream(
+                    self.gateway, self.request("new-chat", PACED, n), 0.2, sink)))
+                if n % 200 == 199:
+                    await asyncio.sleep(0.05)  # open the connections in waves, as a listen backlog wants
+            await until_started(sink, tasks, level)
+            with harness_frozen() as pauses:
+                window_start = {id(r): r.stalls for r in sink}
+                await asyncio.sleep(self.seconds)
+                stalled = sum(1 for r in sink if r.stalls > window_start.get(id(r), 0))
+            opened = sum(1 for r in sink if r.status == 200)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            steps.append({"streams": level, "opened": opened, "stalled": stalled,
+                          "stall_fraction": stalled / max(opened, 1), "rss_mib": rss_kib(self.pid) / 1024,
+                          "harness_gc_max_ms": max(pauses, default=0.0) * 1000})
+            await asyncio.sleep(1)  # let the gateway store the cancelled streams before the next level
+            if opened < level or stalled / max(opened, 1) > 0.001:
+                break
+        return steps
+
+    async def memory(self, low: int, high: int) -> dict[str, float]:
+        """RSS with idle open streams (first token sent, then silence): the slope between two counts."""
+        boot = rss_kib(self.pid)
+        tasks: list[asyncio.Task[None]] = []
+        sink: list[StreamResult] = []
+        readings = {}
+        for count in (low, high):
+            while len(tasks) < count:
+                tasks.append(asyncio.create_task(counted_stream(
+                    self.gateway, self.request("completions", IDLE, 0), None, sink)))
+                if len(tasks) % 200 == 0:
+                    await asyncio.sleep(0.05)
+            await until_started(sink, tasks, count)
+            await asyncio.sleep(1)
+            readings[count] = rss_kib(self.pid)
+            readings[-count] = sum(1 for r in sink if r.ttft_s is not None)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return {"boot_mib": boot / 1024, "opened_low": readings[-low], "opened_high": readings[-high],
+                f"rss_at_{low}_mib": readings[low] / 1024,
+                f"rss_at_{high}_mib": readings[high] / 1024,
+                "kib_per_idle_stream": (readings[high] - readings[low]) / (high - low)}
+
+    async def abort(self, samples: int) -> dict[str, float]:
+        """From the client hanging up to the upstream connection closing, through the chat path."""
+        await self.make_chats(1)
+        latencies = []
+        for _ in range(samples):
+            hung_up = 0.0
+            before = len(MockUpstream.aborted)
+
+            async def hang_up(writer: asyncio.StreamWriter) -> bool:
+                nonlocal hung_up
+                writer.transport.abort()
+                hung_up = time.monotonic()
+                return True
+
+            await one_stream(self.gateway, self.request("new-chat", PACED, 0), on_first_token=hang_up)
+            for _ in range(1000):
+                if len(MockUpstream.aborted) > before:
+                    break
+                await asyncio.sleep(0.001)
+            if len(MockUpstream.aborted) > before:
+                latencies.append(MockUpstream.aborted[-1] - hung_up)
+        latencies.sort()
+        return {"samples": len(latencies), "p50_ms": percentile(latencies, 50) * 1000,
+                "p99_ms": percentile(latencies, 99) * 1000}
+
+
+async def quota_check(redis_url: str, samples: int) -> dict[str, float]:
+    """The quota admission's own latency: one EVALSHA per check, measured from here."""
+    redis = Redis.from_url(redis_url)
+    store = QuotaStore(redis, f"bench-q-{uuid.uuid4().hex[:6]}:", QuotaDefaults(10**12, 10**12, "day", 10**9, 10**6),
+                       30, lambda *_: _none())
+    timings = []
+    for n in range(samples):
+        started = time.perf_counter()
+        decision = await store.reserve("bench-org", "bench", f"s{n}", 100)
+        timings.append(time.perf_counter() - started)
+        if decision.ticket:
+            await store.settle(decision.ticket, 50)
+    await store.aclose()
+    await redis.aclose()
+    timings.sort()
+    return {"samples": samples, "p50_ms": percentile(timings, 50) * 1000, "p99_ms": percentile(timings, 99) * 1000}
+
+
+async def _none() -> None:
+    return None
+
+
+async def store_floors(database_url: str, redis_url: str, samples: int) -> dict[str, float]:
+    """What the stores alone take on this machine, measured from here: a PostgreSQL round trip, a one-row
+    commit (a WAL flush: the chat path stores the user's message before its first token) and a Redis round
+    trip (a script that only returns, over the quota scripts' own connection: the admission's floor). The
+    chat path's time to first token cannot beat the completions path's by less than a read and a commit."""
+    floors: dict[str, float] = {}
+
+    async def timed_calls(name: str, call: Callable[[], Awaitable[Any]]) -> None:
+        timings = []
+        for _ in range(samples):
+            started = time.perf_counter()
+            await call()
+            timings.append(time.perf_counter() - started)
+        timings.sort()
+        floors[f"{name}_p50_ms"] = percentile(timings, 50) * 1000
+        floors[f"{name}_p99_ms"] = percentile(timings, 99) * 1000
+
+    db = await asyncpg.connect(database_url)
+    table = f"bench_commit_{uuid.uuid4().hex[:8]}"
+    try:
+        await db.execute(f"CREATE TABLE {table} (n int)")
+        await timed_calls("postgres_round_trip", lambda: db.fetchval("SELECT 1"))
+        await timed_calls("postgres_commit", lambda: db.execute(f"INSERT INTO {table} VALUES (1)"))
+    finally:
+        await db.execute(f"DROP TABLE IF EXISTS {table}")
+        await db.close()
+    redis = Redis.from_url(redis_url)
+    scripts = ScriptClient.like(redis)
+    nothing = Script("return 1")
+    try:
+        await timed_calls("redis_round_trip", lambda: scripts.run(nothing, [], []))
+    finally:
+        await scripts.aclose()
+        await redis.aclose()
+    return floors
+
+
+def report(results: dict[str, Any]) -> str:
+    t = results["throughput"]
+    lines = ["scenario                                   direct    /v1/chat/completions   chat path"]
+
+    def row(name: str, key: str, suffix: str, fmt: str = "{:.1f}") -> None:
+        values = [t[f"{suffix}_{p}"][key] for p in ("direct", "completions", "chat")]
+        lines.append(f"{name:<40} " + "  ".join(f"{fmt.format(v):>12}" for v in values))
+
+    row("TTFT p50 ms, c=1", "ttft_p50_ms", "c1", "{:.2f}")
+    row("TTFT p99 ms, c=1", "ttft_p99_ms", "c1", "{:.2f}")
+    row("TTFT p50 ms, c=100", "ttft_p50_ms", "c100", "{:.2f}")
+    row("TTFT p99 ms, c=100", "ttft_p99_ms", "c100", "{:.2f}")
+    row("streams/s, 64 unpaced deltas, c=64", "streams_per_s", "saturation")
+    row("tokens/s, 64 unpaced deltas, c=64", "tokens_per_s", "saturation", "{:.0f}")
+    for path in ("completions", "chat"):
+        added = t[f"c1_{path}"]["ttft_p50_ms"] - t["c1_direct"]["ttft_p50_ms"]
+        ratio = t[f"saturation_{path}"]["streams_per_s"] / t["saturation_direct"]["streams_per_s"]
+        lines.append(f"{path}: added TTFT p50 at c=1 {added:.2f} ms; saturation {ratio:.2f}x direct")
+    cap = results["capacity"]
+    best = max((s["streams"] for s in cap if s["stall_fraction"] <= 0.001 and s["opened"] == s["streams"]),
+               default=0)
+    last = cap[-1] if cap else {}
+    topped = last.get("stall_fraction", 1) <= 0.001 and last.get("opened") == last.get("streams")
+    lines.append(f"capacity at 10 tokens/s with <=0.1% stalls: {best} streams"
+                 + (" (the ladder's top: no level stalled)" if topped else "") + f" ({cap})")
+    if (topped or not cap) and results.get("capacity_cut_by_descriptors"):
+        lines.append("  the descriptor limit cut the ladder short: raise `ulimit -n` to let it climb further")
+    lines.append(f"memory: {results['memory']}")
+    lines.append(f"abort to upstream close: {results['abort']}")
+    lines.append(f"quota check: {results['quota']}")
+    lines.append(f"store floors: {results['floors']}")
+    return "\n".join(lines)
+
+
+async def run_bench(settings: Settings, seconds: float, quick: bool) -> dict[str, Any]:
+    pin_to(1)
+    levels = QUICK_LEVELS if quick else capacity_levels()  # before the gateway starts: it inherits the limit
+    mock = await start_mock()
+    mock_port = mock.sockets[0].getsockname()[1]
+    log = Path(tempfile.gettempdir()) / "streamgate-bench-gateway.log"
+    async with gateway_server(settings, mock_port, log) as (port, pid):
+        assert settings.database_url
+        bench = Bench(port, pid, mock_port, seconds, settings.database_url)
+        results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                                   "seconds_per_measurement": seconds}
+        try:
+            # Memory first, on a fresh process: later loads leave freed memory that new streams would reuse.
+            results["memory"] = await bench.memory(200, 1000) if quick else await bench.memory(1000, 5000)
+            results["throughput"] = await bench.ttft_and_throughput()
+            assert settings.redis_url
+            results["floors"] = await store_floors(settings.database_url, settings.redis_url,
+                                                   500 if quick else 2000)
+            results["abort"] = await bench.abort(20 if quick else 100)
+            results["capacity"] = await bench.capacity(levels)
+            results["capacity_cut_by_descriptors"] = not quick and levels != LEVELS
+        finally:
+            await bench.erase()
+    assert settings.redis_url
+    results["quota"] = await quota_check(settings.redis_url, 2000 if quick else 10_000)
+    mock.close()
+    return results
+
+
+def main(settings: Settings, seconds: float, quick: bool, out_dir: Path) -> None:
+    with with_services(settings) as ready:
+        results = uvloop.run(run_bench(ready, seconds, quick))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{datetime.date.today().isoformat()}.json"
+    path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    print(report(results))
+    print(f"results written to {path}")

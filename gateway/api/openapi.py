@@ -1,0 +1,424 @@
+"""The API's OpenAPI 3.1 description at ``/openapi.json``, and ``/docs``, a page that reads it.
+
+Request bodies and query strings are described from the pydantic models the endpoints validate with.
+Answers are described by the models below; the tests hold real answers to them (extra fields forbidden),
+so the description cannot drift from what the gateway sends. The document is built once per process.
+
+Past 400 lines because most of it is data: the answer models and their descriptions, one per shape the
+API sends.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.json_schema import models_json_schema
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Route
+
+from gateway.api.compat import CompletionRequest
+from gateway.api.page import STATIC
+from gateway.api.schemas import (
+    ChatCreate,
+    ChatList,
+    ChatPatch,
+    ChatRead,
+    ChatTurn,
+    MessagePage,
+    PermanentFlag,
+    QuotaLimits,
+    SendMessage,
+)
+from gateway.api.ui_stream import UIChatRequest
+from gateway.edge.errors import OPENAI_PATHS
+from gateway.edge.responses import JSONBody
+
+
+class Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MessageUsage(Answer):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    estimated: bool
+
+
+class Message(Answer):
+    id: uuid.UUID
+    chat_id: uuid.UUID
+    role: Literal["user", "assistant", "system", "tool"]
+    content: str
+    parts: list[dict[str, Any]]
+    status: Literal["streaming", "complete", "cancelled", "error", "interrupted"]
+    finish_reason: str | None
+    model: str | None
+    usage: MessageUsage | None
+    metadata: dict[str, Any]
+    created_at: datetime
+    completed_at: datetime | None
+
+
+class Chat(Answer):
+    id: uuid.UUID
+    title: str | None
+    model: str
+    system_prompt: str | None
+    metadata: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None
+
+
+class ChatWithMessages(Chat):
+    messages: list[Message]
+    message_count: int
+
+
+class ChatPage(Answer):
+    items: list[Chat]
+    total: int
+    limit: int
+    offset: int
+
+
+class MessageList(Answer):
+    items: list[Message]
+    total: int
+    limit: int
+    offset: int
+
+
+class Stats(Answer):
+    total_chats: int
+    active_chats: int
+    deleted_chats: int
+    total_messages: int
+    total_tokens: int
+
+
+class TurnError(Answer):
+    code: str
+    message: str
+
+
+class TurnAnswer(Answer):
+    """A turn answered as one body (``Accept: application/json``); ``error`` when the reply failed."""
+
+    chat_id: uuid.UUID
+    user_message: Message
+    assistant_message: Message
+    error: TurnError | None = None
+
+
+class Stopped(Answer):
+    stopped: bool
+
+
+class Budget(Answer):
+    period: Literal["day", "month"]
+    limit: int | None
+    used: int
+    reserved: int
+    remaining: int | None
+    resets_at: datetime
+    resets_in_s: int
+
+
+class RequestsPerMinute(Answer):
+    limit: int | None
+    used: int
+    remaining: int | None
+
+
+class ConcurrentStreams(Answer):
+    limit: int | None
+    active: int
+
+
+class UsageReport(Answer):
+    user_id: str
+    org_id: str
+    user_tokens: Budget
+    org_tokens: Budget
+    requests_per_minute: RequestsPerMinute
+    concurrent_streams: ConcurrentStreams
+
+
+class QuotaDefaults(Answer):
+    tokens_per_period: int | None
+    period: Literal["day", "month"]
+    requests_per_minute: int | None
+    max_concurrent_streams: int | None
+
+
+class Quota(QuotaDefaults):
+    scope: Literal["user", "org"]
+    subject_id: str
+    overridden: bool
+    defaults: QuotaDefaults
+
+
+class ModelEntry(Answer):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    has_credentials: bool
+
+
+class ModelList(Answer):
+    object: Literal["list"]
+    data: list[ModelEntry]
+
+
+class Health(Answer):
+    status: Literal["ok"]
+
+
+class Ready(Answer):
+    status: Literal["ready"]
+    checks: dict[str, str]
+
+
+class ErrorDetail(Answer):
+    code: str
+    message: str
+    status: int
+    request_id: str
+    details: Any = None
+
+
+class Error(Answer):
+    """Every refusal and failure of the gateway's own endpoints (the OpenAI-compatible ones answer in
+    OpenAI's error shape)."""
+
+    error: ErrorDetail
+
+
+class OpenAIErrorDetail(Answer):
+    message: str
+    type: str
+    param: str | None
+    code: str
+    request_id: str
+
+
+class OpenAIError(Answer):
+    """Refusals and failures of the OpenAI-compatible endpoints, in OpenAI's shape (its SDKs parse them)."""
+
+    error: OpenAIErrorDetail
+
+
+# The chat stream's events (``event:`` names), each ``data:`` one JSON object.
+class StartEvent(Answer):
+    chat_id: uuid.UUID
+    user_message_id: uuid.UUID
+    assistant_message_id: uuid.UUID
+    model: str
+
+
+class DeltaEvent(Answer):
+    text: str
+
+
+class UsageEvent(Answer):
+    input_tokens: int
+    output_tokens: int
+
+
+class DoneUsage(Answer):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+
+
+class DoneEvent(Answer):
+    assistant_message_id: uuid.UUID
+    finish_reason: str
+    usage: DoneUsage
+    duration_ms: float
+
+
+class ErrorEvent(Answer):
+    code: str
+    message: str
+
+
+EVENTS: dict[str, type[Answer]] = {
+    "start": StartEvent, "delta": DeltaEvent, "usage": UsageEvent, "done": DoneEvent, "error": ErrorEvent,
+}
+CHAT_STREAM = (
+    "Server-Sent Events, each with `id: <n>` (1, 2, ...), `event: <name>` and one JSON object as `data`: "
+    "`start` (StartEvent), `delta` (DeltaEvent)..., `usage` (UsageEvent) when the provider reports it, then "
+    "`done` (DoneEvent) or one `error` (ErrorEvent). `: ping` comments keep a quiet stream alive. With "
+    "`Accept: application/json` the turn is answered as one TurnAnswer instead."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    method: str
+    path: str
+    tag: str
+    summary: str
+    answer: type[BaseModel] | str | None = None  # a model (JSON), or a media type's description
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    status: int = 200
+    errors: tuple[int, ...] = (401, 422)
+    public: bool = False
+    media_type: str = "application/json"
+
+
+OPERATIONS = (
+    Operation("GET", "/health", "Operations", "The process answers", Health, public=True, errors=()),
+    Operation("GET", "/ready", "Operations", "PostgreSQL and Redis answer within 2 s", Ready, public=True,
+              errors=(503,)),
+    Operation("GET", "/metrics", "Operations", "Prometheus metrics, summed over workers",
+              "Prometheus text format", public=True, errors=(), media_type="text/plain"),
+    Operation("GET", "/openapi.json", "Operations", "This document", "OpenAPI 3.1", public=True, errors=()),
+    Operation("GET", "/docs", "Operations", "A page that reads this document", "HTML", public=True, errors=(),
+              media_type="text/html"),
+    Operation("GET", "/", "Operations", "The demo chat page", "HTML", public=True, errors=(),
+              media_type="text/html"),
+    Operation("POST", "/dev/token", "Operations",
+              "A token for a fresh demo user (only with embedded services or GATEWAY_DEV_MODE)",
+              "`{token, user, org}`", public=True, errors=(404,)),
+    Operation("POST", "/v1/chats", "Chats", "Create a chat", Chat, body=ChatCreate, status=201,
+              errors=(401, 403, 413, 422)),
+    Operation("GET", "/v1/chats", "Chats", "List chats, newest activity first; `q` searches titles", ChatPage,
+              query=ChatList),
+    Operation("GET", "/v1/chats/{chat_id}", "Chats", "A chat with a page of its messages", ChatWithMessages,
+              query=ChatRead, errors=(401, 404, 422)),
+    Operation("PATCH", "/v1/chats/{chat_id}", "Chats", "Change a chat's title, model, system prompt or metadata",
+              Chat, body=ChatPatch, errors=(401, 404, 413, 422)),
+    Operation("DELETE", "/v1/chats/{chat_id}", "Chats", "Delete a chat (soft; `permanent=true` erases it)",
+              query=PermanentFlag, status=204, errors=(401, 404, 422)),
+    Operation("GET", "/v1/chats/{chat_id}/messages", "Chats", "A page of a chat's messages", MessageList,
+              query=MessagePage, errors=(401, 404, 422)),
+    Operation("POST", "/v1/chats/{chat_id}/restore", "Chats", "Restore a deleted chat with its messages", Chat,
+              errors=(401, 403, 404)),
+    Operation("GET", "/v1/stats", "Chats", "The caller's chat, message and token counts", Stats, errors=(401,)),
+    Operation("POST", "/v1/chats/{chat_id}/messages", "Streaming", "Send a message; the reply streams",
+              CHAT_STREAM, body=SendMessage, errors=(401, 404, 409, 413, 422, 429, 502, 503, 504),
+              media_type="text/event-stream"),
+    Operation("POST", "/v1/chat", "Streaming", "Send a message, creating the chat when `chat_id` is absent",
+              CHAT_STREAM, body=ChatTurn, errors=(401, 403, 404, 409, 413, 422, 429, 502, 503, 504),
+              media_type="text/event-stream"),
+    Operation("POST", "/v1/chats/{chat_id}/stop", "Streaming", "Stop the chat's running reply, from any instance",
+              Stopped, errors=(401, 404)),
+    Operation("POST", "/v1/ui/chat", "Streaming", "The AI SDK's UI message stream protocol (v1), for `useChat`",
+              "`data: {json}` chunks: start, text-start, text-delta..., text-end, finish or error; then "
+              "`data: [DONE]`", body=UIChatRequest, errors=(401, 409, 413, 422, 429, 502, 503, 504),
+              media_type="text/event-stream"),
+    Operation("GET", "/v1/ui/chat/{chat_id}/stream", "Streaming", "Resume a UI stream: none is resumable (204)",
+              status=204, errors=(401,)),
+    Operation("GET", "/v1/usage", "Quotas", "The caller's budgets, use, resets and active streams", UsageReport,
+              errors=(401, 503)),
+    Operation("GET", "/v1/admin/quotas/{scope}/{subject_id}", "Quotas", "A user's or the org's limits (admin)",
+              Quota, errors=(401, 403, 422)),
+    Operation("PUT", "/v1/admin/quotas/{scope}/{subject_id}", "Quotas",
+              "Set a user's or the org's limits; null keeps the default (admin)", Quota, body=QuotaLimits,
+              errors=(401, 403, 413, 422, 503)),
+    Operation("POST", "/v1/chat/completions", "OpenAI-compatible",
+              "OpenAI's Chat Completions, streaming or not, from any provider; nothing is stored",
+              "OpenAI's `chat.completion`, or `chat.completion.chunk` events ending with `data: [DONE]`",
+              body=CompletionRequest, errors=(400, 401, 404, 413, 429, 502, 503, 504)),
+    Operation("GET", "/v1/models", "OpenAI-compatible", "Each provider's known models", ModelList,
+              errors=(401,)),
+)
+
+PATH_PARAMETERS: dict[str, dict[str, Any]] = {
+    "chat_id": {"type": "string", "format": "uuid"},
+    "scope": {"type": "string", "enum": ["user", "org"]},
+    "subject_id": {"type": "string", "minLength": 1, "maxLength": 200},
+}
+ERROR_TEXT = {
+    400: "Refused (OpenAI's error shape)", 401: "No valid token", 403: "Forbidden, or the chat limit reached",
+    404: "Not found (another tenant's chat is answered the same)", 409: "A reply is already streaming in the chat, or the chat already holds the message's client_message_id",
+    413: "The body is too large", 422: "Invalid input (with `details`)", 429: "Over a quota (with Retry-After)",
+    502: "The provider failed before the first token", 503: "A store is unavailable",
+    504: "The provider timed out before the first token",
+}
+
+
+def _query_parameters(model: type[BaseModel], schemas: dict[str, Any]) -> list[dict[str, Any]]:
+    properties = schemas[model.__name__]["properties"]
+    return [{"name": name, "in": "query", "required": False, "schema": schema}
+            for name, schema in properties.items()]
+
+
+@functools.cache
+def document() -> dict[str, Any]:
+    models: list[type[BaseModel]] = [*EVENTS.values(), Error, OpenAIError]
+    for operation in OPERATIONS:
+        models += [m for m in (operation.body, operation.query, operation.answer)
+                   if isinstance(m, type) and m not in models]
+    _, definitions = models_json_schema([(m, "validation") for m in models],
+                                        ref_template="#/components/schemas/{model}")
+    schemas: dict[str, Any] = definitions["$defs"]
+    paths: dict[str, dict[str, Any]] = {}
+    for operation in OPERATIONS:
+        spec: dict[str, Any] = {"tags": [operation.tag], "summary": operation.summary,
+                                "operationId": _operation_id(operation)}
+        parameters = [{"name": name, "in": "path", "required": True, "schema": PATH_PARAMETERS[name]}
+                      for name in re.findall(r"{(\w+)}", operation.path)]
+        if operation.query is not None:
+            parameters += _query_parameters(operation.query, schemas)
+        if parameters:
+            spec["parameters"] = parameters
+        if operation.body is not None:
+            spec["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{operation.body.__name__}"}}}}
+        error = {"$ref": f"#/components/schemas/{'OpenAIError' if operation.path in OPENAI_PATHS else 'Error'}"}
+        spec["responses"] = {str(operation.status): _answer(operation)} | {
+            str(status): {"description": ERROR_TEXT[status], "content": {"application/json": {"schema": error}}}
+            for status in operation.errors}
+        if operation.public:
+            spec["security"] = []
+        paths.setdefault(operation.path, {})[operation.method.lower()] = spec
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Streamgate", "version": importlib.metadata.version("streamgate"),
+                 "description": "A streaming gateway for LLM chat. The details are in docs/api.md."},
+        "paths": paths,
+        "components": {"schemas": schemas,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
+        "security": [{"bearer": []}],
+    }
+
+
+def _operation_id(operation: Operation) -> str:
+    words = re.sub(r"[{}]", "", operation.path).replace(".", "_").split("/")
+    return "_".join([operation.method.lower(), *filter(None, words)]).replace("-", "_") or "get_root"
+
+
+def _answer(operation: Operation) -> dict[str, Any]:
+    if operation.status == 204:
+        return {"description": "No content"}
+    if isinstance(operation.answer, type):
+        schema = {"$ref": f"#/components/schemas/{operation.answer.__name__}"}
+        return {"description": operation.answer.__doc__ or operation.answer.__name__,
+                "content": {"application/json": {"schema": schema}}}
+    return {"description": operation.answer or "", "content": {operation.media_type: {}}}
+
+
+async def openapi(request: Request) -> Response:
+    return JSONBody(document())
+
+
+async def docs(request: Request) -> Response:
+    return FileResponse(STATIC / "docs.html", headers={"Cache-Control": "no-cache"})
+
+
+routes = [Route("/openapi.json", openapi), Route("/docs", docs)]

@@ -1,0 +1,1 @@
+"""The edge: authentication, the request middleware, the error envelope, logs and metrics."""

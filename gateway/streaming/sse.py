@@ -1,0 +1,336 @@
+"""Server-Sent Events framing of the chat stream: ``id``, ``event`` and one line of JSON ``data``."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import weakref
+from collections.abc import Coroutine
+from typing import Any, cast
+
+import orjson
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from gateway.edge.middleware import BODY_SEND, RESPONSE_REST
+from gateway.streaming.turns import StreamCodec, Turn, internal_failure
+from providers.base import ProviderError, ToolCallDelta, Usage
+
+PING = b": ping\n\n"
+
+# Keep intermediaries from buffering or caching the stream.
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_BASE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8")] + [
+    (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in STREAM_HEADERS.items()
+]
+
+
+def encode_event(seq: int, name: str, data: dict[str, Any]) -> bytes:
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, name.encode(), orjson.dumps(data, default=str))
+
+
+def usage_body(usage: Usage) -> dict[str, int]:
+    return {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+            "total_tokens": usage.input_tokens + usage.output_tokens}
+
+
+class ChatEvents:
+    """The chat stream's events: ``start``, ``delta``..., ``usage``, then ``done`` or ``error``, numbered."""
+
+    __slots__ = ("seq",)
+
+    def __init__(self) -> None:
+        self.seq = 0
+
+    def start(self, turn: Turn) -> bytes:
+        assert turn.ids is not None
+        self.seq += 1
+        return encode_event(self.seq, "start", {
+            "chat_id": turn.ids.chat_id, "user_message_id": turn.ids.user_message_id,
+            "assistant_message_id": turn.ids.assistant_message_id, "model": turn.model,
+        })
+
+    def delta(self, text: str) -> bytes:
+        self.seq += 1
+        return b"id: %d\nevent: delta\ndata: %s\n\n" % (self.seq, orjson.dumps({"text": text}))
+
+    def usage(self, usage: Usage) -> bytes:
+        self.seq += 1
+        return encode_event(self.seq, "usage", {"input_tokens": usage.input_tokens,
+                                                "output_tokens": usage.output_tokens})
+
+    def tool_call(self, delta: ToolCallDelta) -> None:
+        return None  # a chat turn offers the model no tools
+
+    def done(self, turn: Turn) -> bytes:
+        assert turn.ids is not None
+        self.seq += 1
+        return encode_event(self.seq, "done", {
+            "assistant_message_id": turn.ids.assistant_message_id, "finish_reason": turn.ending,
+            "usage": usage_body(turn.final_usage()[0]), "duration_ms": turn.duration_ms,
+        })
+
+    def error(self, turn: Turn, error: ProviderError) -> bytes:
+        self.seq += 1
+        return encode_event(self.seq, "error", {"code": error.code, "message": error.message})
+
+
+class EventStream(Response):
+    """A turn as an SSE response, relayed: the provider's reads are written to the client from the
+    provider connection's own callbacks, and the request's task only waits, in ``receive``, for the client
+    to hang up or for the turn to wake it at its end. No task, timer or lock per frame, and no task but the
+    request's own per stream.
+
+    Every quarter of the shorter of ``ping_s`` and ``send_timeout_s``, one timer shared by all streams
+    checks each: it writes ``: ping`` once a stream has been quiet for ``ping_s``, and hangs up when one
+    write has been stuck for ``send_timeout_s`` (a client that stopped reading).
+    """
+
+    def __init__(
+        self, turn: Turn, codec: StreamCodec, headers: dict[str, str], ping_s: float, send_timeout_s: float
+    ) -> None:
+        self.turn = turn
+        self.codec = codec
+        self.background = None
+        self.raw_headers = _BASE_HEADERS + [
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items() if k not in STREAM_HEADERS
+        ]
+        self.ping_s = ping_s
+        self.send_timeout_s = send_timeout_s
+        self.gone = False  # the client hung up, or stopped reading
+        self.over = False  # nothing more to wait for: the turn ended or the client is gone
+        self.listening = False  # the request's task is waiting in ``receive``
+        self.woken = False  # ... and was cancelled out of it by ``wake``
+        self.task: asyncio.Task[Any] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        out = Writer(scope.get(BODY_SEND, send), self.turn)
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        except (OSError, RuntimeError):  # the client's connection failed under the send
+            await self.turn.finish(ending="client_disconnected")
+            return
+        except BaseException:
+            await self._interrupted()
+            raise
+        if RESPONSE_REST in scope and scope[RESPONSE_REST] is None:
+            # The start went through the stack's wrappers (they look at it); the rest runs once the stack
+            # has returned (gateway/app.py), holding none of its frames or ``send`` closures.
+            scope[RESPONSE_REST] = functools.partial(self.rest, out)
+        else:
+            await self.rest(out, receive)
+
+    async def rest(self, out: Writer, receive: Receive) -> None:
+        self.task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        watch: _Watch | None = None
+        failure: ProviderError | None = None
+        try:
+            watch = _Watch(self, out, loop)
+            self.turn.relay(self.codec, out.write, self.wake)
+            await self._wait(receive)
+            if not self.gone:
+                await out.drain()
+                last = await self.turn.last_frame()
+                await out.send({"type": "http.response.body", "body": last, "more_body": False})
+        except asyncio.CancelledError:
+            # Not a wake-up: the server is giving up on the stream (shutdown).
+            self.listening = False
+            await self._interrupted()
+            raise
+        except (OSError, RuntimeError):  # the client's connection failed under a send
+            self.gone = True
+        except Exception as error:  # a bug of ours: the turn still ends, stored and settled
+            failure = internal_failure(error, self.turn.model)
+        finally:
+            if watch is not None:
+                watch.stop()
+            out.stop()
+            self.turn.detach()
+        if failure is not None:
+            await self.turn.finish(error=failure)
+        elif self.gone:
+            await self.turn.finish(ending="client_disconnected")
+
+    async def _interrupted(self) -> None:
+        """The server gave up on the stream: the turn ends ``interrupted`` (the registry stores it)."""
+        self.turn.interrupt("interrupted")
+        await self.turn.finish(ending="interrupted", shielded=True)
+
+    async def _wait(self, receive: Receive) -> None:
+        task = self.task
+        assert task is not None
+        while not self.over:
+            self.listening = True
+            try:
+                message = await receive()
+            except asyncio.CancelledError:
+                if not self.woken or task.uncancel() > 0:
+                    raise
+                self.woken = False
+                continue
+            finally:
+                self.listening = False
+            if message["type"] == "http.disconnect":
+                self.hang_up()
+
+    def wake(self) -> None:
+        """The turn is over (or the client gone): end the wait in ``receive``."""
+        if not self.over:
+            self.over = True
+            if self.listening and self.task is not None:
+                self.woken = True
+                self.task.cancel()
+
+    def hang_up(self) -> None:
+        if not self.gone:
+            self.gone = True
+            self.turn.hang_up()
+            self.wake()
+
+
+class Writer:
+    """Writes body frames from any callback without a task of its own: the ASGI send runs at once, and
+    only when it has to wait (the client's socket is full) does the rest of it go to a task, while later
+    frames queue and the provider is paused until the client catches up.
+
+    Under uvicorn's httptools server, a frame goes straight to the connection's transport, chunk-framed,
+    whenever uvicorn's own send would do exactly that without waiting (see ``direct_cycle``)."""
+
+    __slots__ = ("blocked", "cycle", "queued", "send", "sends", "turn")
+
+    def __init__(self, send: Send, turn: Turn) -> None:
+        self.send = send
+        self.cycle = direct_cycle(send)
+        self.turn = turn
+        self.sends = 0
+        self.blocked: asyncio.Task[None] | None = None
+        self.queued: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if self.blocked is not None:
+            self.queued.append(data)
+            return
+        cycle = self.cycle
+        if cycle is not None and cycle.chunked_encoding and not cycle.flow.write_paused and not cycle.disconnected:
+            cycle.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.sends += 1
+            return
+        # An ASGI send is a coroutine (uvicorn's are): stepped here once, it usually finishes at once.
+        step = cast(Coroutine[Any, Any, None], self.send({"type": "http.response.body", "body": data, "more_body": True}))
+        try:
+            waiting = step.send(None)
+        except StopIteration:
+            self.sends += 1
+            return
+        self.turn.pause()
+        self.blocked = asyncio.get_running_loop().create_task(self._finish(step, waiting))
+
+    async def _finish(self, step: Coroutine[Any, Any, None], waiting: Any) -> None:
+        try:
+            while True:
+                if waiting is None:
+                    await asyncio.sleep(0)
+                else:
+                    waiting._asyncio_future_blocking = False  # as a task does with the future it is given
+                    await waiting
+                try:
+                    waiting = step.send(None)
+                except StopIteration:
+                    break
+            self.sends += 1
+            while self.queued:
+                data = b"".join(self.queued)
+                self.queued.clear()
+                await self.send({"type": "http.response.body", "body": data, "more_body": True})
+                self.sends += 1
+        finally:
+            step.close()
+            self.blocked = None
+            self.turn.resume()
+
+    async def drain(self) -> None:
+        """Until every frame written so far has been handed to the transport."""
+        if self.blocked is not None:
+            await asyncio.wait([self.blocked])
+
+    def stop(self) -> None:
+        if self.blocked is not None:
+            self.blocked.cancel()
+
+
+_CYCLE_FIELDS = ("chunked_encoding", "disconnected", "flow", "transport")
+
+
+def direct_cycle(send: Send) -> Any | None:
+    """uvicorn's httptools request cycle behind ``send``, if frames may bypass it; else None.
+
+    For a body frame of a started, chunked response, that send checks that the transport is not paused
+    (else it waits) and the client not gone (else it drops the frame), then writes the frame as one HTTP
+    chunk. ``Writer.write`` makes the same checks and the same write, and takes the send itself whenever
+    a check fails: per relayed token, no message dict and no coroutine to build and step (measured in
+    docs/performance.md). Any other server, or a cycle without those fields, gets the ASGI send.
+    """
+    cycle: Any = getattr(send, "__self__", None)
+    if type(cycle).__module__ != "uvicorn.protocols.http.httptools_impl" or type(cycle).__name__ != "RequestResponseCycle":
+        return None
+    if not all(hasattr(cycle, name) for name in _CYCLE_FIELDS) or not hasattr(cycle.flow, "write_paused"):
+        return None
+    return cycle
+
+
+class _Watch:
+    """A stream's checks, run by its loop's shared ticker: pings when quiet, and the end of a write that
+    never finishes."""
+
+    __slots__ = ("out", "quiet_since", "seen", "stream", "ticker")
+
+    def __init__(self, stream: EventStream, out: Writer, loop: asyncio.AbstractEventLoop) -> None:
+        self.stream, self.out = stream, out
+        self.seen, self.quiet_since = -1, loop.time()
+        self.ticker = _Ticker.of(loop, min(stream.ping_s, stream.send_timeout_s) / 4)
+        self.ticker.add(self)
+
+    def check(self, now: float) -> None:
+        stream, out = self.stream, self.out
+        if out.sends != self.seen:
+            self.seen, self.quiet_since = out.sends, now
+        elif out.blocked is not None and now - self.quiet_since >= stream.send_timeout_s:
+            stream.hang_up()  # the client stopped reading
+        elif out.blocked is None and now - self.quiet_since >= stream.ping_s:
+            out.write(PING)
+
+    def stop(self) -> None:
+        self.ticker.watches.discard(self)
+
+
+class _Ticker:
+    """One timer for every open stream of a loop (with the same tick): a stream costs no timer handle of
+    its own, and the loop's timer heap holds one entry however many streams are open."""
+
+    _loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[float, _Ticker]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float) -> None:
+        self.loop, self.tick = loop, tick
+        self.watches: set[_Watch] = set()
+        self.handle: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop, tick: float) -> _Ticker:
+        tickers = cls._loops.setdefault(loop, {})
+        if tick not in tickers:
+            tickers[tick] = cls(loop, tick)
+        return tickers[tick]
+
+    def add(self, watch: _Watch) -> None:
+        self.watches.add(watch)
+        if self.handle is None:
+            self.handle = self.loop.call_later(self.tick, self.run)
+
+    def run(self) -> None:
+        now = self.loop.time()
+        for watch in list(self.watches):
+            watch.check(now)
+        self.handle = self.loop.call_later(self.tick, self.run) if self.watches else None

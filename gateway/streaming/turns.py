@@ -1,0 +1,461 @@
+"""One assistant reply in flight: pulls the provider's events, streams them, and records how it ended.
+
+A turn ends exactly one way, recorded once in ``ending``:
+- the provider finished (``stop``, ``length``, ...): status ``complete``;
+- ``POST /stop`` from any instance interrupted it: ``cancelled``;
+- the client hung up or stopped reading: ``client_disconnected``, status ``cancelled``;
+- the provider failed: ``error``;
+- the server shut down: ``interrupted``.
+Whatever the ending, the text handed to the client so far is kept.
+
+Past 400 lines because a turn is one state machine: its phases (pulled to the first token, relayed,
+collected, ended) share the state that decides how it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from providers.base import (
+    Finish,
+    ProviderError,
+    ProviderRequest,
+    ProviderStream,
+    StreamBatch,
+    StreamEvent,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
+from storage.chats import Owner
+from storage.quotas import Ticket
+
+logger = logging.getLogger("gateway.streaming.turns")
+
+_STATUS_OF = {
+    "stop": "complete",
+    "length": "complete",
+    "content_filter": "complete",
+    "tool_calls": "complete",
+    "cancelled": "cancelled",
+    "client_disconnected": "cancelled",
+    "error": "error",
+    "interrupted": "interrupted",
+}
+# Characters per token for the documented estimate used when a provider reports no usage.
+CHARS_PER_TOKEN = 4
+# Output tokens a turn's reservation grows by at a time, once its answer nears what it reserved; asked half
+# a batch ahead, so a turn the budgets refuse has overspent them by at most about one batch.
+GROW_BATCH = 256
+_NEVER = sys.maxsize
+
+
+class BudgetExhausted(ProviderError):
+    """The answer outgrew its reservation and the budgets cover no more: the turn ends there, its partial
+    kept, as an ``error`` the client is told about (``quota_exceeded``)."""
+
+    code = "quota_exceeded"
+    http_status = 429
+
+    def __init__(self) -> None:
+        super().__init__("The token budget ran out while the answer streamed")
+
+
+def estimate_tokens(chars: int) -> int:
+    return -(-chars // CHARS_PER_TOKEN)
+
+
+def closed_ending(ending: str | None) -> str:
+    """An ending from the closed set the database and the metrics take; anything else (an adapter's unknown
+    finish reason) is ``stop``, and logged."""
+    if ending is None:
+        return "stop"
+    if ending not in _STATUS_OF:
+        logger.warning("an unknown ending was taken as stop", extra={"ending": ending[:100]})
+        return "stop"
+    return ending
+
+
+def internal_failure(error: BaseException, model: str) -> ProviderError:
+    """Any other exception out of a provider call, as the failure it ends the turn with (logged whole)."""
+    logger.error("a provider call failed unexpectedly", exc_info=error, extra={"model": model[:200]})
+    return ProviderError("The gateway failed while calling the model provider")
+
+
+class StreamCodec(Protocol):
+    """How a turn's events become bytes on the wire; one instance per stream (it may count frames)."""
+
+    def start(self, turn: Turn) -> bytes | None: ...
+
+    def delta(self, text: str) -> bytes: ...
+
+    def usage(self, usage: Usage) -> bytes | None: ...
+
+    def tool_call(self, delta: ToolCallDelta) -> bytes | None: ...
+
+    def done(self, turn: Turn) -> bytes: ...
+
+    def error(self, turn: Turn, error: ProviderError) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TurnIds:
+    chat_id: uuid.UUID
+    user_message_id: uuid.UUID
+    assistant_message_id: uuid.UUID
+
+
+class Turn:
+    """The state of one streamed reply. ``finisher`` persists the ending (and frees the chat, if any).
+
+    ``ids`` names the chat and messages of a chat turn; a turn of the OpenAI-compatible surface has none.
+    """
+
+    __slots__ = (
+        "_buffered", "_codec", "_extend", "_extending", "_failure", "_finisher", "_finishing", "_head",
+        "_stop_reason", "_stored", "_task", "_upstream", "_upstream_finish", "_waiting", "_wake", "_write",
+        "chars", "checkpointed_at", "checkpointed_parts", "covered", "duration_ms", "ending", "error",
+        "first_token_s", "grow_at_chars", "grow_at_parts", "ids", "model", "owner", "parts", "request",
+        "started", "ticket", "tool_parts", "usage",
+    )
+
+    def __init__(
+        self,
+        model: str,
+        request: ProviderRequest,
+        upstream: ProviderStream,
+        finisher: Callable[[Turn], Awaitable[None]],
+        ids: TurnIds | None = None,
+    ) -> None:
+        self.ids = ids
+        self.model = model
+        self.request = request
+        self.parts: list[str] = []
+        self.tool_parts: dict[int, tuple[str, str, list[str]]] = {}  # a call's index -> id, name, arguments
+        self.usage: Usage | None = None
+        self.ending: str | None = None
+        self.error: ProviderError | None = None
+        self.started = time.perf_counter()
+        self.first_token_s: float | None = None
+        self.duration_ms = 0.0
+        self.checkpointed_parts = 0
+        self.checkpointed_at = self.started
+        self.ticket: Ticket | None = None  # its quota reservation, settled when the turn is stored
+        self.owner: Owner | None = None  # who is charged, for a turn with no chat
+        self._upstream = upstream
+        self._finisher = finisher
+        self._buffered: list[StreamBatch] = []
+        self._upstream_finish: str | None = None
+        self._stop_reason: str | None = None
+        self._task: asyncio.Task[Any] | None = None  # the task pulling events, set once per phase
+        self._waiting = False  # whether that task is waiting on the provider right now
+        self._finishing: asyncio.Task[None] | None = None
+        self._stored: asyncio.Future[None] | None = None  # made by the first caller of ``finished``
+        # While relaying: the codec, where frames go, who to wake at the end, and how the provider ended.
+        self._codec: StreamCodec | None = None
+        self._write: Callable[[bytes], None] | None = None
+        self._wake: Callable[[], None] | None = None
+        self._head = b""
+        self._failure: ProviderError | None = None
+        # The output its reservation covers, grown as the answer nears it (see ``watch_output``): output
+        # so far in characters, and the marks that ask for more. Never, for a turn nothing limits.
+        self.chars = 0
+        self.covered = 0
+        self.grow_at_chars = self.grow_at_parts = _NEVER
+        self._extend: Callable[[int], Awaitable[bool]] | None = None
+        self._extending: asyncio.Future[None] | None = None
+
+    # -- control from outside the streaming task --------------------------------------------------
+
+    def interrupt(self, reason: str) -> None:
+        """End the turn with ``reason`` (``cancelled`` or ``interrupted``) as soon as possible.
+
+        A relayed turn closes the provider call at once and wakes its stream to end; a task waiting on the
+        provider is cancelled there, which closes the call; otherwise the flag is seen before the next batch.
+        """
+        if self._stop_reason is None and self.ending is None:
+            self._stop_reason = reason
+            if self._wake is not None:
+                self._upstream.close()
+                self._wake()
+            elif self._waiting and self._task is not None:
+                self._task.cancel()
+
+    def overdraw(self) -> None:
+        """The budgets cover no more output: end the turn now with ``BudgetExhausted``."""
+        if self._stop_reason is None and self.ending is None:
+            self._failure = BudgetExhausted()
+            self.interrupt("error")
+
+    def hang_up(self) -> None:
+        """The client went away: a relayed turn stops reading the provider now; either way the turn then
+        ends as ``client_disconnected``."""
+        if self._wake is not None:
+            self._upstream.close()
+
+    # -- pulling events ---------------------------------------------------------------------------
+
+    async def _pull(self) -> StreamBatch | None:
+        """The next batch of provider events, or None once the provider is done or the turn was interrupted."""
+        if self._buffered:
+            return self._buffered.pop(0)
+        if self._stop_reason is not None:
+            return None
+        self._waiting = True
+        try:
+            return await anext(self._upstream)
+        except StopAsyncIteration:
+            return None
+        except asyncio.CancelledError:
+            if self._stop_reason is None:
+                raise
+            # Our own interrupt: the provider call is closed, and the turn goes on to report it.
+            self._task.uncancel()
+            return None
+        except ProviderError:
+            raise
+        except Exception as error:  # an adapter's bug is still a failed call: the turn ends the one way
+            raise internal_failure(error, self.model) from error
+        finally:
+            self._waiting = False
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop_reason is not None
+
+    async def switch_upstream(self, model: str, upstream: ProviderStream) -> None:
+        """Before the first token only: drop the failed provider call and go on with another."""
+        await self.close_upstream()
+        self.model, self._upstream, self._buffered = model, upstream, []
+
+    def watch_output(self, covered: int, extend: Callable[[int], Awaitable[bool]]) -> None:
+        """Grow the turn's reservation (``extend``, True when the budgets cover the tokens asked) a batch at
+        a time once its output nears the ``covered`` tokens it reserved; when they cover no more, the turn
+        ends (``overdraw``). For a turn with no output cap of its own: a vendor enforces ``max_tokens``."""
+        self.covered, self._extend = covered, extend
+        self._mark_growth()
+
+    def _mark_growth(self) -> None:
+        mark = self.covered - min(GROW_BATCH, self.covered) // 2  # half a batch ahead
+        self.grow_at_parts, self.grow_at_chars = mark, mark * CHARS_PER_TOKEN
+
+    def _outgrown(self) -> None:
+        """The output reached its mark (by characters or by deltas): ask for a batch more, once at a time."""
+        self.grow_at_chars = self.grow_at_parts = _NEVER
+        if self.ending is None and self._extend is not None:
+            self._extending = asyncio.ensure_future(self._grow(self._extend))
+
+    async def _grow(self, extend: Callable[[int], Awaitable[bool]]) -> None:
+        try:
+            covered = await extend(GROW_BATCH)
+        except Exception:
+            logger.exception("extending a reservation failed", extra={"model": self.model})
+            covered = True  # the settlement still charges what the turn used
+        if not covered:
+            self.overdraw()
+        elif self.ending is None:
+            self.covered += GROW_BATCH
+            self._mark_growth()
+
+    async def open(self) -> None:
+        """Wait for the first token (or the end), so a failure before it can still be a plain JSON error."""
+        self._task = asyncio.current_task()
+        while True:
+            batch = await self._pull()
+            if batch is None:
+                return
+            self._buffered.append(batch)
+            if any(isinstance(event, (str, Finish, ToolCallDelta)) for event in batch):
+                return
+
+    def _take(self, event: StreamEvent) -> None:
+        if isinstance(event, Usage):
+            self.usage = event
+        elif isinstance(event, Finish):
+            self._upstream_finish = event.reason
+        elif isinstance(event, ToolCallDelta):
+            self._tool_call(event)
+
+    def _tool_call(self, delta: ToolCallDelta) -> None:
+        if self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - self.started
+        self.chars += len(delta.arguments)
+        call = self.tool_parts.get(delta.index)
+        if call is None:
+            self.tool_parts[delta.index] = (delta.id or f"call_{uuid.uuid4().hex[:24]}", delta.name or "",
+                                            [delta.arguments])
+        else:
+            call[2].append(delta.arguments)
+
+    def _delivered(self, texts: list[str]) -> None:
+        if self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - self.started
+        self.parts += texts
+        self.chars += sum(map(len, texts))
+        if self.chars >= self.grow_at_chars or len(self.parts) >= self.grow_at_parts:
+            self._outgrown()
+
+    # -- the two ways to deliver a turn -----------------------------------------------------------
+
+    def relay(self, codec: StreamCodec, write: Callable[[bytes], None], wake: Callable[[], None]) -> None:
+        """Stream the rest of the turn from the provider's own callbacks: each batch of events becomes one
+        ``write`` (the opening frame goes with the first), and ``wake`` is called once the provider is done,
+        failed, or the turn was stopped. Then ``last_frame`` stores the ending and gives the closing frame."""
+        self._codec, self._write, self._wake = codec, write, wake
+        self._head = codec.start(self) or b""
+        self._task = None  # no task waits on the provider from here on
+        buffered, self._buffered = self._buffered, []
+        for batch in buffered:
+            self.deliver(batch)
+        if self._stop_reason is not None:
+            self._upstream.close()
+            wake()
+        else:
+            self._upstream.relay(self)
+
+    def detach(self) -> None:
+        """The stream is over: drop its ``write`` and ``wake``, methods of the objects that hold this turn,
+        so the stream's objects are freed by their last reference rather than by a full collection."""
+        self._write = self._wake = None
+
+    def deliver(self, batch: StreamBatch) -> None:
+        codec = self._codec
+        assert codec is not None and self._write is not None
+        if len(batch) == 1 and type(text := batch[0]) is str and self.first_token_s is not None and not self._head:
+            # The usual read of a paced stream: one token, after the first.
+            self._write(codec.delta(text))
+            self.parts.append(text)
+            self.chars += len(text)
+            if self.chars >= self.grow_at_chars or len(self.parts) >= self.grow_at_parts:
+                self._outgrown()
+            return
+        frames: list[bytes] = [self._head] if self._head else []
+        texts: list[str] = []
+        for event in batch:
+            if type(event) is str:
+                frames.append(codec.delta(event))
+                texts.append(event)
+            elif isinstance(event, Usage):
+                self.usage = event
+                if frame := codec.usage(event):
+                    frames.append(frame)
+            else:
+                self._take(event)
+                if type(event) is ToolCallDelta and (frame := codec.tool_call(event)):
+                    frames.append(frame)
+        if frames:
+            self._write(b"".join(frames))
+            self._head = b""
+        if texts:
+            self._delivered(texts)  # handed to the transport, or queued behind a write the client is slow to take
+
+    def ended(self, failure: ProviderError | None) -> None:
+        self._failure = failure
+        if self._wake is not None:
+            self._wake()
+
+    def pause(self) -> None:
+        self._upstream.pause()
+
+    def resume(self) -> None:
+        self._upstream.resume()
+
+    async def last_frame(self) -> bytes:
+        """Once the relay is over: the ending stored, then the frame that tells the client how it ended."""
+        assert self._codec is not None
+        head, self._head = self._head, b""
+        if self._failure is not None:
+            await self.finish(error=self._failure)
+            return head + self._codec.error(self, self._failure)
+        await self.finish()
+        return head + self._codec.done(self)
+
+    async def collect(self) -> None:
+        """Run the turn to its end without a client stream (the JSON answer)."""
+        self._task = asyncio.current_task()
+        failure: ProviderError | None = None
+        try:
+            while (batch := await self._pull()) is not None:
+                if texts := [event for event in batch if type(event) is str]:
+                    self._delivered(texts)
+                for event in batch:
+                    if type(event) is not str:
+                        self._take(event)
+        except asyncio.CancelledError:
+            await self.finish(ending="interrupted", shielded=True)
+            raise
+        except Exception as error:
+            failure = error if isinstance(error, ProviderError) else internal_failure(error, self.model)
+        await self.finish(error=failure)
+
+    # -- ending -----------------------------------------------------------------------------------
+
+    async def finish(
+        self, *, ending: str | None = None, error: ProviderError | None = None, shielded: bool = False
+    ) -> None:
+        """Record the ending once, close the provider call and persist; safe to call again."""
+        if self.ending is None:
+            self.error = error = error or self._failure
+            self.ending = closed_ending("error" if error else self._stop_reason or ending or self._upstream_finish)
+            self.duration_ms = round((time.perf_counter() - self.started) * 1000, 1)
+            self._finishing = asyncio.create_task(self._close_and_persist())
+        assert self._finishing is not None
+        if shielded:
+            # Cancelled or closed: the persisting task goes on by itself; the registry waits for it.
+            return
+        await asyncio.shield(self._finishing)
+
+    async def finished(self) -> None:
+        """Wait until the turn has ended and its ending is stored."""
+        if self._finishing is None or not self._finishing.done():
+            if self._stored is None:
+                self._stored = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._stored)
+
+    async def close_upstream(self) -> None:
+        try:
+            await self._upstream.aclose()
+        except Exception:
+            logger.warning("closing the provider stream failed", exc_info=True)
+
+    async def _close_and_persist(self) -> None:
+        await self.close_upstream()
+        try:
+            await self._finisher(self)
+        finally:
+            if self._stored is not None:
+                self._stored.set_result(None)
+
+    @property
+    def status(self) -> str:
+        return _STATUS_OF.get(self.ending or "", "complete")
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The tool calls the model made, whole, in order."""
+        return [ToolCall(id, name, "".join(arguments)) for _, (id, name, arguments) in sorted(self.tool_parts.items())]
+
+    def final_usage(self) -> tuple[Usage, bool]:
+        """The provider's usage when it reported one, else the documented estimate (and True)."""
+        if self.usage is not None:
+            return self.usage, False
+        output = len(self.text) + sum(len(call.arguments) for call in self.tool_calls)
+        return Usage(estimate_tokens(self.request.prompt_chars), estimate_tokens(output)), True
+
+    def charged_tokens(self) -> int:
+        """What the turn costs: nothing when it failed before producing anything, else prompt and output."""
+        if self.ending == "error" and not self.parts and not self.tool_parts:
+            return 0
+        usage, _ = self.final_usage()
+        return usage.input_tokens + usage.output_tokens

@@ -1,0 +1,84 @@
+"""The demo page: served, dev tokens only in dev mode, and driven in a real headless Chromium."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+from playwright.async_api import async_playwright, expect
+
+from storage.db import Pool
+
+ARTIFACTS = Path(__file__).parent.parent / "artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+async def test_page_and_assets_are_public(client: httpx.AsyncClient) -> None:
+    page = await client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<main class="chat"' in page.text and "/static/app.js" in page.text
+    script = await client.get("/static/app.js")
+    assert script.status_code == 200 and "readStream" in script.text
+
+
+async def test_dev_token_exists_only_in_dev_mode(client: httpx.AsyncClient, start_gateway: Any) -> None:
+    assert (await client.post("/dev/token")).status_code == 404
+    async with start_gateway(dev_mode=True) as dev, httpx.AsyncClient(base_url=dev.url) as http:
+        token = (await http.post("/dev/token")).json()["token"]
+        assert (await http.get("/v1/chats", headers={"Authorization": f"Bearer {token}"})).status_code == 200
+
+
+async def test_chat_in_a_real_browser(start_gateway: Any, db: Pool) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    async with start_gateway(dev_mode=True) as gateway, async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = await browser.new_page(viewport={"width": 390, "height": 844})  # a phone
+        await page.goto(gateway.url)
+        await page.get_by_role("button", name="Get a dev token").click()
+        await expect(page.locator("#usage")).to_contain_text("tokens used")
+
+        # A reply that streams: its text grows while it arrives.
+        await page.get_by_label("Model").fill("fake/echo?tokens=30&gap_ms=40")
+        await page.get_by_label("Message").fill("watch these words arrive one by one")
+        await page.get_by_role("button", name="Send").click()
+        reply = page.locator("#messages li.assistant .text").last
+        await expect(reply).not_to_have_text("")
+        early = await reply.inner_text()
+        await expect(page.locator("#messages li.assistant").last).to_have_attribute("data-finish-reason", "stop",
+                                                                                    timeout=15000)
+        final = await reply.inner_text()
+        assert len(early) < len(final) and final.startswith("watch these words")
+
+        # A slow reply, stopped halfway: the stored reply is cancelled with what had arrived.
+        await page.get_by_label("Model").fill("fake/echo?tokens=400&gap_ms=50")
+        await page.get_by_label("Message").fill("a long and slow answer please")
+        await page.get_by_role("button", name="Send").click()
+        await expect(page.locator("#messages li.assistant")).to_have_count(2)
+        slow = page.locator("#messages li.assistant").nth(1)
+        await expect(slow.locator(".text")).not_to_have_text("")
+        message_id = uuid.UUID(await slow.get_attribute("data-id") or "")
+        await page.get_by_role("button", name="Stop").click()
+        await expect(slow).to_have_attribute("data-finish-reason", "cancelled", timeout=10000)
+        await expect(page.locator("#status")).to_have_text("Stopped.")
+        await page.screenshot(path=str(ARTIFACTS / "chat-page.png"), full_page=True)
+        shown = await slow.locator(".text").inner_text()
+        await browser.close()
+    row = await db.fetchrow("SELECT status, finish_reason, content FROM messages WHERE id = $1", message_id)
+    assert (row["status"], row["finish_reason"]) == ("cancelled", "cancelled")
+    assert row["content"] == shown and 0 < len(row["content"]) < len("a long and slow answer please ") * 60
+
+
+async def test_page_explains_a_bad_token(start_gateway: Any) -> None:
+    async with start_gateway() as gateway, async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = await browser.new_page()
+        await page.goto(gateway.url)
+        await page.get_by_role("textbox", name="Token").fill("not-a-token")
+        await page.get_by_role("button", name="Use").click()
+        await expect(page.locator("#status")).to_contain_text("token is missing, invalid or expired")
+        await browser.close()

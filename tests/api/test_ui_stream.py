@@ -1,0 +1,88 @@
+"""The AI SDK UI message stream, driven by the real ``ai`` npm package (DefaultChatTransport)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from gateway.api.ui_stream import chat_id_for
+from gateway.edge.auth import mint_token
+from storage.chats import Owner
+from storage.db import Pool
+from tests.conftest import JWT_SECRET
+
+JS = Path(__file__).parent.parent / "js"
+
+
+@pytest.fixture(scope="session")
+async def node_ai() -> Path:
+    """The pinned ``ai`` package, installed from tests/js/package-lock.json when missing."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    assert node and npm, "Node.js and npm are needed for the AI SDK test"
+    if not (JS / "node_modules" / "ai").is_dir():
+        process = await asyncio.create_subprocess_exec(npm, "ci", "--no-audit", "--no-fund", cwd=JS)
+        assert await process.wait() == 0, "npm ci failed in tests/js"
+    return Path(node)
+
+
+async def run_transport(node: Path, url: str, token: str, chat_id: str, mode: str, model: str) -> dict[str, Any]:
+    process = await asyncio.create_subprocess_exec(
+        str(node), "ui_chat.mjs", url, token, chat_id, mode, model, cwd=JS,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    result: dict[str, Any] = orjson.loads(out.splitlines()[-1])
+    return result
+
+
+async def test_whole_reply_through_the_sdk(node_ai: Path, gateway_url: str, db: Pool) -> None:
+    owner = Owner(f"org-{uuid.uuid4().hex[:6]}", "sdk-user")
+    token = mint_token(JWT_SECRET, owner.user_id, owner.org_id)
+    result = await run_transport(node_ai, gateway_url, token, "client-chat-1", "full", "fake/echo")
+    message = result["message"]
+    assert message["role"] == "assistant"
+    assert message["parts"][0]["text"] == "stream me some words please"
+    assert message["metadata"]["usage"]["outputTokens"] == 5
+    assert result["types"][:2] == ["start", "text-start"] and result["types"][-2:] == ["text-end", "finish"]
+    rows = await db.fetch("SELECT role, content, status FROM messages WHERE chat_id = $1 ORDER BY seq",
+                          chat_id_for(owner, "client-chat-1"))
+    assert [tuple(r) for r in rows] == [("user", "stream me some words please", "complete"),
+                                        ("assistant", "stream me some words please", "complete")]
+    assistant_id = await db.fetchval("SELECT id FROM messages WHERE chat_id = $1 AND role = 'assistant'",
+                                     chat_id_for(owner, "client-chat-1"))
+    assert message["id"] == str(assistant_id)
+
+
+async def test_stop_in_the_sdk_keeps_the_partial_reply(node_ai: Path, gateway: Any, db: Pool) -> None:
+    owner = Owner(f"org-{uuid.uuid4().hex[:6]}", "sdk-user")
+    token = mint_token(JWT_SECRET, owner.user_id, owner.org_id)
+    result = await run_transport(node_ai, gateway.url, token, "client-chat-2", "abort", "fake/echo?tokens=300&gap_ms=20")
+    assert result["types"].count("text-delta") >= 3 and "finish" not in result["types"]
+    chat_id = chat_id_for(owner, "client-chat-2")
+    turn = gateway.services.streams.turns.get(chat_id)
+    if turn is not None:
+        await turn.finished()
+    row = await db.fetchrow("SELECT status, finish_reason, content FROM messages WHERE chat_id = $1 AND "
+                            "role = 'assistant'", chat_id)
+    assert (row["status"], row["finish_reason"]) == ("cancelled", "client_disconnected")
+    assert row["content"].startswith("stream me some ") and len(row["content"]) < 300 * 8
+
+
+async def test_resume_answers_204_and_headers_name_the_protocol(client: httpx.AsyncClient,
+                                                                 alice: dict[str, str]) -> None:
+    assert (await client.get("/v1/ui/chat/anything/stream", headers=alice)).status_code == 204
+    response = await client.post("/v1/ui/chat", headers=alice, json={
+        "id": "c1", "trigger": "submit-message", "messageId": None,
+        "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}]})
+    assert response.headers["x-vercel-ai-ui-message-stream"] == "v1"
+    assert response.text.endswith("data: [DONE]\n\n")
+    bad = await client.post("/v1/ui/chat", headers=alice, json={"id": "c1", "messages": []})
+    assert bad.status_code == 422
