@@ -50,9 +50,9 @@ from storage.quotas import QuotaDefaults, QuotaStore
 from storage.scripts import Script, ScriptClient
 
 SECRET = "bench-secret-" + "b" * 32
-UNPACED = "mock?tokens=64"
-PACED = "mock?tokens=100000&gap_ms=100"  # 10 tokens/s, longer than any measurement window
-IDLE = "mock?tokens=1&hold_ms=3600000"
+UNPACED = "mock:tokens=64"
+PACED = "mock:tokens=100000&gap_ms=100"  # 10 tokens/s, longer than any measurement window
+IDLE = "mock:tokens=1&hold_ms=3600000"
 SEED_TURNS = 32  # 64 messages a chat before the statistics are taken (see Bench.seed)
 LEVELS = (500, 750, 1000, 1250, 1500, 2000, 3000, 4000, 5000, 6000, 8000, 10_000, 12_000, 16_000)
 QUICK_LEVELS = (500, 1000)

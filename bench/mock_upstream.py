@@ -1,6 +1,6 @@
 """A mock OpenAI-format streaming upstream for benchmarks, on raw asyncio (so it is never the bottleneck).
 
-The model name sets the stream: ``mock?tokens=64&gap_ms=0&ttft_ms=0&hold_ms=0`` sends ``tokens`` deltas,
+The model name sets the stream: ``mock:tokens=64&gap_ms=0&ttft_ms=0&hold_ms=0`` sends ``tokens`` deltas,
 ``gap_ms`` apart, after ``ttft_ms``; ``hold_ms`` keeps the stream open after the last delta. HTTP/1.1
 requests get a chunked, keep-alive answer (as an SDK expects); HTTP/1.0 ones an answer closed at its end.
 Streams cut short by the client are recorded with the time their connection closed.
@@ -22,7 +22,7 @@ _HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
 @lru_cache(maxsize=64)
 def frames_for(model: str) -> tuple[bytes, tuple[bytes, ...], bytes, dict[str, float]]:
     """The role frame, one frame per delta and the closing frames for ``model``, built once."""
-    params = {k: float(v) for k, v in parse_qsl(model.partition("?")[2])}
+    params = {k: float(v) for k, v in parse_qsl(model.partition(":")[2])}  # a model id holds no "?"
     head = orjson.dumps({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0,
                          "model": model})[:-1]
 

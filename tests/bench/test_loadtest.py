@@ -56,7 +56,7 @@ async def test_the_mock_upstream_sends_what_its_model_name_asks() -> None:
     try:
         port = mock.sockets[0].getsockname()[1]
         target = Target("127.0.0.1", port, "/v1/chat/completions", {})
-        body = {"model": "mock?tokens=5&gap_ms=1", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+        body = {"model": "mock:tokens=5&gap_ms=1", "stream": True, "messages": [{"role": "user", "content": "x"}]}
         result = await one_stream(target, request_bytes(target, target.path, body), stall_after_s=60)
         sink: list[StreamResult] = []
         await counted_stream(target, request_bytes(target, target.path, body), 60, sink)
