@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     jwt_org_claim: str = Field(default="org", min_length=1)
     jwt_role_claim: str = Field(default="role", min_length=1)
     default_model: str = "fake/echo"
+    # A model that writes a chat's title after its first reply (unless the user named the chat); unset: the
+    # first message, cut, is the title.
+    title_model: str | None = None
     fake_provider: bool = True  # the keyless ``fake/...`` models; a production deployment turns them off
     data_dir: Path = Path(".streamgate")
     instance_id: str | None = None
@@ -86,6 +89,7 @@ class Settings(BaseSettings):
     quota_org_tokens: int | None = Field(default=None, ge=0)
     quota_period: Literal["day", "month"] = "day"
     quota_requests_per_minute: int | None = Field(default=None, ge=0)
+    quota_org_requests_per_minute: int | None = Field(default=None, ge=0)  # an org's own, beside each user's
     quota_max_concurrent_streams: int | None = Field(default=None, ge=0)
     quota_default_max_tokens: int = Field(default=1024, ge=1)
     quota_fail_mode: Literal["closed", "open"] = "closed"

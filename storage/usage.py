@@ -46,9 +46,10 @@ class UsageEntry:
     output_tokens: int
     charged_tokens: int
     estimated: bool
+    kind: str = "chat"  # or "title": what the tokens paid for
 
 
 async def record_usage(db: Executor, entry: UsageEntry) -> None:
     args: list[Any] = [entry.org_id, entry.user_id, entry.chat_id, entry.message_id, entry.model,
-                       entry.input_tokens, entry.output_tokens, entry.charged_tokens, entry.estimated]
+                       entry.input_tokens, entry.output_tokens, entry.charged_tokens, entry.estimated, entry.kind]
     await db.execute(SQL["insert_usage"], *args)

@@ -14,5 +14,5 @@ RETURNING tokens_per_period, period, requests_per_minute, max_concurrent_streams
 
 -- name: insert_usage
 INSERT INTO usage_ledger (org_id, user_id, chat_id, message_id, model, input_tokens, output_tokens,
-                          charged_tokens, estimated)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9);
+                          charged_tokens, estimated, kind)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
