@@ -6,6 +6,7 @@ import functools
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -77,12 +78,15 @@ def chat_for_turn_query(history_messages: int) -> str:
 
 
 async def chat_for_turn(
-    db: Executor, owner: Owner, chat_id: uuid.UUID, history_messages: int, client_message_id: str | None = None
+    db: Executor, owner: Owner, chat_id: uuid.UUID, history_messages: int, client_message_id: str | None = None,
+    new_message_id: uuid.UUID | None = None,
 ) -> TurnContext | None:
     """The chat's context for a turn; None when the owner has no such chat. With ``client_message_id``,
-    ``duplicate`` tells whether the chat already holds it (checked in the same round trip)."""
+    ``duplicate`` tells whether the chat already holds it (checked in the same round trip). The turn's own
+    message (``new_message_id``), when its write may already be done, is neither history nor a duplicate."""
     row = await db.fetchrow(
-        chat_for_turn_query(history_messages), chat_id, owner.org_id, owner.user_id, client_message_id)
+        chat_for_turn_query(history_messages), chat_id, owner.org_id, owner.user_id, client_message_id,
+        new_message_id)
     if row is None:
         return None
     history = list(zip(row["roles"] or (), row["contents"] or (), row["parts"] or (), strict=True))
@@ -111,9 +115,18 @@ async def client_message(
     return None if row is None else (row["user_message_id"], row["assistant_message_id"])
 
 
-async def insert_turn(db: Executor, owner: Owner, turn: NewTurn) -> bool:
-    """Store the user's message and an empty streaming reply; False when the chat is gone."""
-    stored = await db.fetchval(
+@dataclass(frozen=True, slots=True)
+class ChatBefore:
+    """A chat's activity time and title as they were before a turn's write moved them."""
+
+    updated_at: datetime
+    title: str | None
+
+
+async def insert_turn(db: Executor, owner: Owner, turn: NewTurn) -> ChatBefore | None:
+    """Store the user's message and an empty streaming reply; the chat as it was before, or None when the
+    chat is gone."""
+    row = await db.fetchrow(
         SQL["insert_turn"],
         turn.chat_id,
         owner.org_id,
@@ -127,7 +140,14 @@ async def insert_turn(db: Executor, owner: Owner, turn: NewTurn) -> bool:
         turn.metadata,
         turn.model,
     )
-    return bool(stored)
+    return None if row is None else ChatBefore(row["updated_at"], row["title"])
+
+
+async def unstore_turn(db: Executor, owner: Owner, turn: NewTurn, before: ChatBefore) -> None:
+    """Take back a turn ``insert_turn`` stored and nothing has answered: its two messages deleted, the chat's
+    activity time and title as ``before`` (unless the chat has moved since)."""
+    await db.execute(SQL["unstore_turn"], turn.chat_id, owner.org_id, owner.user_id, turn.user_message_id,
+                     turn.assistant_message_id, before.updated_at, before.title)
 
 
 @dataclass(frozen=True, slots=True)

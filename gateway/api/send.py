@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 import asyncpg
@@ -15,6 +16,7 @@ from starlette.routing import Route
 
 from gateway.api.chats import new_chat, owner_of
 from gateway.api.schemas import (
+    MAX_SYSTEM_PROMPT_CHARS,
     ChatTurn,
     SendMessage,
     TurnOptions,
@@ -32,6 +34,7 @@ from gateway.edge.errors import (
 from gateway.edge.metrics import timed
 from gateway.edge.responses import JSONBody
 from gateway.services import Services, services_of
+from gateway.settings import Settings
 from gateway.streaming.admission import Admission
 from gateway.streaming.dispatch import (
     admit,
@@ -42,7 +45,7 @@ from gateway.streaming.dispatch import (
     token_estimate,
 )
 from gateway.streaming.sse import ChatEvents
-from gateway.streaming.turns import StreamCodec, Turn, TurnIds
+from gateway.streaming.turns import StreamCodec, Turn, TurnIds, estimate_tokens
 from providers.base import (
     ATTACHMENT_CHARS,
     ATTACHMENT_TYPES,
@@ -55,7 +58,7 @@ from providers.base import (
 )
 from storage import chats, messages
 from storage.chats import ChatFields, Owner
-from storage.messages import NewTurn, TurnContext
+from storage.messages import ChatBefore, NewTurn, TurnContext
 
 logger = logging.getLogger("gateway.api.send")
 
@@ -159,37 +162,63 @@ async def run_turn(
     request: Request, services: Services, owner: Owner, chat_id: uuid.UUID, content: str, options: TurnOptions,
     codec: StreamCodec | None = None, headers: dict[str, str] | None = None,
 ) -> Response:
-    """One chat turn, top to bottom: admit it (while its chat is read), store the question (while the
-    provider is called), relay the answer (checkpointed by the registry), then settle and store the answer
-    at its end (``StreamRegistry.finish``). Answered as a stream (``codec``, chat events by default) or,
-    when the client accepts only JSON, as one body."""
+    """Admit the turn, store its message while reaching the first token, then answer as a stream
+    (``codec``, chat events by default) or, when the client accepts only JSON, as one body."""
+    settings = services.settings
     ids = TurnIds(chat_id, uuid.uuid4(), uuid.uuid4())
     chosen = resolve_model(services.streams, options.model) if options.model else None
     attachments = tuple(attachment.for_model() for attachment in options.attachments)
     if chosen is not None and attachments:
         refuse_unaccepted(chosen[0], options.model or "", attachments)
     asked = token_estimate(services.streams, len(content) + len(attachments) * ATTACHMENT_CHARS, options.max_tokens)
-    context, admission = await read_and_admit(services, owner, ids, asked, options.client_message_id)
+    write = TurnWrite(services, owner, ids, content, options)
+    context, admission = await read_and_admit(services, owner, ids, asked, options.client_message_id, write)
     try:
-        turn, admission, extra = await prepare_turn(services, owner, ids, content, options, context, admission,
-                                                    chosen, asked)
+        if context.duplicate:
+            assert options.client_message_id is not None
+            await refuse_duplicate(services, owner, chat_id, options.client_message_id)
+        model = options.model or context.model
+        provider, model_name = chosen or resolve_model(services.streams, model)
+        if attachments and chosen is None:
+            refuse_unaccepted(provider, model, attachments)
+        provider_request = ProviderRequest(
+            model_name,
+            [*history_window(context.history, settings.history_chars), ChatMessage("user", content, attachments)],
+            system=context.system_prompt, max_tokens=options.max_tokens, temperature=options.temperature,
+        )
+        extra = token_estimate(services.streams, provider_request.prompt_chars, options.max_tokens) - asked
+        admission = services.quotas.cover(admission, extra)
+        turn = Turn(model, provider_request, call_provider(provider, provider_request), services.streams.finish, ids)
     except BaseException:
+        await write.undo()
         await withdraw(services, owner, ids, admission)
         raise
-    await start_turn(services.streams, turn, turn.model, store_question(services, owner, turn, options, extra))
+    turn.ticket = admission.ticket
+    storing: Awaitable[None] = write.done(model)
+    if extra > 0 and turn.ticket is not None:
+        storing = alongside(storing, services.quotas.grow(turn.ticket, extra))
+    await start_turn(services.streams, turn, model, storing)
     if "application/json" in request.headers.get("accept", ""):
         return await json_answer(services, owner, turn, admission.headers)
     return event_stream(services.streams, turn, codec or ChatEvents(), {**admission.headers, **(headers or {})})
 
 
 async def read_and_admit(
-    services: Services, owner: Owner, ids: TurnIds, estimate: int, client_message_id: str | None
+    services: Services, owner: Owner, ids: TurnIds, estimate: int, client_message_id: str | None,
+    write: TurnWrite,
 ) -> tuple[TurnContext, Admission]:
     """The chat's context (model, system prompt, history, whether it holds ``client_message_id``) and the
     turn's admission for ``estimate`` tokens, both at once. A missing chat wins over a refusal (404), and
-    an admission whose turn will not start is withdrawn: neither leaves a trace."""
+    an admission whose turn will not start is withdrawn: neither leaves a trace.
+
+    When the turn names its model, a connection is free for it and no history could exhaust the budgets'
+    headroom, its ``write`` starts as soon as it is admitted, while the chat is still being read: the first
+    token waits on the write, and this takes the read off its path. A turn refused after all takes the
+    write back. Under load the write waits for the read as before: a second connection would be another
+    turn's."""
     reading = asyncio.ensure_future(messages.chat_for_turn(
-        services.pool, owner, ids.chat_id, services.settings.history_messages, client_message_id))
+        services.pool, owner, ids.chat_id, services.settings.history_messages, client_message_id,
+        ids.user_message_id))
     try:
         admission = await admit(services.streams, owner, ids.assistant_message_id, estimate, ids.chat_id)
     except BaseException:
@@ -197,69 +226,33 @@ async def read_and_admit(
             raise ChatNotFound() from None
         raise
     try:
+        if (write.options.model and services.pool.spare
+                and admission.covers(most_history_tokens(services.settings))):
+            write.start()
         context = await reading
         if context is None:
             raise ChatNotFound()
     except BaseException:
+        await write.undo()
         with contextlib.suppress(GatewayError):  # a refusal has nothing to undo
             await withdraw(services, owner, ids, admission)
         raise
     return context, admission
 
 
-async def prepare_turn(
-    services: Services, owner: Owner, ids: TurnIds, content: str, options: TurnOptions, context: TurnContext,
-    admission: Admission, chosen: tuple[Provider, str] | None, asked: int,
-) -> tuple[Turn, Admission, int]:
-    """The turn as its chat makes it: its model, the history window, and its admission covering what the
-    history adds to its estimate (``extra``; refused when the budgets cannot cover it)."""
-    if context.duplicate:
-        assert options.client_message_id is not None
-        await refuse_duplicate(services, owner, ids.chat_id, options.client_message_id)
-    model = options.model or context.model
-    provider, model_name = chosen or resolve_model(services.streams, model)
-    attachments = tuple(attachment.for_model() for attachment in options.attachments)
-    if attachments and chosen is None:
-        refuse_unaccepted(provider, model, attachments)
-    history = history_window(context.history, services.settings.history_chars)
-    provider_request = ProviderRequest(
-        model_name, [*history, ChatMessage("user", content, attachments)], system=context.system_prompt,
-        max_tokens=options.max_tokens, temperature=options.temperature,
-    )
-    extra = token_estimate(services.streams, provider_request.prompt_chars, options.max_tokens) - asked
-    admission = services.quotas.cover(admission, extra)
-    turn = Turn(model, provider_request, call_provider(provider, provider_request), services.streams.finish, ids)
-    turn.ticket = admission.ticket
-    return turn, admission, extra
+def most_history_tokens(settings: Settings) -> int:
+    """The most a chat's history and system prompt add to a turn's estimate (``extra`` in ``run_turn``),
+    their attachments' notes apart: a longer one is refused after the write, and the write taken back."""
+    return estimate_tokens(settings.history_chars + MAX_SYSTEM_PROMPT_CHARS)
 
 
-async def store_question(services: Services, owner: Owner, turn: Turn, options: TurnOptions, extra: int) -> None:
-    """The user's message and the reply's empty start, in one statement that also moves the chat's activity
-    time (and titles an untitled chat); meanwhile the reservation grows by the history's ``extra``."""
-    assert turn.ids is not None
-    growing = asyncio.ensure_future(services.quotas.grow(turn.ticket, extra))
+async def alongside(main: Awaitable[None], side: Coroutine[Any, Any, None]) -> None:
+    """``main``, with ``side`` run at the same time and finished before this returns."""
+    task = asyncio.ensure_future(side)
     try:
-        await insert_question(services, owner, turn.ids, turn.request.messages[-1].content, turn.model, options)
+        await main
     finally:
-        await growing
-
-
-async def insert_question(
-    services: Services, owner: Owner, ids: TurnIds, content: str, model: str, options: TurnOptions
-) -> None:
-    parts: list[dict[str, Any]] = [{"type": "text", "text": content}]
-    parts += [{"type": "attachment", **a.model_dump()} for a in options.attachments]
-    new = NewTurn(ids.chat_id, ids.user_message_id, ids.assistant_message_id, content, title_from(content), model,
-                  parts, options.client_message_id, options.metadata or {})
-    try:
-        with timed("postgres", "insert_turn"):
-            stored = await messages.insert_turn(services.pool, owner, new)
-    except asyncpg.UniqueViolationError:  # the same id sent twice at once (the read before saw neither)
-        assert options.client_message_id is not None
-        await refuse_duplicate(services, owner, ids.chat_id, options.client_message_id)
-        raise DuplicateMessage() from None
-    if not stored:
-        raise ChatNotFound()
+        await task
 
 
 async def withdraw(services: Services, owner: Owner, ids: TurnIds, admission: Admission) -> None:
@@ -275,6 +268,64 @@ async def refuse_duplicate(services: Services, owner: Owner, chat_id: uuid.UUID,
         user_message_id, assistant_message_id = found
         raise DuplicateMessage(details={"user_message_id": str(user_message_id),
                                         "assistant_message_id": assistant_message_id and str(assistant_message_id)})
+
+
+class TurnWrite:
+    """The turn's two messages (the user's, and the reply's empty start) and the chat's activity time, in
+    one statement: started early (``start``), or at ``done``; taken back by ``undo`` when the turn is
+    refused after it."""
+
+    def __init__(self, services: Services, owner: Owner, ids: TurnIds, content: str, options: TurnOptions) -> None:
+        self.services, self.owner, self.ids, self.content, self.options = services, owner, ids, content, options
+        self.task: asyncio.Task[tuple[NewTurn, ChatBefore]] | None = None
+
+    def start(self) -> None:
+        """Write now: the turn names its model (``options.model``), known before its chat is read."""
+        assert self.options.model is not None
+        self.task = asyncio.ensure_future(self._write(self.options.model))
+
+    async def done(self, model: str) -> None:
+        """The write, done: the one ``start`` began, or now."""
+        if self.task is not None:
+            await self.task
+        else:
+            await self._write(model)
+
+    async def undo(self) -> None:
+        """Take back what ``start`` stored: the messages deleted and the chat as it was. Nothing to take
+        back when it failed or was never started; when taking back fails, the reply left ``streaming`` is
+        ended ``interrupted`` by the sweep of replies no instance streams."""
+        if self.task is None:
+            return
+        task, self.task = self.task, None
+        try:
+            stored, before = await asyncio.shield(task)
+        except Exception:  # nothing stored
+            return
+        try:
+            await messages.unstore_turn(self.services.pool, self.owner, stored, before)
+        except (asyncpg.PostgresError, OSError):
+            logger.warning("a refused turn's messages could not be taken back", exc_info=True,
+                           extra={"chat": str(self.ids.chat_id)})
+
+    async def _write(self, model: str) -> tuple[NewTurn, ChatBefore]:
+        services, options, ids = self.services, self.options, self.ids
+        parts: list[dict[str, Any]] = [{"type": "text", "text": self.content}]
+        parts += [{"type": "attachment", **a.model_dump()} for a in options.attachments]
+        turn = NewTurn(ids.chat_id, ids.user_message_id, ids.assistant_message_id, self.content,
+                       title_from(self.content), model, parts, options.client_message_id, options.metadata or {})
+        try:
+            with timed("postgres", "insert_turn"):
+                before = await messages.insert_turn(services.pool, self.owner, turn)
+        except asyncpg.UniqueViolationError:  # the same id sent twice at once (the read before saw neither)
+            assert options.client_message_id is not None
+            await refuse_duplicate(services, self.owner, self.ids.chat_id, options.client_message_id)
+            raise DuplicateMessage() from None
+        if before is None:
+            raise ChatNotFound()
+        return turn, before
+
+
 async def json_answer(services: Services, owner: Owner, turn: Turn, headers: dict[str, str]) -> Response:
     await turn.collect()
     assert turn.ids is not None

@@ -29,15 +29,17 @@ WHERE id = $1 AND org_id = $2 AND user_id = $3;
 -- a third more), in one round trip before a turn. A message's parts come only when it has more than its
 -- text (attachments), else NULL. {history_messages} is written in once (see storage/messages.py): as a
 -- parameter, it would have the read planned anew on every call. duplicate: the chat already holds a
--- message with the client's id $4 (never, when $4 is NULL).
+-- message with the client's id $4 (never, when $4 is NULL). $5 is the turn's own message, left out of
+-- both: its write may be done before this read (gateway/send.py).
 SELECT c.id, c.title, c.model, c.system_prompt, h.roles, h.contents, h.parts,
-       EXISTS (SELECT 1 FROM messages d WHERE d.chat_id = c.id AND d.client_message_id = $4) AS duplicate
+       EXISTS (SELECT 1 FROM messages d
+               WHERE d.chat_id = c.id AND d.client_message_id = $4 AND d.id IS DISTINCT FROM $5) AS duplicate
 FROM chats c,
      LATERAL (SELECT array_agg(m.role) AS roles, array_agg(m.content) AS contents, array_agg(m.parts) AS parts
               FROM (SELECT role, content, CASE WHEN jsonb_array_length(parts) > 1 THEN parts END AS parts
                     FROM messages
                     WHERE chat_id = c.id AND deleted_at IS NULL AND content <> ''
-                      AND role IN ('user', 'assistant')
+                      AND role IN ('user', 'assistant') AND id IS DISTINCT FROM $5
                     ORDER BY seq DESC LIMIT {history_messages}) m) h
 WHERE c.id = $1 AND c.org_id = $2 AND c.user_id = $3 AND c.deleted_at IS NULL;
 
@@ -52,8 +54,11 @@ WHERE u.chat_id = $1 AND u.client_message_id = $2 AND u.org_id = $3 AND u.user_i
 -- name: insert_turn
 -- The user's message (complete) and the assistant's reply (streaming, empty) in one statement, which also
 -- moves the chat's activity time and titles an untitled chat. Rows are inserted in VALUES order, so the
--- reply's seq follows the message's. It answers with the rows it stored: 2, or 0 when the chat is gone.
-WITH chat AS (
+-- reply's seq follows the message's. It answers with the chat's activity time and title as they were
+-- (what unstore_turn puts back), and with no row when the chat is gone.
+WITH before AS (
+    SELECT updated_at, title FROM chats WHERE id = $1 AND org_id = $2 AND user_id = $3 AND deleted_at IS NULL
+), chat AS (
     UPDATE chats SET updated_at = now(), title = COALESCE(title, $6)
     WHERE id = $1 AND org_id = $2 AND user_id = $3 AND deleted_at IS NULL
     RETURNING id
@@ -68,7 +73,17 @@ WITH chat AS (
     ) AS v(id, role, content, parts, status, model, client_message_id, metadata, completed_at)
     RETURNING id
 )
-SELECT count(*) = 2 FROM added;
+SELECT updated_at, title FROM before WHERE (SELECT count(*) FROM added) = 2;
+
+-- name: unstore_turn
+-- A stored turn taken back before it started (see gateway/send.py): its two messages deleted, and the
+-- chat's activity time and title put back ($6, $7), unless something has moved the chat since.
+WITH gone AS (
+    DELETE FROM messages WHERE id IN ($4, $5) AND chat_id = $1 AND org_id = $2 AND user_id = $3
+    RETURNING created_at
+)
+UPDATE chats SET updated_at = $6, title = $7
+WHERE id = $1 AND org_id = $2 AND user_id = $3 AND updated_at = (SELECT max(created_at) FROM gone);
 
 -- name: finish_message
 -- The reply's final state and its usage ledger row, in one statement.

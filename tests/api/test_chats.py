@@ -8,15 +8,17 @@ from typing import Any
 import httpx
 import pytest
 
-from storage.chats import ChatFields, Owner, create_chat, erase_org, soft_delete_chat
+from storage.chats import ChatFields, Owner, create_chat, erase_org
 from storage.db import Pool
 from storage.messages import (
+    ChatBefore,
     FinishedReply,
     NewTurn,
     chat_for_turn,
     chat_for_turn_query,
     finish_reply,
     insert_turn,
+    unstore_turn,
 )
 from storage.queries import SQL
 from storage.usage import UsageEntry, record_usage
@@ -339,36 +341,43 @@ async def test_history_read_of_a_long_chat_stops_at_its_limit(db: Pool) -> None:
     await db.execute("ANALYZE messages")
     async with db.acquire() as conn:
         plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {chat_for_turn_query(20)}",
-                                   chat["id"], owner.org_id, owner.user_id, None)
+                                   chat["id"], owner.org_id, owner.user_id, None, uuid.uuid4())
     scans = [node for node in plan_nodes(plan[0]["Plan"]) if node.get("Relation Name") == "messages"]
     assert scans and all(node["Actual Rows"] <= 20 for node in scans), [node["Node Type"] for node in scans]
 
 
-async def test_a_stored_turn_is_the_next_turns_history_and_its_id_a_duplicate(db: Pool) -> None:
-    owner = Owner("org-turns", f"turns-{uuid.uuid4().hex[:6]}")
+async def test_a_turn_written_before_its_read_is_not_its_own_history_and_is_taken_back_whole(db: Pool) -> None:
+    owner = Owner("org-undo", f"undo-{uuid.uuid4().hex[:6]}")
     chat = await create_chat(db, owner, ChatFields(None, "fake/echo", None), None)
+    before = dict(await db.fetchrow("SELECT * FROM chats WHERE id = $1", chat["id"]))
     turn = NewTurn(chat["id"], uuid.uuid4(), uuid.uuid4(), "early", "early", "fake/echo", [], "c-1", {})
-    assert await insert_turn(db, owner, turn)
-    context = await chat_for_turn(db, owner, chat["id"], 20, "c-1")
-    assert context is not None and context.duplicate
-    assert context.history == [("user", "early", None)]  # the reply, empty while it streams, is no history
+    stored = await insert_turn(db, owner, turn)
+    assert stored == ChatBefore(before["updated_at"], None)
+    # The turn's own read, done after its write: its message is neither history nor a duplicate of itself.
+    context = await chat_for_turn(db, owner, chat["id"], 20, "c-1", turn.user_message_id)
+    assert context is not None and context.history == [] and not context.duplicate
+    seen_by_another = await chat_for_turn(db, owner, chat["id"], 20, "c-1", uuid.uuid4())
+    assert seen_by_another is not None and seen_by_another.duplicate
+    assert seen_by_another.history == [("user", "early", None)]
     assert (await db.fetchrow("SELECT title FROM chats WHERE id = $1", chat["id"]))["title"] == "early"
-    fresh = await chat_for_turn(db, owner, chat["id"], 20, "c-2")
-    assert fresh is not None and not fresh.duplicate
 
-
-async def test_a_turn_is_stored_only_in_a_live_chat_of_its_owner(db: Pool) -> None:
-    owner = Owner("org-turns", f"turns-{uuid.uuid4().hex[:6]}")
-    chat = await create_chat(db, owner, ChatFields(None, "fake/echo", None), None)
-    stranger = Owner(owner.org_id, f"other-{uuid.uuid4().hex[:6]}")
-
-    def turn() -> NewTurn:
-        return NewTurn(chat["id"], uuid.uuid4(), uuid.uuid4(), "hi", "hi", "fake/echo", [], None, {})
-
-    assert not await insert_turn(db, stranger, turn())
-    assert await soft_delete_chat(db, owner, chat["id"])
-    assert not await insert_turn(db, owner, turn())
+    await unstore_turn(db, owner, turn, stored)
+    assert dict(await db.fetchrow("SELECT * FROM chats WHERE id = $1", chat["id"])) == before
     assert await db.fetchval("SELECT count(*) FROM messages WHERE chat_id = $1", chat["id"]) == 0
+
+
+async def test_taking_a_turn_back_leaves_a_chat_moved_since_as_it_is(db: Pool) -> None:
+    owner = Owner("org-undo", f"undo-{uuid.uuid4().hex[:6]}")
+    chat = await create_chat(db, owner, ChatFields(None, "fake/echo", None), None)
+    first, second = (NewTurn(chat["id"], uuid.uuid4(), uuid.uuid4(), text, text, "fake/echo", [], None, {})
+                     for text in ("first", "second"))
+    stored = await insert_turn(db, owner, first)
+    assert stored is not None and await insert_turn(db, owner, second)
+    moved = dict(await db.fetchrow("SELECT * FROM chats WHERE id = $1", chat["id"]))
+    await unstore_turn(db, owner, first, stored)
+    assert dict(await db.fetchrow("SELECT * FROM chats WHERE id = $1", chat["id"])) == moved
+    rows = await db.fetch("SELECT id FROM messages WHERE chat_id = $1 ORDER BY seq", chat["id"])
+    assert [row["id"] for row in rows] == [second.user_message_id, second.assistant_message_id]
 
 
 async def test_a_turns_statements_are_planned_once_per_connection(db: Pool) -> None:
@@ -380,7 +389,7 @@ async def test_a_turns_statements_are_planned_once_per_connection(db: Pool) -> N
     async with db.acquire() as conn:
         for n in range(8):
             turn = NewTurn(chat["id"], uuid.uuid4(), uuid.uuid4(), f"message {n}", "t", "fake/echo", [], None, {})
-            assert await chat_for_turn(conn, owner, chat["id"], 20, None) is not None
+            assert await chat_for_turn(conn, owner, chat["id"], 20, None, turn.user_message_id) is not None
             assert await insert_turn(conn, owner, turn)
             await finish_reply(conn, FinishedReply(turn.assistant_message_id, "partial reply", "complete", "stop",
                                                    "fake/echo", 1, 2, False, {}, 3))

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from gateway.api.schemas import SendMessage
-from gateway.api.send import insert_question
+from gateway.api.send import TurnWrite
 from gateway.edge.errors import DuplicateMessage
 from gateway.settings import Settings
 from gateway.streaming.turns import TurnIds
@@ -67,7 +67,7 @@ async def test_the_same_id_stored_at_once_twice_is_refused_at_the_write(
     ids = TurnIds(uuid.UUID(chat_id), uuid.uuid4(), uuid.uuid4())
     options = SendMessage(content="raced", client_message_id="r-1")
     with pytest.raises(DuplicateMessage) as refused:
-        await insert_question(gateway.services, owner, ids, "raced", "fake/echo", options)
+        await TurnWrite(gateway.services, owner, ids, "raced", options).done("fake/echo")
     assert refused.value.details == {"user_message_id": message["id"],
                                      "assistant_message_id": first["assistant_message"]["id"]}
 

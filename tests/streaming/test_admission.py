@@ -248,9 +248,12 @@ async def test_a_turn_whose_history_overdraws_the_budget_is_refused_and_changes_
     assert [m["content"] for m in listed["items"]] == ["a" * 1600, "a" * 1600]
 
 
-async def test_a_turn_refused_for_its_history_writes_nothing(start_gateway: Any, db: Pool) -> None:
-    """A turn is admitted while its chat is read; here the history (attachments' notes) exhausts the
-    budget: the turn is refused then, before anything of it is written."""
+async def test_a_turn_refused_after_its_early_write_is_taken_back_and_changes_nothing(
+    start_gateway: Any, db: Pool
+) -> None:
+    """A turn that names its model is written once admitted, while its chat is read, when no history could
+    exhaust the budget's headroom, attachments' notes apart. Here notes do: the turn is refused after its
+    write, which is taken back."""
     headers = auth_headers(f"u-{uuid.uuid4().hex[:6]}", f"org-{uuid.uuid4().hex[:6]}")
     # A history of at most 100 characters and the longest system prompt: 5,025 tokens at most, apart from
     # notes; "more" asks 11 of a budget of 6,000.
@@ -270,7 +273,7 @@ async def test_a_turn_refused_for_its_history_writes_nothing(start_gateway: Any,
         refused = await http.post(f"/v1/chats/{chat_id}/messages", headers=headers,
                                   json={"content": "more", "model": "fake/echo"})
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "quota_exceeded"
-        assert sample((await http.get("/metrics")).text, INSERT_TURNS) == writes
+        assert sample((await http.get("/metrics")).text, INSERT_TURNS) == writes + 1  # written, then taken back
         assert await chat_rows(db, chat_id) == before
         assert budgets(await http.get("/v1/usage", headers=headers)) == usage
 
