@@ -38,6 +38,7 @@ from providers.base import (
     UpstreamConfig,
     status_failure,
 )
+from providers.proxy import proxy_for, tunnel
 from providers.sse import SSEDecoder, SSEEvent, StreamReader
 
 logger = logging.getLogger("providers.http")
@@ -66,7 +67,8 @@ def json_or_none(data: bytes) -> Any:
 
 
 def request_head(url: str, length: int, headers: Mapping[str, str]) -> tuple[tuple[str, str, int], bytes]:
-    """The pool key (scheme, host, port) and the request's head for a JSON POST of ``length`` bytes."""
+    """The pool key (scheme, host, port) and the request's head for a JSON POST of ``length`` bytes; for a
+    plain http URL behind ``HTTP_PROXY``, in the absolute form a proxy takes, with its credentials."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ProviderConnectionError(f"Cannot call {url!r}: not an http(s) URL")
@@ -74,7 +76,12 @@ def request_head(url: str, length: int, headers: Mapping[str, str]) -> tuple[tup
     port = parts.port or (443 if https else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     host = parts.netloc.rpartition("@")[2]
+    proxy = None if https else proxy_for("http", parts.hostname)
+    if proxy is not None:
+        target = f"http://{host}{target}"
     lines = [f"POST {target} HTTP/1.1", f"Host: {host}", f"Content-Length: {length}"]
+    if proxy is not None and proxy.authorization:
+        lines.append(f"Proxy-Authorization: {proxy.authorization}")
     if not any(name.lower() == "content-type" for name in headers):
         lines.append("Content-Type: application/json")
     for name, value in headers.items():
@@ -125,10 +132,17 @@ class Upstream:
                 self._tls = ssl.create_default_context()
             tls = self._tls
         loop = asyncio.get_running_loop()
+        proxy = proxy_for(scheme, host)
         try:
             async with asyncio.timeout(self.config.connect_timeout_s):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(self, key), host, port, ssl=tls, server_hostname=host if tls else None)
+                if proxy is None:
+                    _, connection = await loop.create_connection(
+                        lambda: _Connection(self, key), host, port, ssl=tls, server_hostname=host if tls else None)
+                elif tls is not None:
+                    connection = _Connection(self, key)
+                    await tunnel(proxy, host, port, tls, connection)
+                else:  # a plain http vendor: the request itself goes to the proxy (see ``request_head``)
+                    _, connection = await loop.create_connection(lambda: _Connection(self, key), proxy.host, proxy.port)
         except TimeoutError:
             raise ProviderTimeout(f"Connecting to {self.vendor} timed out") from None
         except OSError:

@@ -33,15 +33,16 @@ class _Server(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def serve_app(app: ASGIApp, http: str = "auto") -> AsyncIterator[str]:
+async def serve_app(app: ASGIApp, http: str = "auto", tls: tuple[str, str] | None = None) -> AsyncIterator[str]:
     """Serve ``app`` on 127.0.0.1 with a real uvicorn (``http``: its HTTP implementation) in this event
-    loop; yield its base URL."""
+    loop; yield its base URL. With ``tls`` (a certificate file and its key file) it serves https."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, lifespan="on", log_config=None, access_log=False, timeout_graceful_shutdown=5, http=http
+        app, lifespan="on", log_config=None, access_log=False, timeout_graceful_shutdown=5, http=http,
+        ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None,
     )
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -52,7 +53,7 @@ async def serve_app(app: ASGIApp, http: str = "auto") -> AsyncIterator[str]:
         await task
         raise RuntimeError("the test server did not start")
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         await task
