@@ -2,8 +2,18 @@
 ``anthropic-version`` and other headers); the request goes over our connection pool, as for OpenAI, and the
 stream is read through our SSE decoder.
 
-Events: ``message_start`` (input usage), ``content_block_delta`` (text), ``message_delta`` (stop reason and
-the output usage, which is cumulative), ``message_stop``, ``ping`` and ``error``.
+Events: ``message_start`` (input usage), ``content_block_start`` (a ``tool_use``, ``thinking`` or
+``redacted_thinking`` block), ``content_block_delta`` (text, tool input, thinking and its signature),
+``message_delta`` (stop reason and the output usage, which is cumulative), ``message_stop``, ``ping`` and
+``error``.
+
+Reasoning: an effort enables extended thinking, ``{"type": "enabled", "budget_tokens": N}`` (N from
+``REASONING_BUDGETS``), unless the request requires a tool call, which Anthropic refuses with thinking. The
+budget must be below ``max_tokens``, which counts the thinking too: when it is not, ``max_tokens`` becomes
+the budget plus the answer's own limit. With thinking, Anthropic takes no temperature but 1 (it is left
+out) and a ``top_p`` of 0.95 or more only. Thinking blocks go back in history, signed, before the turn's
+text and ``tool_use`` blocks: a tool-using turn with thinking fails without them. Anthropic reports no
+separate count of thinking tokens (they are in ``output_tokens``).
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import orjson
 from providers.base import (
     ANTHROPIC_MODELS,
     IMAGE_TYPES,
+    REASONING_BUDGETS,
     Attachment,
     ChatMessage,
     Finish,
@@ -25,6 +36,8 @@ from providers.base import (
     ProviderRequest,
     ProviderStatusError,
     ProviderStream,
+    Reasoning,
+    ReasoningDelta,
     StreamBatch,
     ToolCallDelta,
     UpstreamConfig,
@@ -60,10 +73,25 @@ def content_blocks(message: ChatMessage) -> list[dict[str, Any]]:
     return [*map(attachment_block, message.attachments), {"type": "text", "text": message.content}]
 
 
+def thinking_blocks(reasoning: tuple[Reasoning, ...]) -> list[dict[str, Any]]:
+    """An assistant turn's reasoning as ``thinking`` and ``redacted_thinking`` blocks, in order. A piece with
+    no signature is left out: Anthropic refuses a thinking block it cannot verify."""
+    blocks: list[dict[str, Any]] = []
+    for piece in reasoning:
+        if piece.redacted is not None:
+            blocks.append({"type": "redacted_thinking", "data": piece.redacted})
+        elif piece.signature is not None:
+            blocks.append({"type": "thinking", "thinking": piece.text, "signature": piece.signature})
+    return blocks
+
+
 def message_of(message: ChatMessage) -> dict[str, Any]:
-    """A user or assistant message; an assistant's tool calls are ``tool_use`` blocks after its text."""
-    if message.tool_calls:
-        blocks = [{"type": "text", "text": message.content}] if message.content else []
+    """A user or assistant message; an assistant's thinking blocks come first, then its text, then its tool
+    calls as ``tool_use`` blocks."""
+    thinking = thinking_blocks(message.reasoning) if message.reasoning else []
+    if message.tool_calls or thinking:
+        blocks = thinking + (content_blocks(message) if message.attachments
+                             else [{"type": "text", "text": message.content}] if message.content else [])
         blocks += [{"type": "tool_use", "id": c.id, "name": c.name, "input": orjson.loads(c.arguments or "{}")}
                    for c in message.tool_calls]
         return {"role": "assistant", "content": blocks}
@@ -98,20 +126,34 @@ def tools_of(request: ProviderRequest) -> dict[str, Any]:
     return body
 
 
+def thinking_budget(request: ProviderRequest) -> int | None:
+    """The thinking budget the request's effort asks for; None for no thinking, which is also the case when
+    a tool call is required (Anthropic takes thinking only with ``tool_choice`` auto or none)."""
+    if request.reasoning_effort is None or request.tool_choice == "required" or request.forced_tool:
+        return None
+    return REASONING_BUDGETS[request.reasoning_effort]
+
+
 def messages_body(request: ProviderRequest) -> dict[str, Any]:
+    budget = thinking_budget(request)
+    max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
+    if budget is not None and budget >= max_tokens:  # the budget must be below max_tokens, which counts it
+        max_tokens += budget
     body: dict[str, Any] = {
-        "model": request.model, "max_tokens": request.max_tokens or DEFAULT_MAX_TOKENS, "stream": True,
+        "model": request.model, "max_tokens": max_tokens, "stream": True,
         "messages": messages_of([m for m in request.messages if m.role != "system"]),
     }
+    if budget is not None:
+        body["thinking"] = {"type": "enabled", "budget_tokens": budget}
     if request.tools:
         body |= tools_of(request)
     if request.response_format is not None:  # only json_schema: Messages has no schemaless JSON mode
         body["output_config"] = {"format": {"type": "json_schema", "schema": request.response_format.schema}}
     if request.system:
         body["system"] = request.system
-    if request.temperature is not None:
+    if request.temperature is not None and budget is None:
         body["temperature"] = min(request.temperature, 1.0)  # Anthropic's range is 0..1
-    if request.top_p is not None:
+    if request.top_p is not None and (budget is None or request.top_p >= 0.95):
         body["top_p"] = request.top_p
     if request.stop:
         body["stop_sequences"] = list(request.stop)
@@ -146,8 +188,9 @@ class AnthropicProvider:
 
 
 class MessageReader:
-    """Named events: ``message_start`` (input usage), ``content_block_delta`` (text), ``message_delta`` (stop
-    reason and the cumulative output usage), ``message_stop``; ``ping`` is skipped and ``error`` raised."""
+    """Named events: ``message_start`` (input usage), ``content_block_start`` (tool calls, thinking blocks),
+    ``content_block_delta`` (text, tool input, thinking, signatures), ``message_delta`` (stop reason and the
+    cumulative output usage), ``message_stop``; ``ping`` is skipped and ``error`` raised."""
 
     def __init__(self) -> None:
         self.input_tokens = self.output_tokens = 0
@@ -161,14 +204,10 @@ class MessageReader:
             text = delta.get("text")
             if text:
                 batch.append(text)
-            elif delta.get("type") == "input_json_delta" and frame.get("index") in self.calls:
-                batch.append(ToolCallDelta(self.calls[frame["index"]], None, None, delta.get("partial_json") or ""))
+            else:
+                self._delta(frame, delta, batch)
         elif name == b"content_block_start":
-            frame = json_frame(data, VENDOR)
-            block = frame.get("content_block") or {}
-            if block.get("type") == "tool_use":
-                call = self.calls[frame.get("index", 0)] = len(self.calls)
-                batch.append(ToolCallDelta(call, block.get("id"), block.get("name"), ""))
+            self._block(json_frame(data, VENDOR), batch)
         elif name == b"message_start":
             usage = json_frame(data, VENDOR)["message"].get("usage") or {}
             self.input_tokens = usage.get("input_tokens") or 0
@@ -185,6 +224,29 @@ class MessageReader:
         elif name == b"error":
             raise _stream_error(json_frame(data, VENDOR))
         return False
+
+    def _delta(self, frame: dict[str, Any], delta: dict[str, Any], batch: StreamBatch) -> None:
+        """A delta that is not text: a piece of a tool call's input, of thinking, or a thinking block's
+        signature (sent just before the block stops)."""
+        kind = delta.get("type")
+        if kind == "input_json_delta" and frame.get("index") in self.calls:
+            batch.append(ToolCallDelta(self.calls[frame["index"]], None, None, delta.get("partial_json") or ""))
+        elif kind == "thinking_delta" and delta.get("thinking"):
+            batch.append(ReasoningDelta(delta["thinking"]))
+        elif kind == "signature_delta" and delta.get("signature"):
+            batch.append(ReasoningDelta("", signature=delta["signature"]))
+
+    def _block(self, frame: dict[str, Any], batch: StreamBatch) -> None:
+        """The start of a block: a tool call's id and name, or redacted thinking, which comes whole."""
+        block = frame.get("content_block") or {}
+        kind = block.get("type")
+        if kind == "tool_use":
+            call = self.calls[frame.get("index", 0)] = len(self.calls)
+            batch.append(ToolCallDelta(call, block.get("id"), block.get("name"), ""))
+        elif kind == "redacted_thinking":
+            batch.append(ReasoningDelta("", redacted=block.get("data") or ""))
+        elif kind == "thinking" and block.get("thinking"):
+            batch.append(ReasoningDelta(block["thinking"], block.get("signature") or None))
 
     def end(self, batch: StreamBatch) -> None:
         raise ProviderConnectionError(f"The {VENDOR} stream ended before it was complete")

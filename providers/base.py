@@ -23,6 +23,10 @@ OPENAI_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "o4-mini")
 ANTHROPIC_MODELS = ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1")
 GEMINI_MODELS = ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.5-flash-lite")
 FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "error"]
+ReasoningEffort = Literal["minimal", "low", "medium", "high"]
+# The thinking budget, in tokens, each effort stands for at the vendors that take a budget (Anthropic,
+# Gemini). Each is at least Anthropic's floor (1,024) and at most Gemini 2.5 Flash's ceiling (24,576).
+REASONING_BUDGETS: dict[ReasoningEffort, int] = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 24576}
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 ATTACHMENT_TYPES = (*IMAGE_TYPES, "application/pdf")
@@ -77,15 +81,38 @@ class ResponseFormat:
 
 
 @dataclass(frozen=True, slots=True)
+class Reasoning:
+    """A piece of an earlier assistant turn's reasoning, kept so each adapter can send it back in its
+    vendor's form: the reasoning ``text``, the vendor's opaque ``signature`` for it, or, for a block the
+    vendor redacted, its encrypted ``redacted`` data (the text then empty). What it is in each vendor:
+
+    - Anthropic: a ``thinking`` block (text and signature; one without a signature is not sent back) or a
+      ``redacted_thinking`` block (``redacted``), sent before the turn's text and ``tool_use`` blocks;
+    - Gemini: a ``thought`` part (text, and its ``thoughtSignature`` if it had one); a signature without
+      text came on an answer part and goes back on it: the first ``functionCall`` part of the turn, or,
+      with no calls, its last text part (where Gemini puts it);
+    - OpenAI and compatible servers: not sent back (Chat Completions has no field for it).
+
+    A signature is only good at the vendor that made it: the caller passes reasoning to the provider that
+    made the turn, not to another."""
+
+    text: str
+    signature: str | None = None
+    redacted: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ChatMessage:
-    """A message of the conversation. An assistant's may hold ``tool_calls``; a ``tool`` message is the
-    result of the call named by ``tool_call_id``, its ``content`` the result as text."""
+    """A message of the conversation. An assistant's may hold ``tool_calls`` and the ``reasoning`` it
+    came with (in stream order); a ``tool`` message is the result of the call named by ``tool_call_id``,
+    its ``content`` the result as text."""
 
     role: Role
     content: str
     attachments: tuple[Attachment, ...] = ()
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
+    reasoning: tuple[Reasoning, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,12 +131,15 @@ class ProviderRequest:
     tool_choice: Literal["auto", "none", "required"] | None = None  # None: the vendor's default (auto)
     forced_tool: str | None = None  # with "required": the one tool the model must call
     response_format: ResponseFormat | None = None
+    reasoning_effort: ReasoningEffort | None = None  # None: the vendor's default (no reasoning shown)
 
     @property
     def prompt_chars(self) -> int:
-        """The prompt's size in characters: the system prompt, every message and the tools' definitions."""
+        """The prompt's size in characters: the system prompt, every message (with the reasoning sent back)
+        and the tools' definitions."""
         chars = sum(len(m.content) + len(m.attachments) * ATTACHMENT_CHARS for m in self.messages)
         chars += sum(len(c.arguments) for m in self.messages for c in m.tool_calls)
+        chars += sum(len(r.text) for m in self.messages for r in m.reasoning)
         chars += sum(len(t.name) + len(t.description or "") + len(str(t.parameters)) for t in self.tools)
         return chars + len(self.system or "")
 
@@ -126,10 +156,13 @@ class UpstreamConfig:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Token counts so far; a later Usage replaces an earlier one (vendors report running totals)."""
+    """Token counts so far; a later Usage replaces an earlier one (vendors report running totals).
+    ``output_tokens`` includes any reasoning; ``reasoning_tokens`` is how much of it was reasoning, when the
+    vendor says (OpenAI, Gemini; Anthropic reports no separate count)."""
 
     input_tokens: int
     output_tokens: int
+    reasoning_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,9 +181,29 @@ class ToolCallDelta:
     arguments: str
 
 
-# The closed union of what an adapter yields. A text delta is a plain ``str``: it is by far the most
-# frequent event, and a bare string costs no allocation beyond the text itself.
-StreamEvent = str | Usage | Finish | ToolCallDelta
+@dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    """A piece of the model's reasoning as it streams, before (or between) the answer's text and tool calls.
+
+    ``text`` is the next fragment of reasoning; ``signature`` the vendor's opaque signature, which has to go
+    back with the reasoning in a later request (``Reasoning``); ``redacted`` the encrypted data of a block
+    the vendor redacted (Anthropic's ``redacted_thinking``; text empty).
+
+    Consecutive deltas make one piece of reasoning (one ``Reasoning`` in history): each adds its text, and
+    one with a signature ends the piece (Anthropic sends a block's signature after its text). A text delta
+    or a tool call ends it too, and a delta with ``redacted`` is a piece of its own. Gemini also puts
+    signatures on parts that are not thoughts: such a signature comes as a delta with no text right after
+    that part's text or tool call, so it is a piece of its own (``Reasoning`` says where it goes back)."""
+
+    text: str
+    signature: str | None = None
+    redacted: str | None = None
+
+
+# The closed union of what an adapter yields: text, reasoning, tool-call pieces, usage and the finish. A
+# text delta is a plain ``str``: it is by far the most frequent event, and a bare string costs no
+# allocation beyond the text itself.
+StreamEvent = str | ReasoningDelta | Usage | Finish | ToolCallDelta
 # What ``stream`` yields: the events one read from the vendor carried, in order. A read of an unpaced
 # stream holds dozens of deltas; taking them together lets the gateway write all their frames in one send
 # instead of one send (and one system call) per token.
@@ -255,7 +308,8 @@ def failed(failure: ProviderError) -> Pump:
 
 
 class Provider(Protocol):
-    """A model vendor: its streams yield batches of text deltas, then usage (when known) and a finish."""
+    """A model vendor: its streams yield batches of reasoning, text and tool-call deltas, then usage (when
+    known) and a finish."""
 
     name: str
     models: tuple[str, ...]  # the models it is known to serve, for /v1/models

@@ -1,27 +1,34 @@
 """The built-in fake provider: deterministic streams with no key, for development, tests and benchmarks.
 
-``fake/echo`` streams the last user message back word by word. Options, in the model name's query string
+``fake/echo`` streams the last user message back word by word. ``fake/think`` reasons first: it streams
+``Thinking about: <the message>`` (its first ``THINK_WORDS`` words) as reasoning deltas, the last one signed
+``FAKE_SIGNATURE``, then answers as echo does, its usage counting the reasoning in ``reasoning_tokens`` (and
+in the output). Options, the same for both, in the model name's query string
 (``fake/echo?gap_ms=50&tokens=200``) or in the request's ``options``:
 
 - ``tokens``, 0..100000: stream this many tokens, cycling through the words (unset: the words once);
 - ``gap_ms``, 0..60000: pause between tokens; ``ttft_ms``, 0..60000: pause before the first;
 - ``fail_after``, 0..100000, with ``fail``, a status 400..599 (default ``500``), ``timeout`` or
-  ``connection``: fail after that many tokens (0: before the first; past the reply's end: after its last);
+  ``connection``: fail after that many tokens of the answer (0: before the first; past the reply's end: after
+  its last);
 - ``finish``, one of ``stop`` (default), ``length``, ``content_filter``, ``tool_calls``: the finish reason;
 - ``usage``, ``1``, ``0``, ``true`` or ``false``: ``0`` reports no usage.
 
-Anything else (another option, a value out of its range, a repeated option, a model other than ``echo``)
-is refused by ``check_model``, before the gateway reserves anything: the options are what a caller
-controls, so each is bounded (a label on /metrics, a row's CHECK, the event loop and memory all see them).
+Anything else (another option, a value out of its range, a repeated option, a model other than ``echo``
+or ``think``) is refused by ``check_model``, before the gateway reserves anything: the options are what a
+caller controls, so each is bounded (a label on /metrics, a row's CHECK, the event loop and memory all see
+them).
 
-Like a real vendor it stops at the request's ``max_tokens``, finishing with ``length`` when that cut the
-reply short. The reply is made a token at a time, never held whole; unpaced, it goes out ``BATCH_TOKENS``
-tokens a batch with a turn of the event loop between batches, so the largest reply allowed does not hold
-the loop (paced, a token a batch, ``gap_ms`` apart).
+Like a real vendor it stops at the request's ``max_tokens`` (the answer's tokens; the reasoning is not
+counted), finishing with ``length`` when that cut the reply short. The reply is made a token at a time,
+never held whole; unpaced, it goes out ``BATCH_TOKENS`` tokens a batch with a turn of the event loop between
+batches, so the largest reply allowed does not hold the loop (paced, a token a batch, ``gap_ms`` apart; the
+reasoning the same way, before it).
 
 Given tools and a choice that requires a call (``required``, or a named tool), and unless the last message
 is a tool's result, it calls the named tool (else the first) with ``{}`` as arguments and finishes with
-``tool_calls``: an agent's loop runs against it with no key. Otherwise tools are ignored.
+``tool_calls`` (``fake/think`` reasons first): an agent's loop runs against it with no key. Otherwise tools
+are ignored.
 
 Each stream leaves a ``FakeStreamRecord`` so tests can see when the gateway closed it.
 """
@@ -51,6 +58,7 @@ from providers.base import (
     ProviderStream,
     ProviderTimeout,
     Pump,
+    ReasoningDelta,
     StreamBatch,
     ToolCallDelta,
     UnknownModel,
@@ -70,6 +78,9 @@ FINISHES: tuple[FinishReason, ...] = ("stop", "length", "content_filter", "tool_
 _FAILURES = ("timeout", "connection")  # or a status, 400..599
 _FLAGS = {"1": True, "true": True, "0": False, "false": False}
 OPTION_NAMES = (*_LIMITS, "fail", "finish", "usage")
+# fake/think's reasoning: at most this many words, the last delta signed with this.
+THINK_WORDS = 32
+FAKE_SIGNATURE = "fake-think-signature"
 # Unpaced, tokens go out this many a batch: enough that a batch's frames share one send, few enough that
 # the event loop gets a turn every fraction of a millisecond.
 BATCH_TOKENS = 64
@@ -198,25 +209,47 @@ def _take(tokens: Iterator[str], size: int, stop: tuple[str, ...]) -> tuple[Stre
     return batch, False
 
 
-def _ending(request: ProviderRequest, options: FakeOptions, sent: int, cut_short: bool) -> StreamBatch:
+def _usage(request: ProviderRequest, sent: int, reasoning: StreamBatch) -> Usage:
+    """A vendor's usage: ``sent`` answer tokens, and the reasoning's (when there was any) counted in the
+    output too."""
+    return Usage(max(1, request.prompt_chars // 4), sent + len(reasoning), len(reasoning) or None)
+
+
+def _ending(
+    request: ProviderRequest, options: FakeOptions, sent: int, cut_short: bool, reasoning: StreamBatch
+) -> StreamBatch:
     """Usage (unless ``usage=0``) and the finish: ``length`` when ``max_tokens`` cut the reply short."""
     ending: StreamBatch = [Finish("length" if cut_short else options.finish)]
     if options.usage:
-        ending.insert(0, Usage(input_tokens=max(1, request.prompt_chars // 4), output_tokens=sent))
+        ending.insert(0, _usage(request, sent, reasoning))
     return ending
 
 
-def _tool_call(request: ProviderRequest) -> StreamBatch:
+def _tool_call(request: ProviderRequest, reasoning: StreamBatch) -> StreamBatch:
     name = request.forced_tool or request.tools[0].name
-    return [ToolCallDelta(0, f"call_{uuid.uuid4().hex[:24]}", name, "{}"),
-            Usage(max(1, request.prompt_chars // 4), 1), Finish("tool_calls")]
+    return [*reasoning, ToolCallDelta(0, f"call_{uuid.uuid4().hex[:24]}", name, "{}"),
+            _usage(request, 1, reasoning), Finish("tool_calls")]
+
+
+def _reasoning(prompt: str) -> StreamBatch:
+    """fake/think's reasoning about ``prompt``: a delta a word, the last one signed."""
+    words = list(itertools.islice(_WORDS.finditer(f"Thinking about: {prompt}"), THINK_WORDS))
+    deltas: StreamBatch = [ReasoningDelta(word.group()) for word in words[:-1]]
+    return [*deltas, ReasoningDelta(words[-1].group(), signature=FAKE_SIGNATURE)]
+
+
+def _batches(events: StreamBatch, paced: bool) -> list[StreamBatch]:
+    """``events`` as batches: one, or, paced, an event a batch; none for no events."""
+    if paced:
+        return [[event] for event in events]
+    return [events] if events else []
 
 
 class FakeProvider:
     """Streams deterministic text; counts how many of its streams run at once."""
 
     name = "fake"
-    models: tuple[str, ...] = ("echo",)
+    models: tuple[str, ...] = ("echo", "think")
     has_credentials = True
     response_formats = frozenset({"json_object", "json_schema"})  # echoed as text all the same
 
@@ -265,21 +298,26 @@ class FakeProvider:
         return Pump(self._stream(request, options))
 
     async def _stream(self, request: ProviderRequest, options: FakeOptions) -> AsyncGenerator[StreamBatch, None]:
-        if request.tool_choice == "required" and request.tools and request.messages[-1].role != "tool":
-            yield _tool_call(request)
-            return
         prompt = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
+        reasoning = _reasoning(prompt) if request.model.partition("?")[0] == "think" else []
+        if request.tool_choice == "required" and request.tools and request.messages[-1].role != "tool":
+            yield _tool_call(request, reasoning)
+            return
         record = self._open(prompt)
         try:
             if options.ttft_s:
                 await asyncio.sleep(options.ttft_s)
+            for n, thought in enumerate(_batches(reasoning, paced=bool(options.gap_s))):
+                if n:
+                    await asyncio.sleep(options.gap_s)
+                yield thought
             tokens = self.tokens_for(prompt, options)
             sending = _capped(tokens, request.max_tokens, options.fail_after)
             size = 1 if options.gap_s else BATCH_TOKENS
             while True:
                 batch, by_stop = _take(sending, size, request.stop)
                 if batch:
-                    if record.tokens_sent:  # the pause (or, unpaced, the loop's turn) comes between batches
+                    if record.tokens_sent or reasoning:  # a pause (or, unpaced, a loop's turn) between batches
                         await asyncio.sleep(options.gap_s)
                     yield batch
                     record.tokens_sent += len(batch)
@@ -289,7 +327,7 @@ class FakeProvider:
                 record.outcome = "failed"
                 raise _failure(options.fail)
             cut_short = not by_stop and request.max_tokens is not None and next(tokens, None) is not None
-            yield _ending(request, options, record.tokens_sent, cut_short)
+            yield _ending(request, options, record.tokens_sent, cut_short, reasoning)
             record.outcome = "complete"
         finally:
             self._close(record)

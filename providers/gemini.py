@@ -4,11 +4,20 @@ google-genai parses the stream itself into one pydantic object per frame and off
 line parser also rejects SSE comment lines. So the request body is assembled from the SDK's own request
 types (``types.Content``, ``types.GenerationConfig``, dumped by their wire aliases), sent over our
 pool like every other vendor's, and read through our SSE decoder and orjson.
+
+Reasoning: an effort asks for ``generationConfig.thinkingConfig`` ``{"thinkingBudget": N, "includeThoughts":
+true}`` (N from ``REASONING_BUDGETS``). A part with ``"thought": true`` is reasoning, its text a
+ReasoningDelta. A ``thoughtSignature`` must go back on the part it came on: on a thought part it rides on
+that part's ReasoningDelta; on a text or ``functionCall`` part it comes as a ReasoningDelta with no text
+right after the part's text or tool call, and goes back (``Reasoning`` with no text) on the turn's first
+``functionCall`` part, or, in a turn without calls, on its last text part: where Gemini puts it.
+``thoughtsTokenCount`` is the reasoning's usage, outside ``candidatesTokenCount``: output is their sum.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import uuid
 from typing import Any
 from urllib.parse import quote
@@ -18,6 +27,7 @@ from google.genai import types
 
 from providers.base import (
     GEMINI_MODELS,
+    REASONING_BUDGETS,
     Attachment,
     ChatMessage,
     Finish,
@@ -28,6 +38,8 @@ from providers.base import (
     ProviderRequest,
     ProviderStatusError,
     ProviderStream,
+    Reasoning,
+    ReasoningDelta,
     StreamBatch,
     ToolCallDelta,
     UpstreamConfig,
@@ -64,8 +76,41 @@ def parts_of(message: ChatMessage) -> list[types.Part]:
     return [*map(attachment_part, message.attachments), types.Part(text=message.content)]
 
 
+def signature_bytes(signature: str | None) -> bytes | None:
+    """A ``thoughtSignature`` as the SDK's type holds it: the bytes of its base64 (standard or URL-safe);
+    None for none, or for one that is not base64 (Gemini would refuse the call for it)."""
+    if not signature:
+        return None
+    try:
+        return base64.b64decode(signature, altchars=b"-_")
+    except (binascii.Error, ValueError):
+        return None
+
+
+def thought_parts(reasoning: tuple[Reasoning, ...]) -> list[types.Part]:
+    """An assistant turn's reasoning that has text, as ``thought`` parts with their signatures."""
+    return [types.Part(text=piece.text, thought=True, thought_signature=signature_bytes(piece.signature))
+            for piece in reasoning if piece.text]
+
+
+def model_parts(message: ChatMessage) -> list[types.Part]:
+    """An assistant turn: its thoughts, its text, then its tool calls as ``functionCall`` parts. A signature
+    that came without thought text goes back where Gemini puts one: on the first call, or, with no calls,
+    on the last text part."""
+    signature = signature_bytes(next((r.signature for r in message.reasoning if not r.text and r.signature), None))
+    calls = [types.Part(function_call=types.FunctionCall(
+        id=c.id, name=c.name, args=orjson.loads(c.arguments or "{}"))) for c in message.tool_calls]
+    if calls:
+        answer = [types.Part(text=message.content)] if message.content else []
+        calls[0].thought_signature = signature
+    else:
+        answer = parts_of(message)
+        answer[-1].thought_signature = signature
+    return thought_parts(message.reasoning) + answer + calls
+
+
 def contents_of(messages: list[ChatMessage]) -> list[types.Content]:
-    """The conversation: an assistant's tool calls as ``functionCall`` parts after its text, and the
+    """The conversation: an assistant's thoughts, text and tool calls (``functionCall`` parts), and the
     results of consecutive tool messages as ``functionResponse`` parts of one user turn (named by the call
     they answer; a result that is not a JSON object is given as ``{"result": ...}``)."""
     names = {c.id: c.name for m in messages for c in m.tool_calls}
@@ -83,15 +128,10 @@ def contents_of(messages: list[ChatMessage]) -> list[types.Content]:
                 contents[-1].parts.append(part)
             else:
                 contents.append(types.Content(role="user", parts=[part]))
-        elif message.tool_calls:
-            parts = [types.Part(text=message.content)] if message.content else []
-            parts += [types.Part(function_call=types.FunctionCall(id=c.id, name=c.name,
-                                                                  args=orjson.loads(c.arguments or "{}")))
-                      for c in message.tool_calls]
-            contents.append(types.Content(role="model", parts=parts))
+        elif message.role == "assistant":
+            contents.append(types.Content(role="model", parts=model_parts(message)))
         else:
-            contents.append(types.Content(role="model" if message.role == "assistant" else "user",
-                                          parts=parts_of(message)))
+            contents.append(types.Content(role="user", parts=parts_of(message)))
     return contents
 
 
@@ -116,10 +156,13 @@ def generate_body(request: ProviderRequest) -> dict[str, Any]:
     if request.system:
         body["systemInstruction"] = _wire(types.Content(parts=[types.Part(text=request.system)]))
     fmt = request.response_format
+    effort = request.reasoning_effort
     config = types.GenerationConfig(
         max_output_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
         stop_sequences=list(request.stop) or None, response_mime_type="application/json" if fmt else None,
         response_json_schema=fmt.schema if fmt else None,
+        thinking_config=types.ThinkingConfig(thinking_budget=REASONING_BUDGETS[effort], include_thoughts=True)
+        if effort else None,
     )
     if generation := _wire(config):
         body["generationConfig"] = generation
@@ -155,8 +198,9 @@ class GeminiProvider:
 
 
 class ResponseReader:
-    """``GenerateContentResponse`` frames: candidates' text parts and finish reason, ``usageMetadata``
-    (running totals); the stream is complete when its bytes end after a finish reason."""
+    """``GenerateContentResponse`` frames: candidates' thought, text and function-call parts and finish
+    reason, ``usageMetadata`` (running totals); the stream is complete when its bytes end after a finish
+    reason."""
 
     def __init__(self) -> None:
         self.usage: dict[str, Any] | None = None
@@ -172,6 +216,10 @@ class ResponseReader:
         for candidate in frame.get("candidates") or ():
             for part in (candidate.get("content") or {}).get("parts") or ():
                 text = part.get("text")
+                if part.get("thought"):
+                    if text or "thoughtSignature" in part:
+                        batch.append(ReasoningDelta(text or "", part.get("thoughtSignature") or None))
+                    continue
                 if text:
                     batch.append(text)
                 elif "functionCall" in part:
@@ -179,6 +227,8 @@ class ResponseReader:
                     batch.append(ToolCallDelta(self.calls, call.get("id") or f"call_{uuid.uuid4().hex[:24]}",
                                                call.get("name"), orjson.dumps(call.get("args") or {}).decode()))
                     self.calls += 1
+                if "thoughtSignature" in part:  # on an answer part: it goes back there (see the module)
+                    batch.append(ReasoningDelta("", part["thoughtSignature"]))
             if candidate.get("finishReason"):
                 self.finish = FINISH_REASONS.get(candidate["finishReason"], "stop")
                 if self.calls and self.finish == "stop":  # Gemini ends a turn of calls with STOP
@@ -190,5 +240,7 @@ class ResponseReader:
         if self.finish is None:
             raise ProviderConnectionError(f"The {VENDOR} stream ended before it was complete")
         if self.usage is not None:
-            batch.append(Usage(self.usage.get("promptTokenCount") or 0, self.usage.get("candidatesTokenCount") or 0))
+            thoughts = self.usage.get("thoughtsTokenCount")
+            batch.append(Usage(self.usage.get("promptTokenCount") or 0,
+                               (self.usage.get("candidatesTokenCount") or 0) + (thoughts or 0), thoughts))
         batch.append(Finish(self.finish))

@@ -5,6 +5,16 @@ The model name picks a scenario: ``normal``, ``split-utf8`` (frames cut inside a
 ``401``, ``429`` (with Retry-After: 7), ``500``, ``503``, ``529``, ``tools`` (text, then two tool calls), and
 ``slow-<marker>`` (a long paced stream whose client going away is recorded under ``marker``).
 
+Reasoning, each in the vendor's own form: ``reasoning`` (reasoning, then the text of ``normal``; OpenAI's as
+``delta.reasoning_content`` with ``completion_tokens_details.reasoning_tokens``; Anthropic's a signed
+thinking block and a redacted one; Gemini's ``thought`` parts, a ``thoughtSignature`` on a last empty text
+part, and ``thoughtsTokenCount``), ``reasoning-alt`` (OpenAI's as ``delta.reasoning``, as vLLM 0.19.1+,
+Ollama and OpenRouter send it; the others as ``reasoning``) and ``reasoning-tools`` (reasoning, then one
+tool call: Gemini's signature on its ``functionCall`` part). Like Anthropic, its fake refuses with a 400 a
+request whose thinking it would refuse (a budget under 1,024 or not under ``max_tokens``, a temperature
+other than 1, a required tool) and one with thinking whose last assistant turn calls a tool without first
+giving back its thinking.
+
 Faults, each at the first byte (``-first``) or after two good tokens (``-mid``; ``drop`` and ``stall`` are
 the mid-stream ones): ``drop-first`` (the head sent, then the connection cut before any body byte),
 ``stall-first`` (the head, then silence), ``garbage-first``/``garbage-mid`` (bytes that are neither SSE nor
@@ -25,6 +35,7 @@ import anthropic.types
 import openai.types.chat
 import orjson
 from google.genai import types
+from openai.types.completion_usage import CompletionTokensDetails
 from pydantic import TypeAdapter
 from starlette.types import Receive, Scope, Send
 
@@ -71,10 +82,10 @@ def _anthropic_end(stop_reason: str, output_tokens: int) -> list[bytes]:
             _anthropic_event("message_stop")]
 
 
-def _anthropic_text(tokens: list[str]) -> list[bytes]:
-    """A text block at index 0, without its stop."""
-    return [_anthropic_event("content_block_start", index=0, content_block={"type": "text", "text": ""}),
-            *(_anthropic_event("content_block_delta", index=0, delta={"type": "text_delta", "text": t})
+def _anthropic_text(tokens: list[str], index: int = 0) -> list[bytes]:
+    """A text block at ``index``, without its stop."""
+    return [_anthropic_event("content_block_start", index=index, content_block={"type": "text", "text": ""}),
+            *(_anthropic_event("content_block_delta", index=index, delta={"type": "text_delta", "text": t})
               for t in tokens)]
 
 
@@ -146,6 +157,104 @@ def _gemini_tool_frames() -> list[bytes]:
 TOOL_FRAMES: dict[str, Callable[[], list[bytes]]] = {
     "openai": _openai_tool_frames, "anthropic": _anthropic_tool_frames, "gemini": _gemini_tool_frames,
 }
+
+# The reasoning scenarios: the reasoning in pieces, its signature (base64, as Anthropic's and Gemini's are),
+# Anthropic's redacted block, the reasoning tokens reported, and the one call of ``reasoning-tools``.
+REASONING = ["Let me ", "think."]
+REASONING_TEXT = "".join(REASONING)
+SIGNATURE = base64.b64encode(b"signature-1").decode()
+REDACTED = base64.b64encode(b"encrypted thinking").decode()
+REASONING_TOKENS = 7
+REASONING_CALL = ("call_r1", "get_weather", {"city": "Paris"})
+
+
+def _openai_reasoning_frames(field: str, call: bool = False) -> list[bytes]:
+    """Reasoning as ``delta.<field>`` (with ``content`` null), then the text or one tool call."""
+    frames = [_openai_delta({"role": "assistant", "content": None, field: ""})]
+    frames += [_openai_delta({"content": None, field: t}) for t in REASONING]
+    if call:
+        call_id, name, args = REASONING_CALL
+        frames.append(_openai_delta({"tool_calls": [{"index": 0, "id": call_id, "type": "function", "function": {
+            "name": name, "arguments": orjson.dumps(args).decode()}}]}))
+    else:
+        frames += [_openai_delta({"content": t, field: None}) for t in TOKENS]
+    output = (1 if call else len(TOKENS)) + REASONING_TOKENS
+    usage = openai.types.CompletionUsage(
+        prompt_tokens=PROMPT_TOKENS, completion_tokens=output, total_tokens=PROMPT_TOKENS + output,
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=REASONING_TOKENS))
+    finish = "tool_calls" if call else "stop"
+    return [*frames, _openai_delta({}, finish), _openai_chunk([], usage=usage.model_dump(exclude_none=True)),
+            b"data: [DONE]"]
+
+
+def _anthropic_thinking(index: int) -> list[bytes]:
+    """A signed thinking block at ``index``, stop included, each event as the SDK's types have it."""
+    def delta(value: Any) -> bytes:
+        return _anthropic_event("content_block_delta", index=index, delta=value.model_dump())
+
+    block = anthropic.types.ThinkingBlock(type="thinking", thinking="", signature="")
+    return [_anthropic_event("content_block_start", index=index, content_block=block.model_dump()),
+            *(delta(anthropic.types.ThinkingDelta(type="thinking_delta", thinking=t)) for t in REASONING),
+            delta(anthropic.types.SignatureDelta(type="signature_delta", signature=SIGNATURE)),
+            _anthropic_event("content_block_stop", index=index)]
+
+
+def _anthropic_reasoning_frames() -> list[bytes]:
+    redacted = anthropic.types.RedactedThinkingBlock(type="redacted_thinking", data=REDACTED)
+    return [_ANTHROPIC_START, *_anthropic_thinking(0),
+            _anthropic_event("content_block_start", index=1, content_block=redacted.model_dump()),
+            _anthropic_event("content_block_stop", index=1),
+            *_anthropic_text(TOKENS, index=2), _anthropic_event("content_block_stop", index=2),
+            *_anthropic_end("end_turn", len(TOKENS) + REASONING_TOKENS)]
+
+
+def _anthropic_reasoning_tool_frames() -> list[bytes]:
+    call_id, name, args = REASONING_CALL
+    return [_ANTHROPIC_START, *_anthropic_thinking(0),
+            _anthropic_event("content_block_start", index=1,
+                             content_block={"type": "tool_use", "id": call_id, "name": name, "input": {}}),
+            _anthropic_event("content_block_delta", index=1,
+                             delta={"type": "input_json_delta", "partial_json": orjson.dumps(args).decode()}),
+            _anthropic_event("content_block_stop", index=1), *_anthropic_end("tool_use", 1 + REASONING_TOKENS)]
+
+
+def _gemini_chunk(parts: list[types.Part], output: int, finish: bool = False) -> bytes:
+    """A ``GenerateContentResponse`` frame of a thinking model, its parts and usage from the SDK's types."""
+    candidate: dict[str, Any] = {"content": {"parts": [_wire(p) for p in parts], "role": "model"}, "index": 0}
+    if finish:
+        candidate["finishReason"] = "STOP"
+    usage = types.GenerateContentResponseUsageMetadata(
+        prompt_token_count=PROMPT_TOKENS, candidates_token_count=output, thoughts_token_count=REASONING_TOKENS,
+        total_token_count=PROMPT_TOKENS + output + REASONING_TOKENS)
+    return b"data: " + orjson.dumps({"candidates": [candidate], "usageMetadata": _wire(usage)})
+
+
+def _gemini_reasoning_frames(call: bool = False) -> list[bytes]:
+    """Thought parts, then the text with the signature on a last empty part, or one call carrying it."""
+    signature = base64.b64decode(SIGNATURE)
+    frames = [_gemini_chunk([types.Part(text=t, thought=True)], 0) for t in REASONING]
+    if call:
+        call_id, name, args = REASONING_CALL
+        part = types.Part(function_call=types.FunctionCall(id=call_id, name=name, args=args),
+                          thought_signature=signature)
+        return [*frames, _gemini_chunk([part], 1, finish=True)]
+    frames += [_gemini_chunk([types.Part(text=t)], n) for n, t in enumerate(TOKENS, 1)]
+    return [*frames, _gemini_chunk([types.Part(text="", thought_signature=signature)], len(TOKENS), finish=True)]
+
+
+def _wire(model: Any) -> Any:
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+REASONING_FRAMES: dict[str, dict[str, Callable[[], list[bytes]]]] = {
+    "reasoning": {"openai": lambda: _openai_reasoning_frames("reasoning_content"),
+                  "anthropic": _anthropic_reasoning_frames, "gemini": _gemini_reasoning_frames},
+    "reasoning-alt": {"openai": lambda: _openai_reasoning_frames("reasoning"),
+                      "anthropic": _anthropic_reasoning_frames, "gemini": _gemini_reasoning_frames},
+    "reasoning-tools": {"openai": lambda: _openai_reasoning_frames("reasoning_content", call=True),
+                        "anthropic": _anthropic_reasoning_tool_frames,
+                        "gemini": lambda: _gemini_reasoning_frames(call=True)},
+}
 FRAMES: dict[str, Callable[..., list[bytes]]] = {
     "openai": _openai_frames, "anthropic": _anthropic_frames, "gemini": _gemini_frames,
 }
@@ -180,10 +289,14 @@ OPENAI_MESSAGE: TypeAdapter[Any] = TypeAdapter(openai.types.chat.ChatCompletionM
 ANTHROPIC_MESSAGE: TypeAdapter[Any] = TypeAdapter(anthropic.types.MessageParam)
 
 
+REASONING_BLOCKS = ("thinking", "redacted_thinking")
+
+
 def conversation(vendor: str, body: dict[str, Any]) -> list[Turn]:
     """A recorded request's messages (the system prompt left out) as ``(role, text, attachments)``, each
-    attachment ``(kind, url)``: ``image`` or ``pdf``, and its link or data URL. Every message is read
-    through the vendor SDK's own request type first, so a body the vendor would not take fails here."""
+    attachment ``(kind, url)``: ``image`` or ``pdf``, and its link or data URL; reasoning sent back is left
+    out (``assistant_parts`` reads it). Every message is read through the vendor SDK's own request type
+    first, so a body the vendor would not take fails here."""
     if vendor == "openai":
         return [_openai_turn(m) for m in body["messages"] if m["role"] != "system"]
     if vendor == "anthropic":
@@ -209,7 +322,7 @@ def _anthropic_turn(message: dict[str, Any]) -> Turn:
     list(checked["content"])
     blocks, files = message["content"], []
     for block in blocks:
-        if block["type"] != "text":
+        if block["type"] not in ("text", *REASONING_BLOCKS):
             source = block["source"]
             url = source.get("url") or f"data:{source['media_type']};base64,{source['data']}"
             files.append(("image" if block["type"] == "image" else "pdf", url))
@@ -219,6 +332,8 @@ def _anthropic_turn(message: dict[str, Any]) -> Turn:
 def _gemini_turn(content: types.Content) -> Turn:
     text, files = "", []
     for part in content.parts or ():
+        if part.thought:
+            continue
         if part.text is not None:
             text += part.text
         elif part.file_data is not None:
@@ -321,6 +436,76 @@ def _gemini_exchange(body: dict[str, Any]) -> ToolExchange:
         [(p.function_response.id or "", p.function_response.response) for p in parts if p.function_response is not None])
 
 
+@dataclass(frozen=True)
+class SentPart:
+    """A part of an assistant turn as a request gave it back, the same for every vendor: ``kind`` is
+    ``reasoning`` (``text`` the reasoning), ``redacted`` (``text`` the data), ``text`` or ``tool-call``
+    (``text`` the call's id); ``signature`` is the vendor's signature sent on that part."""
+
+    kind: str
+    text: str
+    signature: str | None = None
+
+
+def assistant_parts(vendor: str, body: dict[str, Any]) -> list[list[SentPart]]:
+    """The parts of each assistant turn of a recorded request, in the order they were sent, read through
+    the vendor SDK's own request types as ``conversation`` does."""
+    if vendor == "openai":
+        return [_openai_parts(m) for m in body["messages"] if m["role"] == "assistant"]
+    if vendor == "anthropic":
+        return [_anthropic_parts(m) for m in body["messages"] if m["role"] == "assistant"]
+    contents = [types.Content.model_validate(c) for c in body["contents"]]
+    return [[_gemini_part(p) for p in c.parts or ()] for c in contents if c.role == "model"]
+
+
+def _openai_parts(message: dict[str, Any]) -> list[SentPart]:
+    OPENAI_MESSAGE.validate_python(message)
+    assert set(message) <= {"role", "content", "tool_calls"}, f"not a Chat Completions field: {set(message)}"
+    text = [SentPart("text", message["content"])] if message.get("content") else []
+    return text + [SentPart("tool-call", c["id"]) for c in message.get("tool_calls", [])]
+
+
+def _anthropic_parts(message: dict[str, Any]) -> list[SentPart]:
+    checked = ANTHROPIC_MESSAGE.validate_python(message)
+    if isinstance(message["content"], str):
+        return [SentPart("text", message["content"])]
+    blocks = list(checked["content"])  # each block checked as it is read: ThinkingBlockParam and the rest
+    named = {"thinking": "reasoning", "redacted_thinking": "redacted", "text": "text", "tool_use": "tool-call"}
+    field = {"thinking": "thinking", "redacted_thinking": "data", "text": "text", "tool_use": "id"}
+    return [SentPart(named[b["type"]], b[field[b["type"]]], b.get("signature")) for b in blocks]
+
+
+def _gemini_part(part: types.Part) -> SentPart:
+    signature = base64.b64encode(part.thought_signature).decode() if part.thought_signature else None
+    if part.function_call is not None:
+        return SentPart("tool-call", part.function_call.id or "", signature)
+    return SentPart("reasoning" if part.thought else "text", part.text or "", signature)
+
+
+THINKING: TypeAdapter[Any] = TypeAdapter(anthropic.types.ThinkingConfigParam)
+
+
+def anthropic_refusal(body: dict[str, Any]) -> str | None:
+    """Why Anthropic would refuse a request's extended thinking with a 400, or None: the budget's range, the
+    sampling and tool choice it takes, and, in a tool loop, the last assistant turn's thinking given back."""
+    if "thinking" not in body:
+        return None
+    thinking = THINKING.validate_python(body["thinking"])
+    if thinking["type"] != "enabled":
+        return None
+    if not 1024 <= thinking["budget_tokens"] < body["max_tokens"]:
+        return "thinking.budget_tokens must be at least 1024 and less than max_tokens"
+    if body.get("temperature", 1) != 1 or body.get("top_p", 1) < 0.95:
+        return "temperature may only be 1, and top_p at least 0.95, with thinking enabled"
+    if body.get("tool_choice", {}).get("type") in ("any", "tool"):
+        return "Thinking may not be enabled when tool_choice forces tool use."
+    assistant = [m for m in body["messages"] if m["role"] == "assistant"]
+    last = assistant[-1]["content"] if assistant else ""
+    if isinstance(last, list) and any(b["type"] == "tool_use" for b in last) and last[0]["type"] not in REASONING_BLOCKS:
+        return "Expected `thinking` or `redacted_thinking`, but found `tool_use`."
+    return None
+
+
 @dataclass
 class VendorServer:
     """One vendor's fake. ``requests`` keeps each request's path, headers, body and client address."""
@@ -351,6 +536,13 @@ class VendorServer:
         self.requests.append({"path": scope["path"], "headers": headers, "body": orjson.loads(body or b"{}"),
                               "client": tuple(scope["client"])})
         scenario = self._scenario(scope["path"], orjson.loads(body or b"{}"))
+        refusal = anthropic_refusal(orjson.loads(body or b"{}")) if self.vendor == "anthropic" else None
+        if refusal is not None:
+            await send({"type": "http.response.start", "status": 400,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": orjson.dumps(
+                {"type": "error", "error": {"type": "invalid_request_error", "message": refusal}})})
+            return
         await self._answer(scenario, receive, send)
 
     def _scenario(self, path: str, body: dict[str, Any]) -> str:
@@ -397,7 +589,10 @@ class VendorServer:
     def _chunks(self, scenario: str) -> list[bytes | None]:
         make = FRAMES[self.vendor]
         sep = b"\r\n" if scenario == "crlf" or self.vendor == "gemini" else b"\n"
-        frames = TOOL_FRAMES[self.vendor]() if scenario == "tools" else make(TOKENS)
+        if scenario in REASONING_FRAMES:
+            frames = REASONING_FRAMES[scenario][self.vendor]()
+        else:
+            frames = TOOL_FRAMES[self.vendor]() if scenario == "tools" else make(TOKENS)
         if scenario == "pings":
             frames = [f for frame in frames for f in (PINGS[self.vendor], frame)]
         fault, _, position = scenario.rpartition("-")
