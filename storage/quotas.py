@@ -1,9 +1,9 @@
 """Usage quotas in Redis: one atomic admission per stream, settled to the real usage at its end.
 
 Limits: a token budget per user and per org over a period (``day`` or ``month``, resetting at the UTC
-boundary), requests per minute per user (a sliding window over the last 60 s: exact, one entry per request),
-and concurrent streams per user. Every key of an org carries the org id as its hash tag, so one org's user
-and org counters live in one slot and the scripts also run on Redis Cluster.
+boundary), requests per minute per user and per org (each a sliding window over the last 60 s: exact, one
+entry per request), and concurrent streams per user. Every key of an org carries the org id as its hash
+tag, so one org's user and org counters live in one slot and the scripts also run on Redis Cluster.
 
 A stream's slot and reservation carry an expiry that the running instance renews; a crashed instance's
 expire by themselves and are dropped by the next admission.
@@ -46,6 +46,7 @@ class QuotaDefaults:
     period: str = "day"
     requests_per_minute: int | None = None
     max_concurrent_streams: int | None = None
+    org_requests_per_minute: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +79,7 @@ class Decision:
     token_limit: int
     tokens_remaining: int
     token_reset_s: int
-    request_limit: int
+    request_limit: int  # of the tighter request rate, the user's or the org's: the one with fewer left
     requests_remaining: int
     ticket: Ticket | None
     headroom: int = UNLIMITED  # tokens the tighter budget has left after this reservation
@@ -170,7 +171,7 @@ class QuotaStore:
             self._key(org_id, *org, "active"), self._key(org_id, *org, "reserved"),
             self._key(org_id, *org, "used", bounds.day), self._key(org_id, *org, "used", bounds.month),
             self.limits_key(org_id, *org),
-            self._key(org_id, *user, "requests"),
+            self._key(org_id, *user, "requests"), self._key(org_id, *org, "requests"),
         ]
 
     def _active_keys(self, ticket: Ticket) -> tuple[str, str]:
@@ -186,7 +187,8 @@ class QuotaStore:
     def _args(self, now_ms: int, bounds: PeriodBounds) -> list[Any]:
         d = self.defaults
         return [now_ms, bounds.day_reset_ms, bounds.month_reset_ms, _limit(d.user_tokens), _limit(d.org_tokens),
-                d.period, _limit(d.requests_per_minute), _limit(d.max_concurrent_streams)]
+                d.period, _limit(d.requests_per_minute), _limit(d.max_concurrent_streams),
+                _limit(d.org_requests_per_minute)]
 
     # -- admission and settlement -------------------------------------------------------------------
 
@@ -238,12 +240,13 @@ class QuotaStore:
     ) -> None:
         """Replace the stream's reservation by what it really used, and free its slot (and its chat's
         lease, if it still holds it). A ``withdrawn`` stream, refused after its admission, no longer
-        counts as a request either: its admission leaves no trace."""
+        counts as a request either, of the user or of the org: its admission leaves no trace."""
         user, org = self._active_keys(ticket)
         user_reserved, org_reserved = self._reserved_keys(ticket)
         keys = [user, user_reserved, self._key(ticket.org_id, "user", ticket.user_id, "used", ticket.periods[0]),
                 org, org_reserved, self._key(ticket.org_id, "org", ticket.org_id, "used", ticket.periods[1]),
-                self._key(ticket.org_id, "user", ticket.user_id, "requests")]
+                self._key(ticket.org_id, "user", ticket.user_id, "requests"),
+                self._key(ticket.org_id, "org", ticket.org_id, "requests")]
         args: list[Any] = [ticket.stream_id, charged_tokens, *ticket.ttls, int(withdrawn)]
         if lease is not None:
             keys.append(lease.key)
@@ -331,12 +334,17 @@ def _usage_report(r: list[Any], now_ms: int) -> dict[str, Any]:
             "resets_in_s": math.ceil(reset_ms / 1000),
         }
 
-    rpm, concurrency = int(r[9]), int(r[11])
+    def rate(limit: int, used: int) -> dict[str, Any]:
+        unlimited = limit == UNLIMITED
+        return {"limit": None if unlimited else limit, "used": used,
+                "remaining": None if unlimited else max(limit - used, 0)}
+
+    concurrency = int(r[11])
     return {
         "user_tokens": budget(int(r[1]), int(r[2]), int(r[3]), int(r[4]), r[13]),
         "org_tokens": budget(int(r[5]), int(r[6]), int(r[7]), int(r[8]), r[14]),
-        "requests_per_minute": {"limit": None if rpm == UNLIMITED else rpm, "used": int(r[10]),
-                                "remaining": None if rpm == UNLIMITED else max(rpm - int(r[10]), 0)},
+        "requests_per_minute": rate(int(r[9]), int(r[10])),
+        "org_requests_per_minute": rate(int(r[15]), int(r[16])),
         "concurrent_streams": {"limit": None if concurrency == UNLIMITED else concurrency,
                                "active": int(r[12])},
     }

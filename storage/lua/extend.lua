@@ -1,6 +1,6 @@
 -- Extend a running stream's reservation by ARGV[3] tokens as its answer outgrows what it reserved, only if
 -- both budgets still cover them (all or nothing): the stream ends when they do not.
--- KEYS 1-10 and ARGV 1-3, 5-11 as reserve.lua.
+-- KEYS 1-10 and ARGV 1-3, 5-12 as reserve.lua (ARGV 12, the org's request rate, unused here).
 -- Returns {'ok'}, {'quota_exceeded'}, {'gone'} (the reservation was settled or has expired) or
 -- {'limits', scope} (the caller loads the overrides and calls again).
 local now, id, extra = tonumber(ARGV[1]), ARGV[2], count(ARGV[3])

@@ -1,12 +1,14 @@
 -- Shared by reserve.lua, extend.lua and usage.lua (prepended when the scripts are loaded).
 
--- A subject's limits from its cached overrides (KEYS hash), each falling back to the default in ARGV 7-11;
--- nil when not cached.
-local function limits(key, default_tokens)
+-- A subject's limits from its cached overrides (KEYS hash), each falling back to its default: the tokens
+-- and requests per minute given (a user's ARGV 7 and 10, an org's ARGV 8 and 12; a rate with no default
+-- given is unlimited: extend.lua checks none), the period and concurrency in ARGV 9 and 11. Nil when not
+-- cached.
+local function limits(key, default_tokens, default_rpm)
   local v = redis.call('HMGET', key, 'loaded', 'tokens', 'period', 'rpm', 'concurrent')
   if not v[1] then return nil end
   return {tokens = tonumber(v[2] or default_tokens), period = v[3] or ARGV[9],
-          rpm = tonumber(v[4] or ARGV[10]), concurrent = tonumber(v[5] or ARGV[11])}
+          rpm = tonumber(v[4] or default_rpm or -1), concurrent = tonumber(v[5] or ARGV[11])}
 end
 
 -- A token count from the caller: a whole number from 0 to 10^15, else nil (the script then refuses

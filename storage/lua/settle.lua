@@ -1,7 +1,7 @@
 -- Settle a stream: drop its reservation and slot, and count what it really used; a withdrawn stream (one
--- refused after its admission, before it started) also leaves the last minute's request count.
+-- refused after its admission, before it started) also leaves the last minute's request counts.
 -- KEYS: 1 user active  2 user reserved  3 user used (its period)  4 org active  5 org reserved  6 org used
---       7 user requests   8 (optional) the chat's stream lease, deleted if it still holds ARGV[6]
+--       7 user requests  8 org requests  9 (optional) the chat's stream lease, deleted if it still holds ARGV[6]
 -- ARGV: 1 stream id  2 tokens charged  3 user used ttl s  4 org used ttl s  5 withdrawn ('1' or '0')
 --       6 lease value
 local charge = count(ARGV[2])
@@ -20,8 +20,9 @@ for i, set in ipairs({{KEYS[1], KEYS[2], KEYS[3], ARGV[3]}, {KEYS[4], KEYS[5], K
 end
 if ARGV[5] == '1' then
   redis.call('ZREM', KEYS[7], ARGV[1])
+  redis.call('ZREM', KEYS[8], ARGV[1])
 end
-if KEYS[8] and redis.call('GET', KEYS[8]) == ARGV[6] then
-  redis.call('DEL', KEYS[8])
+if KEYS[9] and redis.call('GET', KEYS[9]) == ARGV[6] then
+  redis.call('DEL', KEYS[9])
 end
 return charge

@@ -517,3 +517,117 @@ async def test_a_script_error_is_never_taken_for_an_outage(
     with pytest.raises(GatewayError) as refused:
         await guard.admit(org_id, user_id, "s1", 10**16)
     assert refused.value.status == 500
+
+
+async def test_an_org_at_its_request_rate_refuses_its_users_but_not_another_orgs(start_gateway: Any) -> None:
+    org = f"org-{uuid.uuid4().hex[:6]}"
+    alice, bob = auth_headers(f"alice-{uuid.uuid4().hex[:6]}", org), auth_headers(f"bob-{uuid.uuid4().hex[:6]}", org)
+    carol = auth_headers(f"carol-{uuid.uuid4().hex[:6]}", f"org-{uuid.uuid4().hex[:6]}")
+    admin = auth_headers("boss", org, role="admin")
+    async with start_gateway(quota_org_requests_per_minute=2, quota_requests_per_minute=5) as gateway, \
+            httpx.AsyncClient(base_url=gateway.url) as http:
+        chats = [await new_chat(http, headers) for headers in (alice, bob, carol)]
+
+        async def send(headers: dict[str, str], chat_id: str) -> httpx.Response:
+            return await http.post(f"/v1/chats/{chat_id}/messages", headers=headers, json={"content": "hi"})
+
+        admitted = [await send(alice, chats[0]), await send(bob, chats[1])]
+        refused = [await send(alice, chats[0]), await send(bob, chats[1])]
+        other_org = await send(carol, chats[2])
+        usage = (await http.get("/v1/usage", headers=alice)).json()
+        quota = (await http.get(f"/v1/admin/quotas/org/{org}", headers=admin)).json()
+    assert [r.status_code for r in admitted] == [200, 200]
+    # The org's 2 a minute are tighter than each user's 5: the request headers describe the org's.
+    assert [(r.headers["x-ratelimit-limit-requests"], r.headers["x-ratelimit-remaining-requests"])
+            for r in admitted] == [("2", "1"), ("2", "0")]
+    for response in refused:
+        assert response.status_code == 429 and response.json()["error"]["code"] == "rate_limited"
+        assert 0 < int(response.headers["retry-after"]) <= 60
+        assert response.headers["x-ratelimit-remaining-requests"] == "0"
+    assert other_org.status_code == 200 and other_org.headers["x-ratelimit-remaining-requests"] == "1"
+    assert usage["org_requests_per_minute"] == {"limit": 2, "used": 2, "remaining": 0}
+    assert usage["requests_per_minute"] == {"limit": 5, "used": 1, "remaining": 4}
+    assert quota["requests_per_minute"] is None and quota["defaults"]["requests_per_minute"] == 2
+
+
+async def test_an_orgs_own_request_rate_slides_over_all_its_users(
+    store_for: StoreFor, db: Pool, subject: tuple[str, str]
+) -> None:
+    org, user = subject
+    await put_override(db, org, "org", org, QuotaOverride(requests_per_minute=3))  # over the default of 100
+    clock = Clock(datetime(2026, 5, 1, 10, 0, 0, tzinfo=UTC))
+    store = store_for(clock, requests_per_minute=5, org_requests_per_minute=100)
+    decisions = []
+    for n, who in enumerate((user, "second", "second")):
+        decisions.append(await store.reserve(org, who, f"r{n}", 1))
+        clock.now += 10
+    assert [(d.code, d.request_limit, d.requests_remaining) for d in decisions] == [
+        ("ok", 3, 2), ("ok", 3, 1), ("ok", 3, 0)]
+    refused = await store.reserve(org, user, "r3", 1)  # the user has made 1 of its 5
+    assert (refused.code, refused.retry_after_s, refused.requests_remaining) == ("rate_limited", 30, 0)
+    assert (await store.reserve("another-org", user, "r4", 1)).admitted
+    clock.now += 30  # the first request leaves the window
+    back = await store.reserve(org, user, "r5", 1)
+    assert back.admitted and back.ticket is not None
+    await store.settle(back.ticket, 0, withdrawn=True)  # leaves both windows: one more fits
+    assert (await store.usage(org, user))["org_requests_per_minute"] == {"limit": 3, "used": 2, "remaining": 1}
+    assert (await store.reserve(org, user, "r6", 1)).admitted
+
+
+async def test_over_both_request_rates_the_wait_is_until_both_allow_one_more(
+    store_for: StoreFor, subject: tuple[str, str]
+) -> None:
+    org, user = subject
+    clock = Clock(datetime(2026, 5, 1, 10, 0, 0, tzinfo=UTC))
+    store = store_for(clock, requests_per_minute=1, org_requests_per_minute=2)
+    assert (await store.reserve(org, "first", "a", 1)).admitted
+    clock.now += 30
+    assert (await store.reserve(org, user, "b", 1)).admitted
+    clock.now += 10
+    both = await store.reserve(org, user, "c", 1)  # its own window frees in 50 s, the org's in 20 s
+    org_only = await store.reserve(org, "fresh", "d", 1)
+    assert (both.code, both.retry_after_s) == ("rate_limited", 50)
+    assert (org_only.code, org_only.retry_after_s) == ("rate_limited", 20)
+
+
+async def test_a_lowered_org_rate_waits_until_enough_requests_have_left_its_window(
+    store_for: StoreFor, db: Pool, subject: tuple[str, str]
+) -> None:
+    org, user = subject
+    start = datetime(2026, 5, 1, 10, 0, 0, tzinfo=UTC).timestamp()
+    clock = Clock(datetime.fromtimestamp(start, UTC))
+    store = store_for(clock, org_requests_per_minute=5)
+    for n in range(4):
+        clock.now = start + 10 * n
+        assert (await store.reserve(org, f"{user}-{n % 2}", f"r{n}", 1)).admitted
+    await put_override(db, org, "org", org, QuotaOverride(requests_per_minute=2))
+    await store.forget_limits(org, "org", org)
+    clock.now = start + 35
+    refused = await store.reserve(org, user, "r4", 1)
+    # 4 in the window at 0, 10, 20 and 30 s, now 35 s: one more fits once 3 have left, at 80 s.
+    assert (refused.code, refused.retry_after_s, refused.request_limit) == ("rate_limited", 45, 2)
+
+
+async def test_a_turn_that_does_not_start_leaves_no_request_in_its_orgs_window(start_gateway: Any) -> None:
+    headers = auth_headers(f"u-{uuid.uuid4().hex[:6]}", f"org-{uuid.uuid4().hex[:6]}")
+    async with start_gateway(quota_org_requests_per_minute=1) as gateway, \
+            httpx.AsyncClient(base_url=gateway.url) as http:
+        missing = await http.post(f"/v1/chats/{uuid.uuid4()}/messages", headers=headers, json={"content": "hi"})
+        chat_id = await new_chat(http, headers)
+        ok = await http.post(f"/v1/chats/{chat_id}/messages", headers=headers, json={"content": "hi"})
+        limited = await http.post(f"/v1/chats/{chat_id}/messages", headers=headers, json={"content": "hi"})
+    assert missing.status_code == 404 and ok.status_code == 200
+    assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
+
+
+async def test_an_admin_sets_its_orgs_request_rate(client: httpx.AsyncClient) -> None:
+    org = f"org-{uuid.uuid4().hex[:6]}"
+    admin, member = auth_headers("boss", org, role="admin"), auth_headers("worker", org)
+    put = await client.put(f"/v1/admin/quotas/org/{org}", headers=admin, json={"requests_per_minute": 1})
+    assert put.status_code == 200 and put.json()["requests_per_minute"] == 1
+    chats = [await new_chat(client, headers) for headers in (admin, member)]
+    first = await client.post(f"/v1/chats/{chats[0]}/messages", headers=admin, json={"content": "hi"})
+    second = await client.post(f"/v1/chats/{chats[1]}/messages", headers=member, json={"content": "hi"})
+    assert first.status_code == 200
+    assert second.status_code == 429 and second.json()["error"]["code"] == "rate_limited"
+    assert "retry-after" in second.headers
