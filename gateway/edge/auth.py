@@ -22,7 +22,8 @@ from gateway.settings import Settings
 logger = logging.getLogger(__name__)
 
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/docs", "/", "/dev/token"})
-PUBLIC_PREFIXES = ("/static/",)
+# /v1/shared/: a share link is read without a token (gateway/api/shared.py).
+PUBLIC_PREFIXES = ("/static/", "/v1/shared/")
 _ALGORITHM = "HS256"
 # What an identity provider's key may sign with. HS256 is never among them, so a public key from the JWKS
 # can never be used as an HMAC secret; ``none`` is accepted by no key source.
