@@ -10,6 +10,7 @@ from starlette.requests import Request
 from gateway.settings import Settings
 from gateway.streaming.admission import QuotaGuard
 from gateway.streaming.registry import StreamRegistry
+from gateway.streaming.titles import TitleWriter
 from providers.registry import ProviderRegistry
 from storage.db import Pool
 
@@ -22,6 +23,7 @@ class Services:
     providers: ProviderRegistry
     streams: StreamRegistry
     quotas: QuotaGuard
+    titles: TitleWriter | None = None  # with GATEWAY_TITLE_MODEL: a model titles each chat after its first message
 
 
 def services_of(request: Request) -> Services:
