@@ -21,9 +21,11 @@ $(VENV)/.dev: pyproject.toml | $(PY)
 run: $(VENV)/.run
 	$(VENV)/bin/gateway serve
 
-# The browser test drives Debian's Chromium; the AI SDK test runs the pinned `ai` npm package.
+# The browser test drives Debian's Chromium, the load-balancer test Debian's nginx; the AI SDK test runs
+# the pinned `ai` npm package.
 test-deps:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update -qq && apt-get install -y -qq nginx)
 	@test -d tests/js/node_modules/ai || (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
 
 test: $(VENV)/.dev test-deps
@@ -36,5 +38,6 @@ check: $(VENV)/.dev
 migrate: $(VENV)/.run
 	$(VENV)/bin/gateway migrate
 
+# Results go to .streamgate/bench/<date>.json (git-ignored); BENCH_ARGS=--save writes bench/results/<date>.json.
 bench: $(VENV)/.run
 	$(VENV)/bin/gateway bench $(BENCH_ARGS)

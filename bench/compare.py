@@ -8,7 +8,8 @@ figures measured side by side compare.
 
 Run: .venv/bin/python bench/compare.py fde50df HEAD [--rounds 6] [--seconds 3] [--concurrency 1]
      [--paths chat,completions]
-At concurrency 1 it reports time to first token (p50, and added over direct); above, streams/s.
+At concurrency 1 it reports time to first token (p50, and added over direct); above, streams/s. The path
+``tls`` is completions with the upstream over https.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from pathlib import Path
 
 import uvloop
 
-from bench.harness import Bench, gateway_server, pin_to
-from bench.mock_upstream import start_mock
+from bench.harness import Bench, TlsUpstream, gateway_server, pin_to
+from bench.mock_upstream import start_mock, throwaway_tls
 from gateway.embedded import with_services
 from gateway.settings import Settings, load_settings
 
@@ -52,10 +53,14 @@ def source_trees(versions: list[str]) -> Iterator[list[Path]]:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
 
 
-async def compare(settings: Settings, versions: list[str], trees: list[Path], args: argparse.Namespace) -> None:
+async def compare(settings: Settings, versions: list[str], trees: list[Path], args: argparse.Namespace,
+                  scratch: Path) -> None:
     pin_to(1)
     mock = await start_mock()
     mock_port = mock.sockets[0].getsockname()[1]
+    tls_context, cert_file = throwaway_tls(scratch)
+    tls_mock = await start_mock(tls=tls_context)
+    tls = TlsUpstream(tls_mock.sockets[0].getsockname()[1], cert_file)
     paths = args.paths.split(",")
     key = "ttft_p50_ms" if args.concurrency == 1 else "streams_per_s"
     assert settings.database_url
@@ -63,7 +68,7 @@ async def compare(settings: Settings, versions: list[str], trees: list[Path], ar
         benches = []
         for n, tree in enumerate(trees):
             log = Path(tempfile.gettempdir()) / f"streamgate-compare-{n}.log"
-            port, pid = await stack.enter_async_context(gateway_server(settings, mock_port, log, tree))
+            port, pid = await stack.enter_async_context(gateway_server(settings, mock_port, log, tree, tls))
             bench = Bench(port, pid, mock_port, args.seconds, settings.database_url)
             stack.push_async_callback(bench.erase)
             await bench.make_chats(max(args.concurrency, 100))
@@ -81,6 +86,7 @@ async def compare(settings: Settings, versions: list[str], trees: list[Path], ar
             print(f"round {round_ + 1}: direct {direct[-1]:.3f}, " + ", ".join(
                 f"{versions[n]} {p} {figures[n, p][-1][0]:.3f}" for n in range(len(trees)) for p in paths), flush=True)
     mock.close()
+    tls_mock.close()
     baseline = statistics.median(direct)
     print(f"direct: median {baseline:.3f} {key}")
     for (n, path), values in figures.items():
@@ -96,10 +102,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each measurement")
     parser.add_argument("--concurrency", type=int, default=1)
-    parser.add_argument("--paths", default="chat,completions", help="chat, chat-id (each message with a client_message_id), completions and/or new-chat")
+    parser.add_argument("--paths", default="chat,completions", help="chat, chat-id (each message with a "
+                        "client_message_id), completions, tls (completions over an https upstream) and/or new-chat")
     args = parser.parse_args()
-    with source_trees(args.versions) as trees, with_services(load_settings()) as settings:
-        uvloop.run(compare(settings, args.versions, trees, args))
+    with (source_trees(args.versions) as trees, with_services(load_settings()) as settings,
+          tempfile.TemporaryDirectory(prefix="streamgate-compare-tls-") as scratch):
+        uvloop.run(compare(settings, args.versions, trees, args, Path(scratch)))
 
 
 if __name__ == "__main__":

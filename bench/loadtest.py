@@ -1,16 +1,19 @@
 """A load generator for any Streamgate (or any OpenAI-format server): real HTTP, real SSE parsing.
 
 ``gateway loadtest URL --concurrency 50 --duration 10`` keeps that many streams open in a closed loop and
-prints streams/s, tokens/s, time to first token and stalls. The benchmark uses the same code.
+prints streams/s, tokens/s, time to first token and stalls (``--json``: as one JSON object). On a terminal
+it shows its progress on stderr once a second. The benchmark uses the same code.
 """
 
 from __future__ import annotations
 
 import asyncio
 import statistics
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TextIO
 from urllib.parse import urlsplit
 
 import orjson
@@ -223,10 +226,11 @@ def percentile(values: list[float], pct: float) -> float:
 
 async def closed_loop(
     concurrency: int, duration_s: float, make_request: Callable[[int], bytes], target: Target,
-    stall_after_s: float | None = None,
+    stall_after_s: float | None = None, report: LoadReport | None = None,
 ) -> LoadReport:
-    """Keep ``concurrency`` streams going for ``duration_s``; worker ``n`` builds its requests."""
-    report = LoadReport()
+    """Keep ``concurrency`` streams going for ``duration_s``; worker ``n`` builds its requests. A caller
+    that watches the run as it goes passes the ``report`` to fill."""
+    report = report if report is not None else LoadReport()
     deadline = time.perf_counter() + duration_s
 
     async def worker(n: int) -> None:
@@ -242,6 +246,38 @@ async def closed_loop(
     return report
 
 
+async def show_progress(report: LoadReport, out: TextIO, duration_s: float) -> None:
+    """Until cancelled, once a second: streams done, their rate over the last second and errors, on one
+    line rewritten in place."""
+    started = last = time.perf_counter()
+    done = errors = seen = 0
+    while True:
+        await asyncio.sleep(1)  # the display's own pace
+        fresh = report.results[seen:]
+        seen += len(fresh)
+        finished = sum(1 for r in fresh if r.status == 200)
+        done, errors = done + finished, errors + len(fresh) - finished
+        now = time.perf_counter()
+        out.write(f"\r{now - started:4.0f}/{duration_s:g} s  {done} streams  {finished / (now - last):.0f} "
+                  f"streams/s  {errors + report.errors} errors\x1b[K")
+        out.flush()
+        last = now
+
+
+async def drive(concurrency: int, duration_s: float, request: bytes, target: Target, stall_after_s: float,
+                progress: TextIO | None) -> LoadReport:
+    """The closed loop, with its progress shown on ``progress`` (then cleared) when one is given."""
+    report = LoadReport()
+    ticker = asyncio.create_task(show_progress(report, progress, duration_s)) if progress else None
+    try:
+        return await closed_loop(concurrency, duration_s, lambda n: request, target, stall_after_s, report)
+    finally:
+        if ticker is not None and progress is not None:
+            ticker.cancel()
+            progress.write("\r\x1b[K")
+            progress.flush()
+
+
 def print_summary(title: str, summary: dict[str, float]) -> None:
     print(f"{title}: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
 
@@ -250,20 +286,27 @@ class LoadtestError(ValueError):
     """A load test that cannot measure what it was asked to."""
 
 
-def run_loadtest(url: str, token: str | None, concurrency: int, duration_s: float, model: str,
-                 message: str, stall_ms: float) -> None:
-    """``gateway loadtest``: OpenAI's completions, ``/v1/chat`` (a new chat per stream) or one chat's
-    messages, by the URL's path. A gap between two tokens over ``stall_ms`` counts as a stall."""
-    target = Target.of(url, token)
+def request_body(target: Target, concurrency: int, model: str, message: str) -> dict[str, object]:
+    """OpenAI's completions, ``/v1/chat`` (a new chat per stream) or one chat's messages, by the URL's path."""
     if target.path.endswith("/chat/completions"):
-        body: dict[str, object] = {"model": model, "stream": True, "messages": [{"role": "user", "content": message}]}
-    elif target.path.endswith("/v1/chat"):
-        body = {"message": message, "model": model}
+        return {"model": model, "stream": True, "messages": [{"role": "user", "content": message}]}
+    if target.path.endswith("/v1/chat"):
+        return {"message": message, "model": model}
+    if concurrency > 1:
+        raise LoadtestError("a chat streams one reply at a time (409 for the others): give /v1/chat, "
+                            "which opens a chat per stream, or --concurrency 1")
+    return {"content": message}  # in the chat's own model
+
+
+def run_loadtest(url: str, token: str | None, concurrency: int, duration_s: float, model: str,
+                 message: str, stall_ms: float, as_json: bool = False) -> None:
+    """``gateway loadtest``: a gap between two tokens over ``stall_ms`` counts as a stall."""
+    target = Target.of(url, token)
+    request = request_bytes(target, target.path, request_body(target, concurrency, model, message))
+    progress = sys.stderr if sys.stderr.isatty() else None
+    report = uvloop.run(drive(concurrency, duration_s, request, target, stall_ms / 1000, progress))
+    if as_json:  # NaN (no stream had a first token) becomes null
+        print(orjson.dumps({"url": url, "concurrency": concurrency, "duration_s": duration_s,
+                            **report.summary()}).decode())
     else:
-        if concurrency > 1:
-            raise LoadtestError("a chat streams one reply at a time (409 for the others): give /v1/chat, "
-                                "which opens a chat per stream, or --concurrency 1")
-        body = {"content": message}  # in the chat's own model
-    request = request_bytes(target, target.path, body)
-    report = uvloop.run(closed_loop(concurrency, duration_s, lambda n: request, target, stall_ms / 1000))
-    print_summary(f"{url} x{concurrency} for {duration_s:g}s", report.summary())
+        print_summary(f"{url} x{concurrency} for {duration_s:g}s", report.summary())

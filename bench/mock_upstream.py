@@ -3,18 +3,27 @@
 The model name sets the stream: ``mock:tokens=64&gap_ms=0&ttft_ms=0&hold_ms=0`` sends ``tokens`` deltas,
 ``gap_ms`` apart, after ``ttft_ms``; ``hold_ms`` keeps the stream open after the last delta. HTTP/1.1
 requests get a chunked, keep-alive answer (as an SDK expects); HTTP/1.0 ones an answer closed at its end.
-Streams cut short by the client are recorded with the time their connection closed.
+Streams cut short by the client are recorded with the time their connection closed. With a TLS context
+it serves https (``throwaway_tls`` makes one, with a certificate the gateway under test is told to trust).
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from functools import lru_cache
+from pathlib import Path
 from urllib.parse import parse_qsl
 
 import orjson
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 _HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
 
@@ -124,5 +133,40 @@ class MockUpstream(asyncio.Protocol):
             self.task.cancel()
 
 
-async def start_mock(host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
-    return await asyncio.get_running_loop().create_server(MockUpstream, host, port, backlog=8192)
+async def start_mock(host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None) -> asyncio.Server:
+    return await asyncio.get_running_loop().create_server(MockUpstream, host, port, backlog=8192, ssl=tls)
+
+
+def throwaway_certificate(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1",)) -> tuple[Path, Path]:
+    """A self-signed certificate for ``hosts`` (names or IP addresses), made now and valid for a day, and its
+    key: their files in ``folder`` (a client trusts the certificate through ``SSL_CERT_FILE``)."""
+    key = ec.generate_private_key(ec.SECP256R1())  # P-256, as most vendors' certificates are
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
+    now = datetime.datetime.now(datetime.UTC)
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / "upstream.pem", folder / "upstream.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def throwaway_tls(folder: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server context for 127.0.0.1 behind a ``throwaway_certificate``, and the certificate's file."""
+    cert_file, key_file = throwaway_certificate(folder)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return context, cert_file

@@ -1,4 +1,4 @@
-"""The ``gateway`` command: serve, migrate, token."""
+"""The ``gateway`` command: serve, migrate, token, bench, loadtest."""
 
 from __future__ import annotations
 
@@ -74,7 +74,15 @@ def token(settings: Settings, args: argparse.Namespace) -> None:
 def bench(settings: Settings, args: argparse.Namespace) -> None:
     from bench.harness import main as run_bench
 
-    run_bench(settings, args.seconds, args.quick, Path(args.out))
+    run_bench(settings, args.seconds, args.quick, bench_folder(settings, args))
+
+
+def bench_folder(settings: Settings, args: argparse.Namespace) -> Path:
+    """Where the bench writes its JSON: ``--out``; with ``--save`` the repository's bench/results (what
+    docs/performance.md cites); else the git-ignored data folder, so a run leaves ``git status`` clean."""
+    if args.out:
+        return Path(args.out)
+    return Path("bench/results") if args.save else settings.data_dir / "bench"
 
 
 def loadtest(settings: Settings, args: argparse.Namespace) -> None:
@@ -82,7 +90,7 @@ def loadtest(settings: Settings, args: argparse.Namespace) -> None:
 
     try:
         run_loadtest(args.url, args.token, args.concurrency, args.duration, args.model, args.message,
-                     args.stall_ms)
+                     args.stall_ms, as_json=args.json)
     except LoadtestError as error:
         print(f"gateway loadtest: {error}", file=sys.stderr)
         sys.exit(2)
@@ -108,7 +116,9 @@ def parser() -> argparse.ArgumentParser:
     bench_cmd = commands.add_parser("bench", help="benchmark the gateway against a direct baseline")
     bench_cmd.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
     bench_cmd.add_argument("--quick", action="store_true", help="fewer samples and smaller loads")
-    bench_cmd.add_argument("--out", default="bench/results")
+    bench_cmd.add_argument("--save", action="store_true",
+                           help="write the results to bench/results/<date>.json (default: <data dir>/bench)")
+    bench_cmd.add_argument("--out", help="write the results to this folder instead")
     bench_cmd.set_defaults(handler=bench)
     load_cmd = commands.add_parser("loadtest", help="drive any Streamgate with streaming load")
     load_cmd.add_argument("url", help="e.g. http://127.0.0.1:8000/v1/chat or .../v1/chat/completions")
@@ -121,6 +131,8 @@ def parser() -> argparse.ArgumentParser:
     load_cmd.add_argument("--stall-ms", type=float, default=200.0,
                           help="a gap between two tokens over this is a stall (the bench's: twice the "
                                "gap of a 10 tokens/s stream)")
+    load_cmd.add_argument("--json", action="store_true",
+                          help="print the result as one JSON object on stdout (progress stays on stderr)")
     load_cmd.set_defaults(handler=loadtest)
     return root
 
@@ -131,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = load_settings()
     except SettingsError as error:
         sys.exit(f"gateway: {error}")
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     args.handler(settings, args)
 
 

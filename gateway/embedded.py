@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
 from gateway.settings import Settings
 
@@ -34,12 +36,17 @@ def resolve_jwt_secret(settings: Settings) -> str:
 
 @contextmanager
 def embedded_postgres(folder: Path) -> Iterator[str]:
-    import pgserver  # imported here: only the zero-setup default needs it
-
+    """A PostgreSQL in ``folder``; pgserver's own records (each command line it runs, with its output) go to
+    ``<folder>.log`` beside it and the server's log to ``<folder>/log``, not to the console."""
+    pgserver = import_pgserver()
     folder.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(  # type: ignore[attr-defined]
-        folder.resolve(), cleanup_mode="stop"
-    )
+    records = log_pgserver_to(folder.with_name(folder.name + ".log"))
+    try:
+        server = pgserver.get_server(folder.resolve(), cleanup_mode="stop")
+    except Exception:
+        logger.error("embedded PostgreSQL did not start: see its logs",
+                     extra={"log": str(records), "server_log": str(folder / "log")})
+        raise
     url: str = server.get_uri()
     logger.info("embedded PostgreSQL started", extra={"data": str(folder), "url": url})
     try:
@@ -47,6 +54,37 @@ def embedded_postgres(folder: Path) -> Iterator[str]:
     finally:
         server.cleanup()
         logger.info("embedded PostgreSQL stopped")
+
+
+def import_pgserver() -> Any:
+    """pgserver, imported only by the zero-setup default that needs it.
+
+    Its import asks platformdirs for a runtime folder (for a lock file), and platformdirs warns on stderr
+    when ``XDG_RUNTIME_DIR`` is unset or unusable, as on any server or container without a login session,
+    then falls back to a private folder under /tmp that serves as well. Nothing for a user to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR", category=UserWarning)
+        import pgserver
+    return pgserver
+
+
+class _PgserverFile(logging.FileHandler):
+    """The file that holds pgserver's records."""
+
+
+def log_pgserver_to(path: Path) -> Path:
+    """Send the ``pgserver`` logger's records to ``path`` only. The handler stays after the server stops:
+    pgserver's exit handler writes a last record when the process ends."""
+    pg_logger = logging.getLogger("pgserver")
+    for old in [h for h in pg_logger.handlers if isinstance(h, _PgserverFile)]:
+        pg_logger.removeHandler(old)
+        old.close()
+    handler = _PgserverFile(path, delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    pg_logger.addHandler(handler)
+    pg_logger.setLevel(logging.INFO)  # the file is for finding out why a start failed: keep all of it
+    pg_logger.propagate = False
+    return path
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from gateway.streaming.turns import GROW_BATCH
 from storage.db import Pool
 from tests.api.test_send import read_events, reply_row
 from tests.conftest import auth_headers
+from tests.servers import pipe
 from tests.streaming.test_dispatch import vendor_gateway
 
 JSON = {"Accept": "application/json"}
@@ -169,13 +170,6 @@ async def cuttable_proxy(target: str) -> AsyncIterator[tuple[str, asyncio.Event]
     socket_dir = urllib.parse.parse_qs(parts.query).get("host", [""])[0]
     cut = asyncio.Event()
     writers: list[asyncio.StreamWriter] = []
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if cut.is_set():

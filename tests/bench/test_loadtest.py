@@ -4,13 +4,19 @@ count what the server really sent, over real HTTP, on every path they drive."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
 import sys
 import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
-from bench.harness import store_floors
+from bench.harness import SECRET, TLS_PROVIDER, Bench, store_floors
 from bench.loadtest import (
     StreamCounter,
     StreamResult,
@@ -20,9 +26,12 @@ from bench.loadtest import (
     one_stream,
     request_bytes,
 )
-from bench.mock_upstream import start_mock
+from bench.mock_upstream import start_mock, throwaway_tls
+from gateway.app import build_providers
+from gateway.settings import Endpoint, Settings
 from storage.db import Pool
 from tests.conftest import auth_headers
+from tests.test_cli import run_on_terminal
 
 WORDS = "one two three four five six seven"  # the fake echoes it as 7 deltas
 
@@ -79,16 +88,24 @@ async def test_the_stream_counter_finds_token_frames_split_across_reads() -> Non
         assert [(r.status, r.tokens) for r in sink] == [(200, 6)], size
 
 
-async def loadtest(url: str, *args: str) -> tuple[int, dict[str, str], str]:
-    """``gateway loadtest URL ARGS`` run with a caller's token: its exit code, the figures it printed
-    (name -> value) and its standard error."""
-    token = auth_headers(f"load-{uuid.uuid4().hex[:6]}", "org-load")["Authorization"].split()[1]
+def caller_token() -> str:
+    return auth_headers(f"load-{uuid.uuid4().hex[:6]}", "org-load")["Authorization"].split()[1]
+
+
+async def loadtest_output(url: str, *args: str) -> tuple[int, str, str]:
+    """``gateway loadtest URL ARGS`` run with a caller's token: its exit code, stdout and stderr."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "loadtest", url, "--token", token, *args,
+        sys.executable, "-m", "gateway", "loadtest", url, "--token", caller_token(), *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await process.communicate()
     assert process.returncode is not None
-    return process.returncode, dict(re.findall(r"(\w+)=([0-9.e+-]+|nan)", out.decode())), err.decode()
+    return process.returncode, out.decode(), err.decode()
+
+
+async def loadtest(url: str, *args: str) -> tuple[int, dict[str, str], str]:
+    """As ``loadtest_output``, with the figures it printed (name -> value) instead of its stdout."""
+    code, out, err = await loadtest_output(url, *args)
+    return code, dict(re.findall(r"(\w+)=([0-9.e+-]+|nan)", out)), err
 
 
 async def test_the_loadtest_command_prints_the_figures(gateway_url: str) -> None:
@@ -100,6 +117,55 @@ async def test_the_loadtest_command_prints_the_figures(gateway_url: str) -> None
     assert float(figures["streams"]) > 0 and float(figures["errors"]) == 0
     # Printed to 4 significant digits: each stream is 7 tokens.
     assert float(figures["tokens_per_s"]) == pytest.approx(7 * float(figures["streams_per_s"]), rel=2e-3)
+
+
+async def test_the_loadtest_command_prints_one_json_object_for_scripts(gateway_url: str) -> None:
+    url = gateway_url + "/v1/chat/completions"
+    code, out, err = await loadtest_output(url, "--concurrency", "2", "--duration", "0.3", "--message", WORDS,
+                                           "--json")
+    assert code == 0 and err == ""  # no terminal: no progress either
+    result = orjson.loads(out)  # the whole of stdout
+    assert out.count("\n") == 1
+    assert (result["url"], result["concurrency"], result["duration_s"]) == (url, 2, 0.3)
+    assert result["streams"] > 0 and result["errors"] == 0
+    assert result["tokens_per_s"] == pytest.approx(7 * result["streams_per_s"])
+    assert 0 < result["ttft_p50_ms"] <= result["ttft_p99_ms"]
+
+
+async def test_the_loadtest_command_shows_its_progress_on_a_terminal(gateway_url: str) -> None:
+    # A progress line a second: a run of 1.5 s shows one, then clears it.
+    code, out, shown = await run_on_terminal(
+        {}, "loadtest", gateway_url + "/v1/chat/completions", "--token", caller_token(), "--concurrency", "2",
+        "--duration", "1.5", "--message", WORDS, "--json")
+    assert code == 0, shown
+    progress = re.findall(r"\r *\d+/1\.5 s  (\d+) streams  (\d+) streams/s  (\d+) errors\x1b\[K", shown)
+    assert progress and all(int(done) > 0 and errors == "0" for done, _, errors in progress), shown
+    assert shown.endswith("\r\x1b[K")  # cleared before the result is printed
+    assert orjson.loads(out)["streams"] >= int(progress[-1][0])  # stdout still holds only the result
+
+
+async def test_the_gateway_streams_from_the_bench_upstream_over_tls(
+    start_gateway: Callable[..., contextlib.AbstractAsyncContextManager[Any]], settings: Settings,
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As `gateway bench` runs its "completions over TLS": the gateway trusts the throwaway certificate.
+    context, cert_file = throwaway_tls(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))
+    mock = await start_mock(tls=context)
+    endpoint = Endpoint(base_url=f"https://127.0.0.1:{mock.sockets[0].getsockname()[1]}/v1")
+    providers = build_providers(settings.model_copy(update={"providers": {TLS_PROVIDER: endpoint}}))
+    try:
+        async with start_gateway(providers, jwt_secret=SECRET) as gateway:
+            port = int(gateway.url.rpartition(":")[2])
+            bench = Bench(port, os.getpid(), 0, 0.3, database_url)
+            try:
+                summary = await bench.load("tls", 2, "mock:tokens=5")
+            finally:
+                await bench.erase()
+    finally:
+        mock.close()
+    assert summary["streams"] > 0 and summary["errors"] == 0
+    assert summary["tokens_per_s"] == pytest.approx(5 * summary["streams_per_s"])
 
 
 async def test_the_loadtest_command_counts_gaps_over_its_threshold_as_stalls(gateway_url: str) -> None:

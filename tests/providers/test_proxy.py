@@ -5,44 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from bench.mock_upstream import throwaway_certificate
 from providers.base import ProviderConnectionError
 from providers.proxy import proxy_for
 from tests.providers.test_adapters import adapter_for, run
-from tests.servers import serve_app
+from tests.servers import pipe, serve_app
 from tests.vendors import TEXT, VENDORS, VendorServer
-
-
-def self_signed(folder: Path) -> tuple[str, str]:
-    """A throwaway certificate for localhost and 127.0.0.1, and its key: (certificate file, key file)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = folder / "vendor.pem", folder / "vendor.key"
-    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return str(cert_file), str(key_file)
 
 
 @dataclass
@@ -73,14 +47,6 @@ class ForwardProxy:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
 
-async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    writer.close()
-
-
 @contextlib.asynccontextmanager
 async def forward_proxy() -> AsyncIterator[tuple[ForwardProxy, int]]:
     proxy = ForwardProxy()
@@ -97,7 +63,8 @@ async def forward_proxy() -> AsyncIterator[tuple[ForwardProxy, int]]:
 async def tls_vendors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[dict[str, str]]:
     """Each vendor's fake served over https with a throwaway certificate the adapters are told to trust
     (``SSL_CERT_FILE``, read when an adapter opens its first TLS connection)."""
-    cert_file, key_file = self_signed(tmp_path)
+    cert, key = throwaway_certificate(tmp_path, ("localhost", "127.0.0.1"))
+    cert_file, key_file = str(cert), str(key)
     monkeypatch.setenv("SSL_CERT_FILE", cert_file)
     async with contextlib.AsyncExitStack() as stack:
         urls = {vendor: await stack.enter_async_context(serve_app(VendorServer(vendor), tls=(cert_file, key_file)))
