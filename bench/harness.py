@@ -2,8 +2,11 @@
 
 The gateway runs as ``gateway serve`` with one worker pinned to CPU 0; this harness (load generator and
 mock upstream, one event loop) is pinned to CPU 1. Every scenario also runs "direct" (load generator
-straight to the mock), and gateway figures are reported as overhead and as ratios to direct.
-Results go to ``bench/results/<date>.json``; docs/performance.md explains the method.
+straight to the mock), and gateway figures are reported as overhead and as ratios to direct. The mock also
+serves https behind a throwaway certificate, so completions run over a TLS upstream beside the plaintext one.
+Each phase is announced on stderr as it starts; the table goes to stdout and the raw figures to
+``<data dir>/bench/<date>.json`` (``--save``: ``bench/results/<date>.json``). docs/performance.md explains
+the method.
 
 Past 400 lines because each scenario is a few lines over the same gateway process, mock and chats; the
 module is the harness they share.
@@ -23,6 +26,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +45,8 @@ from bench.loadtest import (
     percentile,
     request_bytes,
 )
-from bench.mock_upstream import MockUpstream, start_mock
+from bench.mock_upstream import MockUpstream, start_mock, throwaway_tls
+from bench.report import PATHS, report
 from gateway.edge.auth import mint_token
 from gateway.embedded import with_services
 from gateway.settings import Settings
@@ -57,6 +62,11 @@ SEED_TURNS = 32  # 64 messages a chat before the statistics are taken (see Bench
 LEVELS = (500, 750, 1000, 1250, 1500, 2000, 3000, 4000, 5000, 6000, 8000, 10_000, 12_000, 16_000)
 QUICK_LEVELS = (500, 1000)
 SPARE_FDS = 1000  # the stores' connections, the files a process holds open, and slack
+TLS_PROVIDER = "mocktls"  # the gateway's named endpoint for the mock's https side
+# An agent turn: fake/think reasons (a delta a word of the message, 32 at most) before it calls the tool.
+AGENT_TURN: dict[str, object] = {"content": " ".join(["bench"] * 32), "model": "fake/think", "reasoning_effort": "low",
+              "tool_choice": "required", "tools": [{"type": "function", "function": {
+                  "name": "lookup", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]}
 
 
 def capacity_levels() -> tuple[int, ...]:
@@ -95,12 +105,32 @@ async def post_json(target: Target, path: str, body: dict[str, Any]) -> Any:
     return orjson.loads(payload)
 
 
+class Progress:
+    """A line on stderr as each phase starts, with the time since the run began: a full run takes many
+    minutes, and its table comes only at the end."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def phase(self, text: str) -> None:
+        elapsed = int(time.monotonic() - self.started)
+        print(f"[{elapsed // 60:2d}:{elapsed % 60:02d}] {text} ...", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class TlsUpstream:
+    """The mock's https side: its port and the certificate file the gateway is told to trust."""
+
+    port: int
+    cert_file: Path
+
+
 @contextlib.asynccontextmanager
 async def gateway_server(
-    settings: Settings, mock_port: int, log: Path, tree: Path | None = None
+    settings: Settings, mock_port: int, log: Path, tree: Path | None = None, tls: TlsUpstream | None = None
 ) -> AsyncIterator[tuple[int, int]]:
     """``gateway serve`` pinned to CPU 0 (from the source ``tree`` given, else this one); yields its port
-    and pid once /ready answers."""
+    and pid once /ready answers. With ``tls``, models ``mocktls/...`` go to the mock over https."""
     with socket_port() as port:
         env = {**os.environ, "GATEWAY_DATABASE_URL": settings.database_url or "",
                "GATEWAY_REDIS_URL": settings.redis_url or "", "GATEWAY_JWT_SECRET": SECRET,
@@ -108,6 +138,10 @@ async def gateway_server(
                "OPENAI_BASE_URL": f"http://127.0.0.1:{mock_port}/v1", "OPENAI_API_KEY": "bench"}
         if tree is not None:
             env["PYTHONPATH"] = str(tree)
+        if tls is not None:
+            env["GATEWAY_PROVIDERS"] = orjson.dumps(
+                {TLS_PROVIDER: {"base_url": f"https://127.0.0.1:{tls.port}/v1"}}).decode()
+            env["SSL_CERT_FILE"] = str(tls.cert_file)
         pin = ["taskset", "-c", "0"] if (os.cpu_count() or 1) > 1 else []
         with log.open("wb") as out:
             process = subprocess.Popen([*pin, sys.executable, "-m", "gateway", "serve", "--port", str(port)],
@@ -177,8 +211,9 @@ def harness_frozen() -> Iterator[list[float]]:
 
 class Bench:
     def __init__(self, gateway_port: int, gateway_pid: int, mock_port: int, seconds: float,
-                 database_url: str) -> None:
+                 database_url: str, progress: Progress | None = None) -> None:
         self.database_url = database_url
+        self.progress = progress or Progress()
         self.org = f"bench-{uuid.uuid4().hex[:8]}"  # its data is erased after the run (``erase_org``)
         token = mint_token(SECRET, "bench", self.org, ttl_s=86_400)
         self.gateway = Target("127.0.0.1", gateway_port, "/", {"Authorization": f"Bearer {token}"})
@@ -224,12 +259,15 @@ class Bench:
         if path == "direct":
             return request_bytes(self.mock, "/v1/chat/completions", {
                 "model": model, "stream": True, "messages": [{"role": "user", "content": "bench"}]})
-        if path == "completions":
+        if path in ("completions", "tls"):
+            provider = TLS_PROVIDER if path == "tls" else "openai"
             return request_bytes(self.gateway, "/v1/chat/completions", {
-                "model": f"openai/{model}", "stream": True, "messages": [{"role": "user", "content": "bench"}]})
+                "model": f"{provider}/{model}", "stream": True, "messages": [{"role": "user", "content": "bench"}]})
         if path == "chat":
             return request_bytes(self.gateway, f"/v1/chats/{self.chats[n]}/messages",
                                  {"content": "bench", "model": f"openai/{model}"})
+        if path == "agent":  # reasoning, then a required tool call: their events, parts and stored calls
+            return request_bytes(self.gateway, f"/v1/chats/{self.chats[n]}/messages", AGENT_TURN)
         if path == "chat-id":  # as the AI SDK submits: each message with an id of its own
             return request_bytes(self.gateway, f"/v1/chats/{self.chats[n]}/messages",
                                  {"content": "bench", "model": f"openai/{model}", "client_message_id": uuid.uuid4().hex})
@@ -245,14 +283,18 @@ class Bench:
         report = await closed_loop(concurrency, self.seconds, make, self.target(path))
         return report.summary()
 
-    async def ttft_and_throughput(self) -> dict[str, Any]:
+    async def ttft_and_throughput(self, paths: tuple[str, ...]) -> dict[str, Any]:
+        self.progress.phase(f"seeding 100 chats with {SEED_TURNS} turns each")
         await self.make_chats(100)
         await self.seed()
         out: dict[str, Any] = {}
+        each = f"{', '.join(PATHS.get(p, p) for p in paths)}; {self.seconds:g} s each"
         for concurrency in (1, 100):
-            for path in ("direct", "completions", "chat"):
+            self.progress.phase(f"time to first token, concurrency {concurrency} ({each})")
+            for path in paths:
                 out[f"c{concurrency}_{path}"] = await self.load(path, concurrency)
-        for path in ("direct", "completions", "chat"):
+        self.progress.phase(f"saturation, concurrency 64, 64 unpaced deltas a stream ({each})")
+        for path in paths:
             out[f"saturation_{path}"] = await self.load(path, 64)
         return out
 
@@ -261,6 +303,7 @@ class Bench:
         the ladder ends."""
         steps = []
         for level in levels:
+            self.progress.phase(f"capacity {level:,} streams at 10 tokens/s")
             sink: list[StreamResult] = []
             tasks = []
             for n in range(level):
@@ -287,6 +330,7 @@ class Bench:
 
     async def memory(self, low: int, high: int) -> dict[str, float]:
         """RSS with idle open streams (first token sent, then silence): the slope between two counts."""
+        self.progress.phase(f"memory with {low:,} then {high:,} idle open streams")
         boot = rss_kib(self.pid)
         tasks: list[asyncio.Task[None]] = []
         sink: list[StreamResult] = []
@@ -311,6 +355,7 @@ class Bench:
 
     async def abort(self, samples: int) -> dict[str, float]:
         """From the client hanging up to the upstream connection closing, through the chat path."""
+        self.progress.phase(f"abort to upstream close ({samples} samples)")
         await self.make_chats(1)
         latencies = []
         for _ in range(samples):
@@ -394,74 +439,47 @@ async def store_floors(database_url: str, redis_url: str, samples: int) -> dict[
     return floors
 
 
-def report(results: dict[str, Any]) -> str:
-    t = results["throughput"]
-    lines = ["scenario                                   direct    /v1/chat/completions   chat path"]
-
-    def row(name: str, key: str, suffix: str, fmt: str = "{:.1f}") -> None:
-        values = [t[f"{suffix}_{p}"][key] for p in ("direct", "completions", "chat")]
-        lines.append(f"{name:<40} " + "  ".join(f"{fmt.format(v):>12}" for v in values))
-
-    row("TTFT p50 ms, c=1", "ttft_p50_ms", "c1", "{:.2f}")
-    row("TTFT p99 ms, c=1", "ttft_p99_ms", "c1", "{:.2f}")
-    row("TTFT p50 ms, c=100", "ttft_p50_ms", "c100", "{:.2f}")
-    row("TTFT p99 ms, c=100", "ttft_p99_ms", "c100", "{:.2f}")
-    row("streams/s, 64 unpaced deltas, c=64", "streams_per_s", "saturation")
-    row("tokens/s, 64 unpaced deltas, c=64", "tokens_per_s", "saturation", "{:.0f}")
-    for path in ("completions", "chat"):
-        added = t[f"c1_{path}"]["ttft_p50_ms"] - t["c1_direct"]["ttft_p50_ms"]
-        ratio = t[f"saturation_{path}"]["streams_per_s"] / t["saturation_direct"]["streams_per_s"]
-        lines.append(f"{path}: added TTFT p50 at c=1 {added:.2f} ms; saturation {ratio:.2f}x direct")
-    cap = results["capacity"]
-    best = max((s["streams"] for s in cap if s["stall_fraction"] <= 0.001 and s["opened"] == s["streams"]),
-               default=0)
-    last = cap[-1] if cap else {}
-    topped = last.get("stall_fraction", 1) <= 0.001 and last.get("opened") == last.get("streams")
-    lines.append(f"capacity at 10 tokens/s with <=0.1% stalls: {best} streams"
-                 + (" (the ladder's top: no level stalled)" if topped else "") + f" ({cap})")
-    if (topped or not cap) and results.get("capacity_cut_by_descriptors"):
-        lines.append("  the descriptor limit cut the ladder short: raise `ulimit -n` to let it climb further")
-    lines.append(f"memory: {results['memory']}")
-    lines.append(f"abort to upstream close: {results['abort']}")
-    lines.append(f"quota check: {results['quota']}")
-    lines.append(f"store floors: {results['floors']}")
-    return "\n".join(lines)
-
-
-async def run_bench(settings: Settings, seconds: float, quick: bool) -> dict[str, Any]:
+async def run_bench(settings: Settings, seconds: float, quick: bool, scratch: Path) -> dict[str, Any]:
     pin_to(1)
+    progress = Progress()
     levels = QUICK_LEVELS if quick else capacity_levels()  # before the gateway starts: it inherits the limit
     mock = await start_mock()
+    tls_context, cert_file = throwaway_tls(scratch)
+    tls_mock = await start_mock(tls=tls_context)
+    tls = TlsUpstream(tls_mock.sockets[0].getsockname()[1], cert_file)
     mock_port = mock.sockets[0].getsockname()[1]
     log = Path(tempfile.gettempdir()) / "streamgate-bench-gateway.log"
-    async with gateway_server(settings, mock_port, log) as (port, pid):
-        assert settings.database_url
-        bench = Bench(port, pid, mock_port, seconds, settings.database_url)
+    progress.phase(f"starting the gateway (its log: {log})")
+    async with gateway_server(settings, mock_port, log, tls=tls) as (port, pid):
+        assert settings.database_url and settings.redis_url
+        bench = Bench(port, pid, mock_port, seconds, settings.database_url, progress)
         results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-                                   "seconds_per_measurement": seconds}
+                                   "seconds_per_measurement": seconds, "quick": quick}
         try:
             # Memory first, on a fresh process: later loads leave freed memory that new streams would reuse.
             results["memory"] = await bench.memory(200, 1000) if quick else await bench.memory(1000, 5000)
-            results["throughput"] = await bench.ttft_and_throughput()
-            assert settings.redis_url
-            results["floors"] = await store_floors(settings.database_url, settings.redis_url,
-                                                   500 if quick else 2000)
+            results["throughput"] = await bench.ttft_and_throughput(("direct", "completions", "tls", "chat", "agent"))
+            floor_samples = 500 if quick else 2000
+            progress.phase(f"store floors ({floor_samples} calls each)")
+            results["floors"] = await store_floors(settings.database_url, settings.redis_url, floor_samples)
             results["abort"] = await bench.abort(20 if quick else 100)
             results["capacity"] = await bench.capacity(levels)
             results["capacity_cut_by_descriptors"] = not quick and levels != LEVELS
         finally:
             await bench.erase()
-    assert settings.redis_url
-    results["quota"] = await quota_check(settings.redis_url, 2000 if quick else 10_000)
+    quota_samples = 2000 if quick else 10_000
+    progress.phase(f"quota check ({quota_samples} samples)")
+    results["quota"] = await quota_check(settings.redis_url, quota_samples)
     mock.close()
+    tls_mock.close()
     return results
 
 
 def main(settings: Settings, seconds: float, quick: bool, out_dir: Path) -> None:
-    with with_services(settings) as ready:
-        results = uvloop.run(run_bench(ready, seconds, quick))
+    with with_services(settings) as ready, tempfile.TemporaryDirectory(prefix="streamgate-bench-") as scratch:
+        results = uvloop.run(run_bench(ready, seconds, quick, Path(scratch)))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{datetime.date.today().isoformat()}.json"
     path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     print(report(results))
-    print(f"results written to {path}")
+    print(f"results written to {path}", file=sys.stderr)

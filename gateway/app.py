@@ -15,7 +15,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.types import Receive, Scope, Send
 
-from gateway.api import chats, compat, health, openapi, page, send, ui_stream, usage
+from gateway.api import chats, compat, files, health, openapi, page, send, shared, ui_stream, usage
 from gateway.edge import metrics
 from gateway.edge.auth import JWTBackend, on_auth_error
 from gateway.edge.errors import EXCEPTION_HANDLERS
@@ -26,6 +26,7 @@ from gateway.services import Services
 from gateway.settings import Settings, load_settings
 from gateway.streaming.admission import QuotaGuard
 from gateway.streaming.registry import StreamRegistry
+from gateway.streaming.titles import TitleModel, TitleWriter
 from providers.base import ANTHROPIC_MODELS, GEMINI_MODELS, OPENAI_MODELS, Provider, UpstreamConfig
 from providers.fake import FakeProvider
 from providers.registry import LazyProvider, ProviderRegistry
@@ -65,13 +66,14 @@ class Gateway(Starlette):
 
 def create_app(settings: Settings | None = None, providers: ProviderRegistry | None = None) -> Starlette:
     settings = settings or load_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     if not settings.database_url or not settings.redis_url:
         raise RuntimeError(
             "GATEWAY_DATABASE_URL and GATEWAY_REDIS_URL must be set (`gateway serve` sets them)"
         )
 
     providers = providers or build_providers(settings)
+    title_model = TitleModel.resolve(providers, settings.title_model) if settings.title_model else None
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -84,8 +86,9 @@ def create_app(settings: Settings | None = None, providers: ProviderRegistry | N
         quotas = QuotaGuard(quota_store(settings, pool, redis), settings.quota_fail_mode,
                             settings.quota_default_max_tokens)
         streams = StreamRegistry(settings, pool, redis, quotas, providers)
+        titles = TitleWriter(title_model, streams) if title_model else None
         await streams.start()
-        app.state.services = Services(settings, pool, redis, providers, streams, quotas)
+        app.state.services = Services(settings, pool, redis, providers, streams, quotas, titles)
         gc.set_threshold(settings.gc_young_threshold, *gc.get_threshold()[1:])
         # What the worker built to serve (modules, routes, pools: 64,000 objects) lives as long as it does:
         # frozen, it is left out of every full collection, which then walks only what came since (16-20 ms
@@ -96,6 +99,8 @@ def create_app(settings: Settings | None = None, providers: ProviderRegistry | N
             yield
         finally:
             await streams.close(settings.shutdown_grace_s + 5)
+            if titles is not None:
+                await titles.close()
             await providers.aclose()
             await quotas.store.aclose()
             await redis.aclose()
@@ -110,8 +115,8 @@ def create_app(settings: Settings | None = None, providers: ProviderRegistry | N
         ),
     ]
     app = Gateway(
-        routes=[*health.routes, *metrics.routes, *chats.routes, *send.routes, *usage.routes, *compat.routes,
-                *ui_stream.routes, *openapi.routes, *page.routes],
+        routes=[*health.routes, *metrics.routes, *chats.routes, *shared.routes, *send.routes, *usage.routes,
+                *files.routes, *compat.routes, *ui_stream.routes, *openapi.routes, *page.routes],
         middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
@@ -125,6 +130,7 @@ def quota_store(settings: Settings, pool: Pool, redis: Redis) -> QuotaStore:
     defaults = QuotaDefaults(
         settings.quota_user_tokens, settings.quota_org_tokens, settings.quota_period,
         settings.quota_requests_per_minute, settings.quota_max_concurrent_streams,
+        settings.quota_org_requests_per_minute,
     )
 
     async def load_limits(org_id: str, scope: str, subject_id: str) -> QuotaOverride | None:

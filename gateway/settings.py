@@ -49,9 +49,13 @@ class Settings(BaseSettings):
     dev_mode: bool = False  # set by `gateway serve` when it starts embedded services
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "text"] = "auto"  # auto: text on a terminal, JSON lines otherwise
     db_pool_min: int = Field(default=2, ge=1)
     db_pool_max: int = Field(default=20, ge=1)
-    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)  # a JSON body's; uploads have their own
+    # An uploaded file's bytes (POST /v1/files), and what one request to a model carries of files in all.
+    max_file_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    max_file_storage_bytes: int | None = Field(default=None, ge=0)  # a user's files together; None: no cap
 
     max_chats_per_user: int | None = Field(default=None, ge=1)
     max_message_chars: int = Field(default=10_000, ge=1)

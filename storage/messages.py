@@ -7,9 +7,10 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
+import orjson
 
 from storage.chats import Executor, Owner
 from storage.queries import SQL
@@ -25,6 +26,8 @@ def message_record(row: asyncpg.Record) -> dict[str, Any]:
             "total_tokens": (input_tokens or 0) + (output_tokens or 0),
             "estimated": row["usage_estimated"],
         }
+        if row.get("reasoning_tokens") is not None:
+            usage["reasoning_tokens"] = row["reasoning_tokens"]
     return {
         "id": row["id"],
         "chat_id": row["chat_id"],
@@ -58,15 +61,28 @@ async def get_message(db: Executor, owner: Owner, message_id: uuid.UUID) -> dict
 
 @dataclass(frozen=True, slots=True)
 class TurnContext:
-    """What a new turn needs to know about its chat: the model, the system prompt and recent history."""
+    """What a new turn needs to know about its chat: the model, the system prompt, its default tools and
+    reasoning effort, and recent history."""
 
     chat_id: uuid.UUID
     title: str | None
     model: str
     system_prompt: str | None
-    # (role, content, parts), oldest first; parts only for a message that has attachments, else None
-    history: list[tuple[str, str, list[dict[str, Any]] | None]]
+    history: list[HistoryMessage]  # oldest first
     duplicate: bool = False  # the chat already holds a message with the turn's client_message_id
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+
+
+class HistoryMessage(NamedTuple):
+    """A stored message as history: its parts only for a user's message with attachments (else None), and
+    always for a reply or a tool message; ``model``, the reply's."""
+
+    role: str
+    content: str
+    parts: list[dict[str, Any]] | None = None
+    model: str | None = None
 
 
 @functools.cache
@@ -89,9 +105,11 @@ async def chat_for_turn(
         new_message_id)
     if row is None:
         return None
-    history = list(zip(row["roles"] or (), row["contents"] or (), row["parts"] or (), strict=True))
+    history = [HistoryMessage(*fields) for fields in zip(
+        row["roles"] or (), row["contents"] or (), row["parts"] or (), row["models"] or (), strict=True)]
     history.reverse()
-    return TurnContext(row["id"], row["title"], row["model"], row["system_prompt"], history, row["duplicate"])
+    return TurnContext(row["id"], row["title"], row["model"], row["system_prompt"], history, row["duplicate"],
+                       row["tools"], row["tool_choice"], row["reasoning_effort"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +118,12 @@ class NewTurn:
     user_message_id: uuid.UUID
     assistant_message_id: uuid.UUID
     content: str
-    title: str
+    title: str | None  # None: a message that titles no chat (tool results)
     model: str
     parts: list[dict[str, Any]]
     client_message_id: str | None
     metadata: dict[str, Any]
+    role: str = "user"  # or "tool": a message of tool results
 
 
 async def client_message(
@@ -139,6 +158,7 @@ async def insert_turn(db: Executor, owner: Owner, turn: NewTurn) -> ChatBefore |
         turn.client_message_id,
         turn.metadata,
         turn.model,
+        turn.role,
     )
     return None if row is None else ChatBefore(row["updated_at"], row["title"])
 
@@ -162,6 +182,8 @@ class FinishedReply:
     usage_estimated: bool
     metadata: dict[str, Any]
     charged_tokens: int
+    parts: list[dict[str, Any]] | None = None  # None: a reply of text alone keeps its parts empty
+    reasoning_tokens: int | None = None
 
 
 async def finish_reply(db: Executor, reply: FinishedReply) -> None:
@@ -178,12 +200,17 @@ async def finish_reply(db: Executor, reply: FinishedReply) -> None:
         reply.usage_estimated,
         reply.metadata,
         reply.charged_tokens,
+        reply.parts,
+        reply.reasoning_tokens,
     )
 
 
-async def checkpoint_replies(db: Executor, ids: Sequence[uuid.UUID], deltas: Sequence[str]) -> None:
-    """Append each delta to its streaming reply's content."""
-    await db.execute(SQL["checkpoint_messages"], list(ids), list(deltas))
+async def checkpoint_replies(
+    db: Executor, ids: Sequence[uuid.UUID], deltas: Sequence[str], parts: Sequence[list[dict[str, Any]] | None]
+) -> None:
+    """Append each delta to its streaming reply's content, and write its parts whole where it has some."""
+    texts = [None if p is None else orjson.dumps(p).decode() for p in parts]
+    await db.execute(SQL["checkpoint_messages"], list(ids), list(deltas), texts)
 
 
 async def streaming_replies(db: Executor, older_than_s: float) -> list[tuple[uuid.UUID, uuid.UUID, str]]:
@@ -195,3 +222,14 @@ async def streaming_replies(db: Executor, older_than_s: float) -> list[tuple[uui
 async def interrupt_replies(db: Executor, ids: Sequence[uuid.UUID]) -> int:
     status = await db.execute(SQL["interrupt_messages"], list(ids))
     return int(status.split()[-1])
+
+
+async def shared_chat(db: Executor, share_id: str) -> dict[str, Any] | None:
+    """What a share link shows: ``{title, messages: [{role, content, parts, created_at}]}`` and nothing
+    more; None for a link that is unknown or revoked, or whose chat is no longer public or is deleted."""
+    rows = await db.fetch(SQL["shared_chat"], share_id)
+    if not rows:
+        return None
+    shown = ("role", "content", "parts", "created_at")
+    return {"title": rows[0]["title"],
+            "messages": [{key: row[key] for key in shown} for row in rows if row["role"] is not None]}

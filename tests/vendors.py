@@ -2,8 +2,10 @@
 
 The model name picks a scenario: ``normal``, ``split-utf8`` (frames cut inside a multi-byte character),
 ``crlf``, ``pings``, ``error-frame``, ``drop`` (connection cut mid-stream), ``stall`` (goes silent),
-``401``, ``429`` (with Retry-After: 7), ``500``, ``503``, ``529``, ``tools`` (text, then two tool calls), and
-``slow-<marker>`` (a long paced stream whose client going away is recorded under ``marker``).
+``401``, ``429`` (with Retry-After: 7), ``500``, ``503``, ``529``, ``tools`` (text, then two tool calls),
+``slow-<marker>`` (a long paced stream whose client going away is recorded under ``marker``) and
+``slow-tools-<marker>`` (the same, a tool call's arguments in paced pieces; OpenAI and Anthropic, whose
+calls stream) and ``tools-broken`` (OpenAI: a call whose arguments are not JSON).
 
 Reasoning, each in the vendor's own form: ``reasoning`` (reasoning, then the text of ``normal``; OpenAI's as
 ``delta.reasoning_content`` with ``completion_tokens_details.reasoning_tokens``; Anthropic's a signed
@@ -112,6 +114,46 @@ def _gemini_frames(tokens: list[str], finish: bool = True) -> list[bytes]:
 # The ``tools`` scenario: a little text, then two tool calls (the first one's arguments in two pieces).
 TOOL_TEXT = "Checking."
 TOOL_CALLS = [("call_1", "get_weather", {"city": "Paris"}), ("call_2", "get_time", {"zone": "CET"})]
+
+
+SLOW_CALL = ("call_slow", "write_note")
+
+
+def slow_call_pieces(count: int) -> list[str]:
+    """The arguments of ``slow-tools``' call, in ``count`` pieces and a closing one."""
+    return ['{"text": "', *(f"t{n} " for n in range(count - 2)), '"}']
+
+
+def _openai_slow_tool_frames(pieces: list[str]) -> list[bytes]:
+    call_id, name = SLOW_CALL
+    first = _openai_delta({"tool_calls": [{"index": 0, "id": call_id, "type": "function",
+                                           "function": {"name": name, "arguments": ""}}]})
+    return [_openai_delta({"role": "assistant", "content": ""}), first,
+            *(_openai_delta({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}) for p in pieces),
+            *_openai_end("tool_calls", len(pieces))]
+
+
+def _anthropic_slow_tool_frames(pieces: list[str]) -> list[bytes]:
+    call_id, name = SLOW_CALL
+    return [_ANTHROPIC_START,
+            _anthropic_event("content_block_start", index=0,
+                             content_block={"type": "tool_use", "id": call_id, "name": name, "input": {}}),
+            *(_anthropic_event("content_block_delta", index=0, delta={"type": "input_json_delta", "partial_json": p})
+              for p in pieces),
+            _anthropic_event("content_block_stop", index=0), *_anthropic_end("tool_use", len(pieces))]
+
+
+BROKEN_ARGUMENTS = '{"city": "Par'
+
+
+def _openai_broken_tool_frames() -> list[bytes]:
+    call = {"index": 0, "id": "call_b", "type": "function", "function": {"name": "get_weather",
+                                                                          "arguments": BROKEN_ARGUMENTS}}
+    return [_openai_delta({"role": "assistant", "content": ""}), _openai_delta({"tool_calls": [call]}),
+            *_openai_end("tool_calls", 3)]
+
+
+SLOW_TOOL_FRAMES = {"openai": _openai_slow_tool_frames, "anthropic": _anthropic_slow_tool_frames}
 
 
 def _openai_tool_frames() -> list[bytes]:
@@ -593,6 +635,8 @@ class VendorServer:
             frames = REASONING_FRAMES[scenario][self.vendor]()
         else:
             frames = TOOL_FRAMES[self.vendor]() if scenario == "tools" else make(TOKENS)
+        if scenario == "tools-broken":
+            frames = _openai_broken_tool_frames()
         if scenario == "pings":
             frames = [f for frame in frames for f in (PINGS[self.vendor], frame)]
         fault, _, position = scenario.rpartition("-")
@@ -615,7 +659,10 @@ class VendorServer:
 
     async def _slow(self, marker: str, receive: Receive, send: Send) -> None:
         tokens = [f"t{n} " for n in range(SLOW_TOKENS)]
-        frames = FRAMES[self.vendor](tokens)
+        if marker.startswith("tools-"):
+            frames = SLOW_TOOL_FRAMES[self.vendor](slow_call_pieces(SLOW_TOKENS))
+        else:
+            frames = FRAMES[self.vendor](tokens)
         sep = b"\r\n" if self.vendor == "gemini" else b"\n"
         watcher = asyncio.create_task(self._until_disconnect(receive))
         try:

@@ -4,7 +4,10 @@ Any provider answers in OpenAI's exact chunk format, so the official ``openai`` 
 work by changing only their base URL. Auth, quotas, cancellation on disconnect and the usage ledger are the
 chat stream's; nothing is stored in chats. Tools (``tools``, ``tool_choice``, assistant ``tool_calls`` and
 ``tool`` messages) are translated for each vendor, and the calls a model makes stream back as OpenAI's
-``tool_calls`` deltas. ``response_format`` (``json_object``, ``json_schema``) goes to each vendor's own
+``tool_calls`` deltas. ``reasoning_effort`` goes to each vendor's own form, and the model's reasoning comes
+back as ``delta.reasoning_content`` (``message.reasoning_content`` whole; its tokens in
+``usage.completion_tokens_details.reasoning_tokens``), the field DeepSeek, LiteLLM and most clients read.
+``response_format`` (``json_object``, ``json_schema``) goes to each vendor's own
 structured output. Refused with a 400: the legacy ``functions``, ``n`` > 1, log probabilities and audio.
 """
 
@@ -22,7 +25,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.api.schemas import MAX_TOKENS, attachment_url_error, parse_body
+from gateway.api.schemas import (
+    MAX_TOKENS,
+    NamedToolChoice,
+    ReasoningEffort,
+    ToolSpec,
+    attachment_url_error,
+    parse_body,
+)
 from gateway.edge.auth import principal_of
 from gateway.edge.errors import GatewayError
 from gateway.edge.responses import JSONBody
@@ -44,6 +54,7 @@ from providers.base import (
     ChatMessage,
     ProviderError,
     ProviderRequest,
+    ReasoningDelta,
     ResponseFormat,
     Tool,
     ToolCall,
@@ -85,32 +96,6 @@ class CompletionMessage(BaseModel):
     content: str | list[ContentPart] | None = None
     tool_calls: list[CompletionToolCall] | None = Field(default=None, max_length=128)
     tool_call_id: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
-
-
-class FunctionSpec(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-    description: str | None = None
-    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
-
-
-class ToolSpec(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: Literal["function"]
-    function: FunctionSpec
-
-
-class ToolName(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    name: Annotated[str, StringConstraints(min_length=1, max_length=64)]
-
-
-class NamedToolChoice(BaseModel):
-    """``{"type": "function", "function": {"name": ...}}``: the model must call that tool."""
-
-    model_config = ConfigDict(extra="allow")
-    type: Literal["function"]
-    function: ToolName
 
 
 class JsonSchemaSpec(BaseModel):
@@ -157,6 +142,7 @@ class CompletionRequest(BaseModel):
     function_call: Any = None
     logprobs: bool | None = None
     response_format: ResponseFormatSpec | None = None
+    reasoning_effort: ReasoningEffort | None = None
     audio: Any = None
     modalities: list[str] | None = None
 
@@ -249,6 +235,7 @@ def provider_request(body: CompletionRequest, model_name: str) -> ProviderReques
         top_p=body.top_p, stop=stop, tools=tools,
         tool_choice="required" if forced else choice if tools else None,  # type: ignore[arg-type]
         forced_tool=forced, response_format=response_format_of(body.response_format),
+        reasoning_effort=body.reasoning_effort,
     )
 
 
@@ -294,10 +281,18 @@ class CompletionChunks:
     def usage(self, usage: Usage) -> None:
         return None  # OpenAI reports usage once, after the last choice
 
-    def tool_call(self, delta: ToolCallDelta) -> bytes:
+    def reasoning(self, delta: ReasoningDelta) -> bytes | None:
+        if not delta.text:
+            return None  # a signature or redacted reasoning: nothing Chat Completions can carry
+        return self._choice(b'{"reasoning_content":' + orjson.dumps(delta.text) + b"}")
+
+    def tool_done(self, call: ToolCall) -> None:
+        return None
+
+    def tool_call(self, delta: ToolCallDelta, call_id: str) -> bytes:
         call: dict[str, Any] = {"index": delta.index}
         if delta.id is not None or delta.name is not None:  # the call's first piece
-            call |= {"id": delta.id, "type": "function", "function": {"name": delta.name, "arguments": delta.arguments}}
+            call |= {"id": call_id, "type": "function", "function": {"name": delta.name, "arguments": delta.arguments}}
         else:
             call["function"] = {"arguments": delta.arguments}
         return self._choice(b'{"tool_calls":' + orjson.dumps([call]) + b"}")
@@ -313,14 +308,19 @@ class CompletionChunks:
         return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
-def usage_object(turn: Turn) -> dict[str, int]:
+def usage_object(turn: Turn) -> dict[str, Any]:
     usage, _ = turn.final_usage()
-    return {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
-            "total_tokens": usage.input_tokens + usage.output_tokens}
+    body: dict[str, Any] = {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
+                            "total_tokens": usage.input_tokens + usage.output_tokens}
+    if usage.reasoning_tokens is not None:
+        body["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    return body
 
 
 def completion_object(turn: Turn, completion_id: str, created: int) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": turn.text, "refusal": None}
+    if reasoning := turn.reasoning_text:
+        message["reasoning_content"] = reasoning
     if calls := turn.tool_calls:
         message["content"] = turn.text or None
         message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}

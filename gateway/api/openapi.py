@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from gateway.api.compat import CompletionRequest
+from gateway.api.files import FILE_TYPES, FileList, UploadQuery
 from gateway.api.page import STATIC
 from gateway.api.schemas import (
     ChatCreate,
@@ -36,6 +37,7 @@ from gateway.api.schemas import (
     PermanentFlag,
     QuotaLimits,
     SendMessage,
+    UsageReportQuery,
 )
 from gateway.api.ui_stream import UIChatRequest
 from gateway.edge.errors import OPENAI_PATHS
@@ -51,9 +53,17 @@ class MessageUsage(Answer):
     output_tokens: int
     total_tokens: int
     estimated: bool
+    reasoning_tokens: int | None = Field(default=None, description="Of output_tokens, those spent reasoning, "
+                                         "when the vendor says (charged as output)")
 
 
 class Message(Answer):
+    """A message. ``parts``, in stream order: a user's ``text`` and ``attachment``s; a reply with reasoning
+    or tool calls, its ``{type: "reasoning", text, signature?, redacted?}``, ``{type: "text", text}`` and
+    ``{type: "tool-call", tool_call_id, tool_name, input, input_error?}`` (a reply of text alone has none:
+    ``content`` is its text); a ``tool`` message's ``{type: "tool-result", tool_call_id, output, is_error}``.
+    """
+
     id: uuid.UUID
     chat_id: uuid.UUID
     role: Literal["user", "assistant", "system", "tool"]
@@ -69,14 +79,22 @@ class Message(Answer):
 
 
 class Chat(Answer):
+    """A chat; ``share_id`` (its live share link, or null) only in its owner's view."""
+
     id: uuid.UUID
     title: str | None
     model: str
     system_prompt: str | None
     metadata: dict[str, Any]
+    visibility: Literal["private", "org", "public"]
+    share_id: str | None = None
     created_at: datetime
     updated_at: datetime
     deleted_at: datetime | None
+    tools: list[dict[str, Any]] | None = Field(default=None, description="The chat's default tools (a single "
+                                               "chat's read only)")
+    tool_choice: str | dict[str, Any] | None = None
+    reasoning_effort: str | None = None
 
 
 class ChatWithMessages(Chat):
@@ -85,10 +103,14 @@ class ChatWithMessages(Chat):
 
 
 class ChatPage(Answer):
+    """A page of a chat listing: ``total`` counts every match; ``offset`` is null on a page read with a
+    cursor; ``next_cursor`` (null on the last page) asks for the page after this one."""
+
     items: list[Chat]
     total: int
     limit: int
-    offset: int
+    offset: int | None
+    next_cursor: str | None
 
 
 class MessageList(Answer):
@@ -96,6 +118,27 @@ class MessageList(Answer):
     total: int
     limit: int
     offset: int
+
+
+class Share(Answer):
+    """A chat's share link: its id and the URL of its read (``GET /v1/shared/{share_id}``)."""
+
+    share_id: str
+    url: str
+
+
+class SharedMessage(Answer):
+    role: Literal["user", "assistant", "system", "tool"]
+    content: str
+    parts: list[dict[str, Any]]
+    created_at: datetime
+
+
+class SharedChat(Answer):
+    """A public chat through its share link: its title and messages, nothing more."""
+
+    title: str | None
+    messages: list[SharedMessage]
 
 
 class Stats(Answer):
@@ -151,7 +194,42 @@ class UsageReport(Answer):
     user_tokens: Budget
     org_tokens: Budget
     requests_per_minute: RequestsPerMinute
+    org_requests_per_minute: RequestsPerMinute
     concurrent_streams: ConcurrentStreams
+
+
+class LedgerSums(Answer):
+    input_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    charged_tokens: int
+    requests: int
+
+
+class LedgerGroup(Answer):
+    """One group's sums: ``key`` is a UTC day (``2026-05-01``), a model or a user id."""
+
+    key: str
+    input_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    charged_tokens: int
+    requests: int
+
+
+class LedgerReport(Answer):
+    """The ledger summed from ``from`` up to ``to`` by ``group_by``: the org's (``scope`` org, for an admin)
+    or the caller's own; groups in the order of their keys. With ``Accept: text/csv``, CSV: a header row
+    (the grouping, then the sums), then a row a group."""
+
+    scope: Literal["org", "user"]
+    org_id: str
+    user_id: str | None
+    start: datetime = Field(alias="from")
+    end: datetime = Field(alias="to")
+    group_by: Literal["day", "model", "user"]
+    groups: list[LedgerGroup]
+    totals: LedgerSums
 
 
 class QuotaDefaults(Answer):
@@ -179,6 +257,27 @@ class ModelEntry(Answer):
 class ModelList(Answer):
     object: Literal["list"]
     data: list[ModelEntry]
+
+
+class File(Answer):
+    """An uploaded file: its bytes are at ``/v1/files/{id}/content``; ``sha256`` in hex."""
+
+    id: uuid.UUID
+    name: str
+    media_type: Literal[FILE_TYPES]  # type: ignore[valid-type]
+    size: int
+    sha256: str
+    created_at: datetime
+
+
+class FilePage(Answer):
+    """A page of the caller's files, newest first; ``next_cursor`` (null on the last page) asks for the next."""
+
+    items: list[File]
+    total: int
+    limit: int
+    offset: int
+    next_cursor: str | None
 
 
 class Health(Answer):
@@ -231,6 +330,32 @@ class DeltaEvent(Answer):
     text: str
 
 
+class ReasoningEvent(Answer):
+    text: str
+
+
+class ToolCallStartEvent(Answer):
+    id: str
+    name: str
+
+
+class ToolCallDeltaEvent(Answer):
+    """A fragment of the call's JSON arguments, as it came."""
+
+    id: str
+    arguments: str
+
+
+class ToolCallEvent(Answer):
+    """A whole call: sent when the model went on to text, another call, or its end. Arguments that are not
+    JSON come as the raw string in ``input``, with ``input_error``."""
+
+    id: str
+    name: str
+    input: Any
+    input_error: str | None = None
+
+
 class UsageEvent(Answer):
     input_tokens: int
     output_tokens: int
@@ -240,6 +365,7 @@ class DoneUsage(Answer):
     input_tokens: int
     output_tokens: int
     total_tokens: int
+    reasoning_tokens: int | None = None
 
 
 class DoneEvent(Answer):
@@ -255,12 +381,16 @@ class ErrorEvent(Answer):
 
 
 EVENTS: dict[str, type[Answer]] = {
-    "start": StartEvent, "delta": DeltaEvent, "usage": UsageEvent, "done": DoneEvent, "error": ErrorEvent,
+    "start": StartEvent, "delta": DeltaEvent, "reasoning": ReasoningEvent, "tool_call_start": ToolCallStartEvent,
+    "tool_call_delta": ToolCallDeltaEvent, "tool_call": ToolCallEvent, "usage": UsageEvent, "done": DoneEvent,
+    "error": ErrorEvent,
 }
 CHAT_STREAM = (
     "Server-Sent Events, each with `id: <n>` (1, 2, ...), `event: <name>` and one JSON object as `data`: "
-    "`start` (StartEvent), `delta` (DeltaEvent)..., `usage` (UsageEvent) when the provider reports it, then "
-    "`done` (DoneEvent) or one `error` (ErrorEvent). `: ping` comments keep a quiet stream alive. With "
+    "`start` (StartEvent); `delta` (DeltaEvent), `reasoning` (ReasoningEvent), `tool_call_start`, "
+    "`tool_call_delta` and `tool_call` (ToolCall*Event) in stream order; `usage` (UsageEvent) when the provider "
+    "reports it, then `done` (DoneEvent; `finish_reason` `tool_calls` when the model waits for results, posted "
+    "back as `tool_results`) or one `error` (ErrorEvent). `: ping` comments keep a quiet stream alive. With "
     "`Accept: application/json` the turn is answered as one TurnAnswer instead."
 )
 
@@ -278,6 +408,8 @@ class Operation:
     errors: tuple[int, ...] = (401, 422)
     public: bool = False
     media_type: str = "application/json"
+    also: tuple[str, ...] = ()  # further media types of the answer, chosen by Accept (or by what it is)
+    upload: bool = False  # the body is a file (UPLOAD_BODY)
 
 
 OPERATIONS = (
@@ -296,18 +428,31 @@ OPERATIONS = (
               "`{token, user, org}`", public=True, errors=(404,)),
     Operation("POST", "/v1/chats", "Chats", "Create a chat", Chat, body=ChatCreate, status=201,
               errors=(401, 403, 413, 422)),
-    Operation("GET", "/v1/chats", "Chats", "List chats, newest activity first; `q` searches titles", ChatPage,
-              query=ChatList),
-    Operation("GET", "/v1/chats/{chat_id}", "Chats", "A chat with a page of its messages", ChatWithMessages,
-              query=ChatRead, errors=(401, 404, 422)),
-    Operation("PATCH", "/v1/chats/{chat_id}", "Chats", "Change a chat's title, model, system prompt or metadata",
+    Operation("GET", "/v1/chats", "Chats",
+              "List chats, newest activity first (the trash newest deletion first), filtered; `scope=org` lists "
+              "the org's shared chats; `next_cursor` pages on, each chat once",
+              ChatPage, query=ChatList),
+    Operation("GET", "/v1/chats/{chat_id}", "Chats",
+              "A chat with a page of its messages: the caller's, or one shared with the caller's org",
+              ChatWithMessages, query=ChatRead, errors=(401, 404, 422)),
+    Operation("PATCH", "/v1/chats/{chat_id}", "Chats",
+              "Change a chat's title, model, system prompt, metadata or visibility (its owner only)",
               Chat, body=ChatPatch, errors=(401, 404, 413, 422)),
     Operation("DELETE", "/v1/chats/{chat_id}", "Chats", "Delete a chat (soft; `permanent=true` erases it)",
               query=PermanentFlag, status=204, errors=(401, 404, 422)),
-    Operation("GET", "/v1/chats/{chat_id}/messages", "Chats", "A page of a chat's messages", MessageList,
+    Operation("GET", "/v1/chats/{chat_id}/messages", "Chats",
+              "A page of a chat's messages: the caller's, or one shared with the caller's org", MessageList,
               query=MessagePage, errors=(401, 404, 422)),
     Operation("POST", "/v1/chats/{chat_id}/restore", "Chats", "Restore a deleted chat with its messages", Chat,
               errors=(401, 403, 404)),
+    Operation("POST", "/v1/chats/{chat_id}/share", "Chats",
+              "Share a chat by link (its owner only): the chat becomes public; an existing link is kept", Share,
+              errors=(401, 404)),
+    Operation("DELETE", "/v1/chats/{chat_id}/share", "Chats",
+              "Revoke the chat's share link (its owner only); the chat stays public", status=204,
+              errors=(401, 404)),
+    Operation("GET", "/v1/shared/{share_id}", "Chats", "A public chat through its share link, without a token",
+              SharedChat, public=True, errors=(404,)),
     Operation("GET", "/v1/stats", "Chats", "The caller's chat, message and token counts", Stats, errors=(401,)),
     Operation("POST", "/v1/chats/{chat_id}/messages", "Streaming", "Send a message; the reply streams",
               CHAT_STREAM, body=SendMessage, errors=(401, 404, 409, 413, 422, 429, 502, 503, 504),
@@ -325,11 +470,26 @@ OPERATIONS = (
               status=204, errors=(401,)),
     Operation("GET", "/v1/usage", "Quotas", "The caller's budgets, use, resets and active streams", UsageReport,
               errors=(401, 503)),
+    Operation("GET", "/v1/usage/report", "Quotas",
+              "The ledger summed by day, model or user over a range: the org's for an admin, else the caller's",
+              LedgerReport, query=UsageReportQuery, errors=(401, 422, 503), also=("text/csv",)),
     Operation("GET", "/v1/admin/quotas/{scope}/{subject_id}", "Quotas", "A user's or the org's limits (admin)",
               Quota, errors=(401, 403, 422)),
     Operation("PUT", "/v1/admin/quotas/{scope}/{subject_id}", "Quotas",
               "Set a user's or the org's limits; null keeps the default (admin)", Quota, body=QuotaLimits,
               errors=(401, 403, 413, 422, 503)),
+    Operation("POST", "/v1/files", "Files",
+              "Upload a file: a form's `file` part, or the body itself in the file's Content-Type (`name` names "
+              "it); PNG, JPEG, GIF, WebP, PDF or UTF-8 text, its bytes matching its type", File, query=UploadQuery,
+              status=201, errors=(401, 403, 413, 415, 422), upload=True),
+    Operation("GET", "/v1/files", "Files", "List the caller's files, newest first", FilePage, query=FileList),
+    Operation("GET", "/v1/files/{file_id}", "Files", "A file's description", File, errors=(401, 404)),
+    Operation("GET", "/v1/files/{file_id}/content", "Files",
+              "A file's bytes, in its media type, as an attachment (`Content-Disposition`)", "The file's bytes",
+              errors=(401, 404), media_type=FILE_TYPES[0], also=FILE_TYPES[1:]),
+    Operation("DELETE", "/v1/files/{file_id}", "Files",
+              "Delete a file; a message that attached it names it in its text from then on", status=204,
+              errors=(401, 404)),
     Operation("POST", "/v1/chat/completions", "OpenAI-compatible",
               "OpenAI's Chat Completions, streaming or not, from any provider; nothing is stored",
               "OpenAI's `chat.completion`, or `chat.completion.chunk` events ending with `data: [DONE]`",
@@ -340,13 +500,22 @@ OPERATIONS = (
 
 PATH_PARAMETERS: dict[str, dict[str, Any]] = {
     "chat_id": {"type": "string", "format": "uuid"},
+    "share_id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{16,64}$"},
     "scope": {"type": "string", "enum": ["user", "org"]},
     "subject_id": {"type": "string", "minLength": 1, "maxLength": 200},
+    "file_id": {"type": "string", "format": "uuid"},
 }
+# An upload's body: a form with its ``file`` part, or the file's bytes in its own media type.
+UPLOAD_BODY = {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "contentMediaType": "application/octet-stream",
+                 "description": "The file; its part's Content-Type is its type, its filename its name"}}}},
+    **{media_type: {"schema": {"type": "string", "contentMediaType": media_type}} for media_type in FILE_TYPES},
+}}
 ERROR_TEXT = {
     400: "Refused (OpenAI's error shape)", 401: "No valid token", 403: "Forbidden, or the chat limit reached",
     404: "Not found (another tenant's chat is answered the same)", 409: "A reply is already streaming in the chat, or the chat already holds the message's client_message_id",
-    413: "The body is too large", 422: "Invalid input (with `details`)", 429: "Over a quota (with Retry-After)",
+    413: "The body is too large", 415: "The file's type is not supported, or its bytes are not of it", 422: "Invalid input (with `details`)", 429: "Over a quota (with Retry-After)",
     502: "The provider failed before the first token", 503: "A store is unavailable",
     504: "The provider timed out before the first token",
 }
@@ -377,6 +546,8 @@ def document() -> dict[str, Any]:
             parameters += _query_parameters(operation.query, schemas)
         if parameters:
             spec["parameters"] = parameters
+        if operation.upload:
+            spec["requestBody"] = UPLOAD_BODY
         if operation.body is not None:
             spec["requestBody"] = {"required": True, "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{operation.body.__name__}"}}}}
@@ -409,8 +580,10 @@ def _answer(operation: Operation) -> dict[str, Any]:
     if isinstance(operation.answer, type):
         schema = {"$ref": f"#/components/schemas/{operation.answer.__name__}"}
         return {"description": operation.answer.__doc__ or operation.answer.__name__,
-                "content": {"application/json": {"schema": schema}}}
-    return {"description": operation.answer or "", "content": {operation.media_type: {}}}
+                "content": {"application/json": {"schema": schema}} | {
+                    media_type: {"schema": {"type": "string"}} for media_type in operation.also}}
+    media_types = (operation.media_type, *operation.also)
+    return {"description": operation.answer or "", "content": {media_type: {} for media_type in media_types}}
 
 
 async def openapi(request: Request) -> Response:

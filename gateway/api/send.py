@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Mapping
 from typing import Any
 
 import asyncpg
@@ -15,14 +15,26 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.api.chats import new_chat, owner_of
+from gateway.api.files import shown_part, turn_files, unread_file_ids
 from gateway.api.schemas import (
     MAX_SYSTEM_PROMPT_CHARS,
     ChatTurn,
     SendMessage,
+    ToolResult,
     TurnOptions,
     attachment_url_error,
     chat_id_of,
     parse_body,
+)
+from gateway.api.tool_turns import (
+    TurnTools,
+    answered,
+    check_results,
+    pending_calls,
+    reply_messages,
+    result_chars,
+    result_messages,
+    result_parts,
 )
 from gateway.edge.errors import (
     ChatNotFound,
@@ -45,6 +57,7 @@ from gateway.streaming.dispatch import (
     token_estimate,
 )
 from gateway.streaming.sse import ChatEvents
+from gateway.streaming.titles import TitleWriter, cut_at_word
 from gateway.streaming.turns import StreamCodec, Turn, TurnIds, estimate_tokens
 from providers.base import (
     ATTACHMENT_CHARS,
@@ -58,30 +71,38 @@ from providers.base import (
 )
 from storage import chats, messages
 from storage.chats import ChatFields, Owner
-from storage.messages import ChatBefore, NewTurn, TurnContext
+from storage.files import FileData, files_for_model
+from storage.messages import ChatBefore, HistoryMessage, NewTurn, TurnContext
 
 logger = logging.getLogger("gateway.api.send")
 
 TITLE_CHARS = 80
+FileTable = Mapping[uuid.UUID, FileData]  # uploaded files read for a request, by id
+NO_FILES: FileTable = {}
 
 
 def title_from(content: str) -> str:
     """The first message as a title: whitespace folded, at most 80 characters, cut at a word boundary."""
-    text = " ".join(content.split())
-    if len(text) <= TITLE_CHARS:
-        return text
-    cut = text[: TITLE_CHARS + 1].rsplit(" ", 1)[0]
-    return (cut if len(cut) <= TITLE_CHARS else text[:TITLE_CHARS]).rstrip()
+    return cut_at_word(content, TITLE_CHARS)
 
 
-def past_message(role: Role, content: str, parts: list[dict[str, Any]] | None) -> ChatMessage:
+def past_message(
+    role: Role, content: str, parts: list[dict[str, Any]] | None, files: FileTable | None = NO_FILES
+) -> ChatMessage:
     """A stored message for the model: its attachments from its parts (one stored before they were
-    checked as now, an unsupported type or URL, is named in the text instead)."""
+    checked as now, an unsupported type or URL, is named in the text instead); an uploaded file's from
+    ``files`` (None: not read yet, a placeholder each; see ``history_messages``)."""
     if not parts:
         return ChatMessage(role, content)
     attachments = []
     for part in parts:
-        if part.get("type") == "attachment":
+        if part.get("type") == "attachment" and "file_id" in part:
+            shown = shown_part(part, files)
+            if isinstance(shown, str):
+                content += "\n" + shown
+            else:
+                attachments.append(shown)
+        elif part.get("type") == "attachment":
             attachment = Attachment(part["name"], part["media_type"], part["url"])
             if attachment.media_type in ATTACHMENT_TYPES and not attachment_url_error(
                     attachment.media_type, attachment.url):
@@ -91,25 +112,54 @@ def past_message(role: Role, content: str, parts: list[dict[str, Any]] | None) -
     return ChatMessage(role, content, tuple(attachments))
 
 
-def history_window(history: list[tuple[str, str, list[dict[str, Any]] | None]], max_chars: int) -> list[ChatMessage]:
+def history_window(
+    history: list[HistoryMessage], max_chars: int, provider: str, files: FileTable | None = NO_FILES
+) -> list[ChatMessage]:
     """The most recent history that fits in ``max_chars`` (an attachment counts ``ATTACHMENT_CHARS``),
-    oldest first."""
+    oldest first; replies and tool results as ``reply_messages`` makes them for ``provider``; uploaded
+    files from ``files`` (see ``past_message``)."""
     kept: list[ChatMessage] = []
     total = 0
-    for role, content, parts in reversed(history):
-        message = past_message(role, content, parts)
-        total += len(content) + len(message.attachments) * ATTACHMENT_CHARS
+    for stored in reversed(history):
+        if stored.role == "user":  # its size without the notes of attachments it names
+            converted = [past_message("user", stored.content, stored.parts, files)]
+            total += len(stored.content) + len(converted[0].attachments) * ATTACHMENT_CHARS
+        else:
+            converted = reply_messages(stored, provider)
+            total += sum(message_chars(message) for message in converted)
         if total > max_chars:
             break
-        kept.append(message)
+        kept += reversed(converted)
     kept.reverse()
     return kept
 
 
-def refuse_unaccepted(provider: Provider, model: str, attachments: tuple[Attachment, ...]) -> None:
-    """422 when the model's vendor cannot take one of the message's attachments as given."""
-    for index, attachment in enumerate(attachments):
-        if not provider.accepts(attachment):
+async def history_messages(
+    services: Services, owner: Owner, history: list[HistoryMessage], provider: str, file_budget: int
+) -> list[ChatMessage]:
+    """The history window, its uploaded files read from PostgreSQL: the window is found with a
+    placeholder for each file (counted as an attachment), then only its files are read, the most recent
+    with their bytes while they fit in ``file_budget`` (the rest, and any deleted, named in the text)."""
+    max_chars = services.settings.history_chars
+    window = history_window(history, max_chars, provider, None)
+    file_ids = unread_file_ids(window)
+    if not file_ids:
+        return window  # no placeholder in it: as it would be built with the files
+    found = await files_for_model(services.pool, owner, file_ids, file_budget)
+    return history_window(history, max_chars, provider, found)
+
+
+def message_chars(message: ChatMessage) -> int:
+    return (len(message.content) + len(message.attachments) * ATTACHMENT_CHARS
+            + sum(len(c.arguments) for c in message.tool_calls) + sum(len(r.text) for r in message.reasoning))
+
+
+def refuse_unaccepted(provider: Provider, model: str, options: TurnOptions) -> None:
+    """422 when the model's vendor cannot take one of the message's linked attachments as given (an
+    uploaded file goes as data, which every vendor takes)."""
+    for index, body in enumerate(options.attachments):
+        attachment = body.for_model() if body.url is not None else None
+        if attachment is not None and not provider.accepts(attachment):
             message = f"{model} cannot take a {attachment.media_type} attachment as a link; send it as a data URL"
             raise ValidationFailed(message, details=[
                 {"loc": ["attachments", index, "url"], "msg": message, "type": "unsupported"}])
@@ -126,11 +176,14 @@ def checked_content(content: str, limit: int, field: str) -> str:
 
 
 async def send_message(request: Request) -> Response:
+    """A message, or (``tool_results``) the results of the calls the chat's last reply made, and the reply."""
     chat_id = chat_id_of(request)
     body = await parse_body(request, SendMessage)
     services = services_of(request)
-    content = checked_content(body.content, services.settings.max_message_chars, "content")
-    return await run_turn(request, services, owner_of(request), chat_id, content, body)
+    content = body.content
+    if body.tool_results is None or content:
+        content = checked_content(content, services.settings.max_message_chars, "content")
+    return await run_turn(request, services, owner_of(request), chat_id, content, body, results=body.tool_results)
 
 
 async def send_chat(request: Request) -> Response:
@@ -161,17 +214,23 @@ async def stop_stream(request: Request) -> Response:
 async def run_turn(
     request: Request, services: Services, owner: Owner, chat_id: uuid.UUID, content: str, options: TurnOptions,
     codec: StreamCodec | None = None, headers: dict[str, str] | None = None,
+    results: list[ToolResult] | None = None,
 ) -> Response:
-    """Admit the turn, store its message while reaching the first token, then answer as a stream
-    (``codec``, chat events by default) or, when the client accepts only JSON, as one body."""
+    """Admit the turn, store its message (or, with ``results``, its tool message) while reaching the first
+    token, then answer as a stream (``codec``, chat events by default) or, when the client accepts only
+    JSON, as one body."""
     settings = services.settings
     ids = TurnIds(chat_id, uuid.uuid4(), uuid.uuid4())
     chosen = resolve_model(services.streams, options.model) if options.model else None
-    attachments = tuple(attachment.for_model() for attachment in options.attachments)
+    # The send's files are read before anything is stored: one that is not the caller's is a 404.
+    files = await turn_files(services.pool, owner, options.attachments, settings.max_file_bytes)
+    options = options.model_copy(update={"attachments": files.stored})
+    attachments = files.attachments
     if chosen is not None and attachments:
-        refuse_unaccepted(chosen[0], options.model or "", attachments)
-    asked = token_estimate(services.streams, len(content) + len(attachments) * ATTACHMENT_CHARS, options.max_tokens)
-    write = TurnWrite(services, owner, ids, content, options)
+        refuse_unaccepted(chosen[0], options.model or "", options)
+    asked = token_estimate(services.streams, len(content) + len(attachments) * ATTACHMENT_CHARS
+                           + result_chars(results), options.max_tokens)
+    write = TurnWrite(services, owner, ids, content, options, results)
     context, admission = await read_and_admit(services, owner, ids, asked, options.client_message_id, write)
     try:
         if context.duplicate:
@@ -180,11 +239,17 @@ async def run_turn(
         model = options.model or context.model
         provider, model_name = chosen or resolve_model(services.streams, model)
         if attachments and chosen is None:
-            refuse_unaccepted(provider, model, attachments)
+            refuse_unaccepted(provider, model, options)
+        if results is not None:
+            check_results(results, pending_calls(context.history))
+        tools = TurnTools(options.tools, options.tool_choice, options.reasoning_effort, context)
+        new = result_messages(HistoryMessage("tool", content, result_parts(results))) if results is not None \
+            else [ChatMessage("user", content + files.text, attachments)]
         provider_request = ProviderRequest(
-            model_name,
-            [*history_window(context.history, settings.history_chars), ChatMessage("user", content, attachments)],
+            model_name, answered([*await history_messages(services, owner, context.history, provider.name,
+                                                   settings.max_file_bytes - files.size), *new]),
             system=context.system_prompt, max_tokens=options.max_tokens, temperature=options.temperature,
+            **tools.for_request,
         )
         extra = token_estimate(services.streams, provider_request.prompt_chars, options.max_tokens) - asked
         admission = services.quotas.cover(admission, extra)
@@ -194,7 +259,8 @@ async def run_turn(
         await withdraw(services, owner, ids, admission)
         raise
     turn.ticket = admission.ticket
-    storing: Awaitable[None] = write.done(model)
+    titles = None if context.history else services.titles  # a model titles a chat after its first message
+    storing: Awaitable[None] = store_turn(write, model, turn, titles)
     if extra > 0 and turn.ticket is not None:
         storing = alongside(storing, services.quotas.grow(turn.ticket, extra))
     await start_turn(services.streams, turn, model, storing)
@@ -226,7 +292,7 @@ async def read_and_admit(
             raise ChatNotFound() from None
         raise
     try:
-        if (write.options.model and services.pool.spare
+        if (write.options.model and write.results is None and services.pool.spare
                 and admission.covers(most_history_tokens(services.settings))):
             write.start()
         context = await reading
@@ -244,6 +310,14 @@ def most_history_tokens(settings: Settings) -> int:
     """The most a chat's history and system prompt add to a turn's estimate (``extra`` in ``run_turn``),
     their attachments' notes apart: a longer one is refused after the write, and the write taken back."""
     return estimate_tokens(settings.history_chars + MAX_SYSTEM_PROMPT_CHARS)
+
+
+async def store_turn(write: TurnWrite, model: str, turn: Turn, titles: TitleWriter | None) -> None:
+    """The turn's write; then, when it titled an untitled chat with its first message and ``titles`` has a
+    model for it, the model's title begun beside the answer."""
+    stored, before = await write.done(model)
+    if titles is not None and before.title is None and stored.title is not None:
+        titles.start(turn, write.owner, write.content, stored.title)
 
 
 async def alongside(main: Awaitable[None], side: Coroutine[Any, Any, None]) -> None:
@@ -275,8 +349,10 @@ class TurnWrite:
     one statement: started early (``start``), or at ``done``; taken back by ``undo`` when the turn is
     refused after it."""
 
-    def __init__(self, services: Services, owner: Owner, ids: TurnIds, content: str, options: TurnOptions) -> None:
+    def __init__(self, services: Services, owner: Owner, ids: TurnIds, content: str, options: TurnOptions,
+                 results: list[ToolResult] | None = None) -> None:
         self.services, self.owner, self.ids, self.content, self.options = services, owner, ids, content, options
+        self.results = results  # a tool message's: written only once checked against the calls waiting
         self.task: asyncio.Task[tuple[NewTurn, ChatBefore]] | None = None
 
     def start(self) -> None:
@@ -284,12 +360,11 @@ class TurnWrite:
         assert self.options.model is not None
         self.task = asyncio.ensure_future(self._write(self.options.model))
 
-    async def done(self, model: str) -> None:
-        """The write, done: the one ``start`` began, or now."""
+    async def done(self, model: str) -> tuple[NewTurn, ChatBefore]:
+        """The write, done (the one ``start`` began, or now): what it stored, and the chat as it was."""
         if self.task is not None:
-            await self.task
-        else:
-            await self._write(model)
+            return await self.task
+        return await self._write(model)
 
     async def undo(self) -> None:
         """Take back what ``start`` stored: the messages deleted and the chat as it was. Nothing to take
@@ -310,10 +385,14 @@ class TurnWrite:
 
     async def _write(self, model: str) -> tuple[NewTurn, ChatBefore]:
         services, options, ids = self.services, self.options, self.ids
-        parts: list[dict[str, Any]] = [{"type": "text", "text": self.content}]
-        parts += [{"type": "attachment", **a.model_dump()} for a in options.attachments]
+        parts: list[dict[str, Any]] = [{"type": "text", "text": self.content}] if self.content else []
+        # An uploaded file's part may be text/plain, which no linked attachment is: no warning for that.
+        parts += [{"type": "attachment", **a.model_dump(mode="json", exclude_none=True, warnings=False)}
+                  for a in options.attachments]
+        parts += result_parts(self.results or [])
         turn = NewTurn(ids.chat_id, ids.user_message_id, ids.assistant_message_id, self.content,
-                       title_from(self.content), model, parts, options.client_message_id, options.metadata or {})
+                       title_from(self.content) or None, model, parts, options.client_message_id,
+                       options.metadata or {}, "user" if self.results is None else "tool")
         try:
             with timed("postgres", "insert_turn"):
                 before = await messages.insert_turn(services.pool, self.owner, turn)

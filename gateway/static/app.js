@@ -1,6 +1,6 @@
 // The Streamgate demo page: a token, the caller's chats, and replies streamed over fetch.
 const $ = (id) => document.getElementById(id);
-const state = { token: sessionStorage.getItem("streamgate-token") || "", chatId: null, chat: null, abort: null, trash: false };
+const state = { token: sessionStorage.getItem("streamgate-token") || "", chatId: null, chat: null, abort: null, trash: false, attached: null };
 
 function headers(extra = {}) {
   return { Authorization: `Bearer ${state.token}`, "Content-Type": "application/json", ...extra };
@@ -66,11 +66,88 @@ function renderMessage(message) {
   text.textContent = message.content;
   const meta = document.createElement("span");
   meta.className = "meta";
-  meta.textContent = message.role === "assistant" ? `${message.status || ""} ${message.finish_reason || ""}` : "";
+  const files = (message.parts || []).filter((part) => part.type === "attachment").map((part) => `📎 ${part.name}`);
+  meta.textContent = message.role === "assistant" ? `${message.status || ""} ${message.finish_reason || ""}` : files.join(" ");
   item.append(text, meta);
+  if (message.role === "tool") return showResults(message);
   $("messages").append(item);
+  (message.role === "assistant" ? message.parts || [] : []).forEach((part) => {
+    if (part.type === "reasoning") reasoningOf(item).textContent += part.text;
+    else if (part.type === "tool-call") toolCard(item, part.tool_call_id, part.tool_name).input.textContent = JSON.stringify(part.input);
+  });
   item.scrollIntoView({ block: "end" });
   return item;
+}
+
+// A reply's reasoning, folded under its answer.
+function reasoningOf(item) {
+  let box = item.querySelector(".reasoning .thought");
+  if (!box) {
+    const details = document.createElement("details");
+    details.className = "reasoning";
+    details.innerHTML = "<summary>Reasoning</summary>";
+    box = document.createElement("div");
+    box.className = "thought";
+    details.append(box);
+    item.querySelector(".meta").before(details);
+  }
+  return box;
+}
+
+// A tool call as a card: its name, its input (its argument fragments while they stream), then its result.
+function toolCard(item, id, name) {
+  const card = document.createElement("div");
+  card.className = "tool-card";
+  card.dataset.callId = id;
+  const title = document.createElement("strong");
+  title.textContent = `🔧 ${name}`;
+  const input = document.createElement("code");
+  input.className = "input";
+  const result = document.createElement("div");
+  result.className = "result";
+  card.append(title, input, result);
+  item.querySelector(".meta").before(card);
+  return { card, input, result };
+}
+
+function showResults(message) {
+  for (const part of message.parts || []) {
+    const card = document.querySelector(`.tool-card[data-call-id="${CSS.escape(part.tool_call_id)}"]`);
+    if (card) card.querySelector(".result").textContent = `→ ${JSON.stringify(part.output)}`;
+  }
+  return null;
+}
+
+// The model waits for results: a field under each open call; sending them streams the next step.
+function askResults(reply) {
+  const cards = [...reply.querySelectorAll(".tool-card")].filter((card) => !card.querySelector(".result").textContent);
+  if (!cards.length) return;
+  const form = document.createElement("form");
+  form.className = "results";
+  form.innerHTML = '<input aria-label="Tool result" placeholder="the result, as JSON or text"><button type="submit">Send result</button>';
+  cards.at(-1).append(form);
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = form.querySelector("input").value.trim();
+    let output = text;
+    try { output = JSON.parse(text); } catch (error) { /* a plain string */ }
+    form.remove();
+    const results = cards.map((card) => ({ tool_call_id: card.dataset.callId, output }));
+    showResults({ parts: results });
+    stream(`/v1/chats/${state.chatId}/messages`, agentOptions({ tool_results: results }), "");
+  });
+}
+
+const WEATHER_TOOL = { type: "function", function: { name: "get_weather", description: "The weather in a city",
+  parameters: { type: "object", properties: { city: { type: "string" } }, required: ["city"] } } };
+
+// The composer's reasoning effort and demo tool, added to a send's body.
+function agentOptions(body) {
+  const model = $("model").value.trim();
+  if (model) body.model = model;
+  if ($("effort").value) body.reasoning_effort = $("effort").value;
+  if ($("tool-choice").value) Object.assign(body, { tools: [WEATHER_TOOL], tool_choice: $("tool-choice").value });
+  return body;
 }
 
 async function openChat(id) {
@@ -87,8 +164,75 @@ async function openChat(id) {
     $("rename").disabled = state.trash;
     $("delete").disabled = state.trash;
     $("restore").hidden = !state.trash;
+    $("share").disabled = state.trash;
+    showShareLink(state.trash ? null : chat.share_id);
   } catch (error) { setStatus(error.message, true); }
   loadChats();
+}
+
+// A chat's share link opens this page's read-only view of it; null hides the link.
+function showShareLink(shareId) {
+  $("share-box").hidden = !shareId;
+  $("unshare").hidden = !shareId;
+  $("share-link").value = shareId ? `${location.origin}/?shared=${encodeURIComponent(shareId)}` : "";
+}
+
+async function share() {
+  try {
+    const link = await api(`/v1/chats/${state.chatId}/share`, { method: "POST" });
+    showShareLink(link.share_id);
+    $("share-link").select();
+    const copied = navigator.clipboard ? navigator.clipboard.writeText($("share-link").value) : Promise.reject();
+    copied.then(() => setStatus("Link copied. Anyone with it can read this chat."),
+                () => setStatus("Copy the link: anyone with it can read this chat."));
+  } catch (error) { setStatus(error.message, true); }
+}
+
+async function unshare() {
+  try {
+    await api(`/v1/chats/${state.chatId}/share`, { method: "DELETE" });
+    showShareLink(null);
+    setStatus("The link no longer works.");
+  } catch (error) { setStatus(error.message, true); }
+}
+
+// /?shared=<id>: the shared chat, read without a token; nothing on the page can change it.
+async function openShared(shareId) {
+  document.body.classList.add("shared-view");
+  $("shared-note").hidden = false;
+  const response = await fetch(`/v1/shared/${encodeURIComponent(shareId)}`);
+  if (!response.ok) {
+    $("chat-title").textContent = "Shared chat not found";
+    setStatus("This link is unknown or no longer shared.", true);
+    return;
+  }
+  const chat = await response.json();
+  $("chat-title").textContent = chat.title || "Untitled chat";
+  chat.messages.forEach(renderMessage);
+}
+
+// The paperclip: the chosen file is uploaded at once (POST /v1/files) and goes with the next message
+// as an attachment ({file_id}).
+async function attach(event) {
+  const file = event.target.files[0];
+  event.target.value = "";
+  if (!file || !state.token) return;
+  const form = new FormData();
+  form.append("file", file);
+  setStatus(`Uploading ${file.name}…`);
+  try {
+    const response = await fetch("/v1/files", { method: "POST", headers: { Authorization: `Bearer ${state.token}` }, body: form });
+    const body = await response.json().catch(() => null);
+    if (!response.ok) throw new Error(describe(response.status, body));
+    showAttached(body);
+    setStatus("");
+  } catch (error) { setStatus(error.message, true); }
+}
+
+function showAttached(file) {
+  state.attached = file;
+  $("attached").hidden = !file;
+  $("attached-name").textContent = file ? `📎 ${file.name}` : "";
 }
 
 async function readStream(response, onEvent) {
@@ -117,35 +261,51 @@ async function send(event) {
   event.preventDefault();
   const content = $("message").value.trim();
   if (!content || !state.token) return;
-  const model = $("model").value.trim();
-  const body = state.chatId ? { content } : { message: content };
-  if (model) body.model = model;
+  const body = agentOptions(state.chatId ? { content } : { message: content });
+  const attached = state.attached;
+  if (attached) body.attachments = [{ file_id: attached.id }];
   const path = state.chatId ? `/v1/chats/${state.chatId}/messages` : "/v1/chat";
+  renderMessage({ role: "user", content, parts: attached ? [{ type: "attachment", name: attached.name }] : [] });
+  $("message").value = "";
+  await stream(path, body, content, attached);
+}
+
+// Post a send and stream its reply into the page.
+async function stream(path, body, content, attached = null) {
   state.abort = new AbortController();
   $("send").disabled = true;
   $("stop").disabled = false;
   setStatus("Waiting for the model…");
-  renderMessage({ role: "user", content });
-  $("message").value = "";
   let reply = null;
+  const calls = {};
   try {
     const response = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body), signal: state.abort.signal });
     if (!response.ok) {
       const failure = await response.json().catch(() => null);
       throw new Error(describe(response.status, failure));
     }
+    if (attached) showAttached(null);
     await readStream(response, (name, data) => {
       if (name === "start") {
         if (state.chatId !== data.chat_id) {
           state.chatId = data.chat_id;
           $("chat-title").textContent = content.slice(0, 80);
-          $("rename").disabled = $("delete").disabled = false;
+          $("rename").disabled = $("delete").disabled = $("share").disabled = false;
         }
         reply = renderMessage({ role: "assistant", content: "", id: data.assistant_message_id });
         setStatus("Streaming…");
       } else if (name === "delta") {
         reply.querySelector(".text").textContent += data.text;
+      } else if (name === "reasoning") {
+        reasoningOf(reply).textContent += data.text;
+      } else if (name === "tool_call_start") {
+        calls[data.id] = toolCard(reply, data.id, data.name);
+      } else if (name === "tool_call_delta") {
+        calls[data.id].input.textContent += data.arguments;
+      } else if (name === "tool_call") {
+        calls[data.id].input.textContent = JSON.stringify(data.input);
       } else if (name === "done") {
+        if (data.finish_reason === "tool_calls") askResults(reply);
         reply.querySelector(".meta").textContent = `${data.finish_reason} · ${data.usage.total_tokens} tokens · ${Math.round(data.duration_ms)} ms`;
         reply.dataset.finishReason = data.finish_reason;
         setStatus(data.finish_reason === "cancelled" ? "Stopped." : "");
@@ -191,9 +351,15 @@ $("token-form").addEventListener("submit", (event) => { event.preventDefault(); 
 $("dev-token").addEventListener("click", devToken);
 $("composer").addEventListener("submit", send);
 $("stop").addEventListener("click", stop);
+$("attach").addEventListener("click", () => $("file").click());
+$("file").addEventListener("change", attach);
+$("detach").addEventListener("click", () => showAttached(null));
 $("new-chat").addEventListener("click", () => {
   state.chatId = null; $("messages").replaceChildren(); $("chat-title").textContent = "New chat";
+  $("share").disabled = true; showShareLink(null);
 });
+$("share").addEventListener("click", share);
+$("unshare").addEventListener("click", unshare);
 $("show-trash").addEventListener("change", (event) => { state.trash = event.target.checked; loadChats(); });
 $("rename").addEventListener("click", async () => {
   const title = prompt("New title", state.chat?.title || "");
@@ -202,7 +368,10 @@ $("rename").addEventListener("click", async () => {
   catch (error) { setStatus(error.message, true); }
 });
 $("delete").addEventListener("click", async () => {
-  try { await api(`/v1/chats/${state.chatId}`, { method: "DELETE" }); state.chatId = null; $("messages").replaceChildren(); loadChats(); }
+  try {
+    await api(`/v1/chats/${state.chatId}`, { method: "DELETE" });
+    state.chatId = null; $("messages").replaceChildren(); $("share").disabled = true; showShareLink(null); loadChats();
+  }
   catch (error) { setStatus(error.message, true); }
 });
 $("restore").addEventListener("click", async () => {
@@ -213,5 +382,10 @@ $("message").addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); $("composer").requestSubmit(); }
 });
 
-fetch("/dev/token", { method: "HEAD" }).then((r) => { $("dev-token").hidden = !r.ok; });
-if (state.token) { $("token").value = state.token; loadChats(); }
+const sharedId = new URLSearchParams(location.search).get("shared");
+if (sharedId !== null) {
+  openShared(sharedId);
+} else {
+  fetch("/dev/token", { method: "HEAD" }).then((r) => { $("dev-token").hidden = !r.ok; });
+  if (state.token) { $("token").value = state.token; loadChats(); }
+}

@@ -7,7 +7,8 @@
 - Stop from anywhere: ``POST /stop`` publishes the chat id on ``<prefix>stop``; the instance running that
   chat interrupts its turn.
 - Checkpoints: every ``checkpoint_s`` the text every turn streamed since its last checkpoint is appended to
-  its reply, for all of them in one statement.
+  its reply, for all of them in one statement; a turn with reasoning or tool calls also has its parts
+  (text included) written whole, as a piece of reasoning or a call's arguments grows in place.
 - Recovery: a reply left ``streaming`` whose lease is gone (or, at startup, still names this instance id)
   is marked ``interrupted`` and keeps the text of its last checkpoint.
 """
@@ -68,13 +69,16 @@ def reply_of(turn: Turn, charged: int) -> FinishedReply:
     assert turn.ids is not None
     usage, estimated = turn.final_usage()
     metadata: dict[str, object] = {"duration_ms": turn.duration_ms, "provider": turn.model.partition("/")[0]}
+    if turn.request.reasoning_effort is not None:
+        metadata["reasoning_effort"] = turn.request.reasoning_effort
     if turn.first_token_s is not None:
         metadata["ttft_ms"] = round(turn.first_token_s * 1000, 1)
     if turn.error is not None:
         metadata["error"] = {"code": turn.error.code, "message": turn.error.message}
     return FinishedReply(
         turn.ids.assistant_message_id, turn.text, turn.status, turn.ending or "stop", turn.model,
-        usage.input_tokens, usage.output_tokens, estimated, metadata, charged,
+        usage.input_tokens, usage.output_tokens, estimated, metadata, charged, turn.stored_parts(),
+        usage.reasoning_tokens,
     )
 
 
@@ -82,7 +86,7 @@ def usage_of(turn: Turn, charged: int) -> UsageEntry:
     assert turn.owner is not None
     usage, estimated = turn.final_usage()
     return UsageEntry(turn.owner.org_id, turn.owner.user_id, None, None, turn.model, usage.input_tokens,
-                      usage.output_tokens, charged, estimated)
+                      usage.output_tokens, charged, estimated, reasoning_tokens=usage.reasoning_tokens)
 
 
 class StreamRegistry:
@@ -235,22 +239,24 @@ class StreamRegistry:
         """Append the text each turn that grew and is due (its last checkpoint ``checkpoint_s`` ago) has
         streamed since its last checkpoint, in one statement. A turn counts as checkpointed only once the
         statement succeeded, so the text of a failed one goes with its next."""
-        due_turns, ids, deltas = [], [], []
+        due_turns, ids, deltas, parts = [], [], [], []
         now = time.perf_counter()
         due = now - self.settings.checkpoint_s
         for chat_turn in self.turns.values():
             done = chat_turn.checkpointed_parts
-            if chat_turn.ending is None and chat_turn.checkpointed_at <= due and len(chat_turn.parts) != done:
+            moved = len(chat_turn.parts) != done or chat_turn.shape != chat_turn.checkpointed_shape
+            if chat_turn.ending is None and chat_turn.checkpointed_at <= due and moved:
                 assert chat_turn.ids is not None
                 chat_turn.checkpointed_at = now
-                upto = len(chat_turn.parts)
-                due_turns.append((chat_turn, upto))
+                upto, shape = len(chat_turn.parts), chat_turn.shape
+                due_turns.append((chat_turn, upto, shape))
                 ids.append(chat_turn.ids.assistant_message_id)
                 deltas.append("".join(chat_turn.parts[done:upto]))
+                parts.append(chat_turn.stored_parts())
         if ids:
-            await checkpoint_replies(self.pool, ids, deltas)
-            for chat_turn, upto in due_turns:
-                chat_turn.checkpointed_parts = upto
+            await checkpoint_replies(self.pool, ids, deltas, parts)
+            for chat_turn, upto, shape in due_turns:
+                chat_turn.checkpointed_parts, chat_turn.checkpointed_shape = upto, shape
 
     async def renew(self) -> None:
         """Push back the quota slots and reservations of every running turn, and its chat's lease."""

@@ -13,8 +13,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gateway.edge.middleware import BODY_SEND, RESPONSE_REST
-from gateway.streaming.turns import StreamCodec, Turn, internal_failure
-from providers.base import ProviderError, ToolCallDelta, Usage
+from gateway.streaming.turns import StreamCodec, Turn, call_input, internal_failure
+from providers.base import ProviderError, ReasoningDelta, ToolCall, ToolCallDelta, Usage
 
 PING = b": ping\n\n"
 
@@ -30,12 +30,27 @@ def encode_event(seq: int, name: str, data: dict[str, Any]) -> bytes:
 
 
 def usage_body(usage: Usage) -> dict[str, int]:
-    return {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+    body = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
             "total_tokens": usage.input_tokens + usage.output_tokens}
+    if usage.reasoning_tokens is not None:
+        body["reasoning_tokens"] = usage.reasoning_tokens
+    return body
+
+
+def call_body(call: ToolCall) -> dict[str, object]:
+    """A whole tool call as the chat stream and the UI stream give it: its input parsed, or, when its
+    arguments are not JSON, the raw string with ``input_error``."""
+    value, problem = call_input(call.arguments)
+    body: dict[str, object] = {"id": call.id, "name": call.name, "input": value}
+    if problem is not None:
+        body["input_error"] = problem
+    return body
 
 
 class ChatEvents:
-    """The chat stream's events: ``start``, ``delta``..., ``usage``, then ``done`` or ``error``, numbered."""
+    """The chat stream's events: ``start``; ``delta``, ``reasoning``, ``tool_call_start``, ``tool_call_delta``
+    and ``tool_call`` (a whole call) in stream order; ``usage``; then ``done`` (after ``title`` when a model
+    wrote the chat's title in time) or ``error``, numbered."""
 
     __slots__ = ("seq",)
 
@@ -59,16 +74,38 @@ class ChatEvents:
         return encode_event(self.seq, "usage", {"input_tokens": usage.input_tokens,
                                                 "output_tokens": usage.output_tokens})
 
-    def tool_call(self, delta: ToolCallDelta) -> None:
-        return None  # a chat turn offers the model no tools
+    def reasoning(self, delta: ReasoningDelta) -> bytes | None:
+        if not delta.text:
+            return None  # a signature, or redacted reasoning: stored, nothing to show
+        self.seq += 1
+        return b"id: %d\nevent: reasoning\ndata: %s\n\n" % (self.seq, orjson.dumps({"text": delta.text}))
+
+    def tool_call(self, delta: ToolCallDelta, call_id: str) -> bytes:
+        frames = b""
+        if delta.id is not None or delta.name is not None:  # the call's first piece
+            self.seq += 1
+            frames = encode_event(self.seq, "tool_call_start", {"id": call_id, "name": delta.name or ""})
+        if not delta.arguments:
+            return frames
+        self.seq += 1
+        return frames + encode_event(self.seq, "tool_call_delta", {"id": call_id, "arguments": delta.arguments})
+
+    def tool_done(self, call: ToolCall) -> bytes:
+        self.seq += 1
+        return encode_event(self.seq, "tool_call", call_body(call))
 
     def done(self, turn: Turn) -> bytes:
         assert turn.ids is not None
+        title = self.title(turn.title) if turn.title is not None else b""
         self.seq += 1
-        return encode_event(self.seq, "done", {
+        return title + encode_event(self.seq, "done", {
             "assistant_message_id": turn.ids.assistant_message_id, "finish_reason": turn.ending,
             "usage": usage_body(turn.final_usage()[0]), "duration_ms": turn.duration_ms,
         })
+
+    def title(self, title: str) -> bytes:
+        self.seq += 1
+        return encode_event(self.seq, "title", {"title": title})
 
     def error(self, turn: Turn, error: ProviderError) -> bytes:
         self.seq += 1

@@ -6,7 +6,8 @@ A turn ends exactly one way, recorded once in ``ending``:
 - the client hung up or stopped reading: ``client_disconnected``, status ``cancelled``;
 - the provider failed: ``error``;
 - the server shut down: ``interrupted``.
-Whatever the ending, the text handed to the client so far is kept.
+Whatever the ending, what was handed to the client so far is kept: its text, and its reasoning and tool
+calls in stream order (``stored_parts``).
 
 Past 400 lines because a turn is one state machine: its phases (pulled to the first token, relayed,
 collected, ended) share the state that decides how it ends.
@@ -23,11 +24,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import orjson
+
 from providers.base import (
     Finish,
     ProviderError,
     ProviderRequest,
     ProviderStream,
+    ReasoningDelta,
     StreamBatch,
     StreamEvent,
     ToolCall,
@@ -72,6 +76,12 @@ def estimate_tokens(chars: int) -> int:
     return -(-chars // CHARS_PER_TOKEN)
 
 
+def storable(text: str) -> str:
+    """A model's text without the NULs PostgreSQL cannot store: dropped from the stream and the stored
+    reply alike, so the two always agree."""
+    return text.replace("\x00", "") if "\x00" in text else text
+
+
 def closed_ending(ending: str | None) -> str:
     """An ending from the closed set the database and the metrics take; anything else (an adapter's unknown
     finish reason) is ``stop``, and logged."""
@@ -89,6 +99,39 @@ def internal_failure(error: BaseException, model: str) -> ProviderError:
     return ProviderError("The gateway failed while calling the model provider")
 
 
+def call_input(arguments: str) -> tuple[Any, str | None]:
+    """A tool call's arguments as its input: the parsed JSON (none at all is ``{}``), or, when they are not
+    JSON, the raw string and why."""
+    if not arguments.strip():
+        return {}, None
+    try:
+        return orjson.loads(arguments), None
+    except orjson.JSONDecodeError as error:
+        return arguments, f"the arguments are not JSON: {str(error)[:200]}"
+
+
+class ReasoningPiece:
+    """One piece of reasoning in a turn (see ``ReasoningDelta``), begun after ``at`` text deltas."""
+
+    __slots__ = ("at", "closed", "redacted", "signature", "texts")
+
+    def __init__(self, at: int, redacted: str | None = None) -> None:
+        self.at = at
+        self.texts: list[str] = []
+        self.signature: str | None = None
+        self.redacted = redacted
+        self.closed = redacted is not None
+
+
+class CallPiece:
+    """Where tool call ``index`` (its pieces in ``Turn.tool_parts``) began: after ``at`` text deltas."""
+
+    __slots__ = ("at", "index")
+
+    def __init__(self, at: int, index: int) -> None:
+        self.at, self.index = at, index
+
+
 class StreamCodec(Protocol):
     """How a turn's events become bytes on the wire; one instance per stream (it may count frames)."""
 
@@ -98,7 +141,13 @@ class StreamCodec(Protocol):
 
     def usage(self, usage: Usage) -> bytes | None: ...
 
-    def tool_call(self, delta: ToolCallDelta) -> bytes | None: ...
+    def reasoning(self, delta: ReasoningDelta) -> bytes | None: ...
+
+    def tool_call(self, delta: ToolCallDelta, call_id: str) -> bytes | None:
+        """A piece of call ``call_id`` as it streams (the first one has its name)."""
+
+    def tool_done(self, call: ToolCall) -> bytes | None:
+        """Call ``call`` is whole: the model went on to text, another call or its end."""
 
     def done(self, turn: Turn) -> bytes: ...
 
@@ -120,10 +169,11 @@ class Turn:
 
     __slots__ = (
         "_buffered", "_codec", "_extend", "_extending", "_failure", "_finisher", "_finishing", "_head",
-        "_stop_reason", "_stored", "_task", "_upstream", "_upstream_finish", "_waiting", "_wake", "_write",
-        "chars", "checkpointed_at", "checkpointed_parts", "covered", "duration_ms", "ending", "error",
-        "first_token_s", "grow_at_chars", "grow_at_parts", "ids", "model", "owner", "parts", "request",
-        "started", "ticket", "tool_parts", "usage",
+        "_open_call", "_stop_reason", "_stored", "_task", "_upstream", "_upstream_finish", "_waiting", "_wake",
+        "_write", "chars", "checkpointed_at", "checkpointed_parts", "checkpointed_shape", "covered",
+        "duration_ms", "ending", "error", "first_token_s", "grow_at_chars", "grow_at_parts", "ids", "model",
+        "owner", "parts", "request", "segments", "shape", "started", "ticket", "title", "title_wait",
+        "tool_parts", "usage",
     )
 
     def __init__(
@@ -137,18 +187,28 @@ class Turn:
         self.ids = ids
         self.model = model
         self.request = request
-        self.parts: list[str] = []
+        self.parts: list[str] = []  # the text deltas
         self.tool_parts: dict[int, tuple[str, str, list[str]]] = {}  # a call's index -> id, name, arguments
+        # The reasoning and calls in stream order, each knowing how many text deltas came before it: the
+        # text between them is found in ``parts``, so a text delta costs nothing more. ``shape`` counts the
+        # events that changed them (a checkpoint writes them when it moved).
+        self.segments: list[ReasoningPiece | CallPiece] = []
+        self.shape = 0
+        self._open_call: int | None = None  # the call whose ``tool_done`` is still to be sent
         self.usage: Usage | None = None
         self.ending: str | None = None
         self.error: ProviderError | None = None
         self.started = time.perf_counter()
         self.first_token_s: float | None = None
         self.duration_ms = 0.0
-        self.checkpointed_parts = 0
+        self.checkpointed_parts = self.checkpointed_shape = 0
         self.checkpointed_at = self.started
         self.ticket: Ticket | None = None  # its quota reservation, settled when the turn is stored
         self.owner: Owner | None = None  # who is charged, for a turn with no chat
+        # A chat's first turn: the title a model writes beside it (gateway/streaming/titles.py), awaited for
+        # a bounded time once the turn is stored, and the title when that wait found it written.
+        self.title_wait: Callable[[], Awaitable[str | None]] | None = None
+        self.title: str | None = None
         self._upstream = upstream
         self._finisher = finisher
         self._buffered: list[StreamBatch] = []
@@ -206,6 +266,10 @@ class Turn:
         """The next batch of provider events, or None once the provider is done or the turn was interrupted."""
         if self._buffered:
             return self._buffered.pop(0)
+        return await self._read()
+
+    async def _read(self) -> StreamBatch | None:
+        """The provider's next batch (past what ``open`` buffered), or None at its end or once interrupted."""
         if self._stop_reason is not None:
             return None
         self._waiting = True
@@ -268,11 +332,11 @@ class Turn:
         """Wait for the first token (or the end), so a failure before it can still be a plain JSON error."""
         self._task = asyncio.current_task()
         while True:
-            batch = await self._pull()
+            batch = await self._read()
             if batch is None:
                 return
             self._buffered.append(batch)
-            if any(isinstance(event, (str, Finish, ToolCallDelta)) for event in batch):
+            if any(isinstance(event, (str, Finish, ToolCallDelta, ReasoningDelta)) for event in batch):
                 return
 
     def _take(self, event: StreamEvent) -> None:
@@ -282,17 +346,49 @@ class Turn:
             self._upstream_finish = event.reason
         elif isinstance(event, ToolCallDelta):
             self._tool_call(event)
+        elif isinstance(event, ReasoningDelta):
+            self._reasoning(event)
 
-    def _tool_call(self, delta: ToolCallDelta) -> None:
+    def _produced(self, chars: int) -> None:
+        """Output other than text (reasoning, a call's arguments): timed, counted toward growth."""
         if self.first_token_s is None:
             self.first_token_s = time.perf_counter() - self.started
-        self.chars += len(delta.arguments)
+        self.shape += 1
+        self.chars += chars
+        if self.chars >= self.grow_at_chars:
+            self._outgrown()
+
+    def _tool_call(self, delta: ToolCallDelta) -> None:
+        self._produced(len(delta.arguments))
         call = self.tool_parts.get(delta.index)
         if call is None:
             self.tool_parts[delta.index] = (delta.id or f"call_{uuid.uuid4().hex[:24]}", delta.name or "",
                                             [delta.arguments])
+            self.segments.append(CallPiece(len(self.parts), delta.index))
         else:
             call[2].append(delta.arguments)
+
+    def _reasoning(self, delta: ReasoningDelta) -> None:
+        """Consecutive deltas make a piece; a signature closes it, and text or a call ends it."""
+        self._produced(len(delta.text))
+        at = len(self.parts)
+        if delta.redacted is not None:
+            self.segments.append(ReasoningPiece(at, delta.redacted))
+            return
+        last = self.segments[-1] if self.segments else None
+        if type(last) is not ReasoningPiece or last.closed or last.at != at:
+            last = ReasoningPiece(at)
+            self.segments.append(last)
+        last.texts.append(delta.text)
+        if delta.signature is not None:
+            last.signature, last.closed = delta.signature, True
+
+    def _call_done(self) -> bytes | None:
+        """The open call's ``tool_done`` frame, once."""
+        index, self._open_call = self._open_call, None
+        assert index is not None and self._codec is not None
+        call_id, name, arguments = self.tool_parts[index]
+        return self._codec.tool_done(ToolCall(call_id, name, "".join(arguments)))
 
     def _delivered(self, texts: list[str]) -> None:
         if self.first_token_s is None:
@@ -328,7 +424,8 @@ class Turn:
     def deliver(self, batch: StreamBatch) -> None:
         codec = self._codec
         assert codec is not None and self._write is not None
-        if len(batch) == 1 and type(text := batch[0]) is str and self.first_token_s is not None and not self._head:
+        if (len(batch) == 1 and type(text := batch[0]) is str and self.first_token_s is not None and not self._head
+                and self._open_call is None and "\x00" not in text):
             # The usual read of a paced stream: one token, after the first.
             self._write(codec.delta(text))
             self.parts.append(text)
@@ -340,21 +437,44 @@ class Turn:
         texts: list[str] = []
         for event in batch:
             if type(event) is str:
+                if not (event := storable(event)):
+                    continue
+                if self._open_call is not None:
+                    frames.append(self._call_done() or b"")
                 frames.append(codec.delta(event))
                 texts.append(event)
-            elif isinstance(event, Usage):
-                self.usage = event
-                if frame := codec.usage(event):
+            elif isinstance(event, (Usage, Finish)):
+                self._take(event)
+                if type(event) is Usage and (frame := codec.usage(event)):
                     frames.append(frame)
             else:
-                self._take(event)
-                if type(event) is ToolCallDelta and (frame := codec.tool_call(event)):
-                    frames.append(frame)
+                if texts:  # the text so far comes before this event
+                    self._delivered(texts)
+                    texts = []
+                frames += self._other(event, codec)
         if frames:
             self._write(b"".join(frames))
             self._head = b""
         if texts:
             self._delivered(texts)  # handed to the transport, or queued behind a write the client is slow to take
+
+    def _other(self, event: StreamEvent, codec: StreamCodec) -> list[bytes]:
+        """The frames of a reasoning delta or a call's piece, after the open call's end when this ends it."""
+        frames = []
+        call = event if isinstance(event, ToolCallDelta) else None
+        starts = call is None or call.index != self._open_call
+        if self._open_call is not None and starts and (frame := self._call_done()):
+            frames.append(frame)
+        self._take(event)
+        frame = None
+        if call is not None:
+            self._open_call = call.index
+            frame = codec.tool_call(call, self.tool_parts[call.index][0])
+        elif isinstance(event, ReasoningDelta):
+            frame = codec.reasoning(event)
+        if frame:
+            frames.append(frame)
+        return frames
 
     def ended(self, failure: ProviderError | None) -> None:
         self._failure = failure
@@ -371,10 +491,14 @@ class Turn:
         """Once the relay is over: the ending stored, then the frame that tells the client how it ended."""
         assert self._codec is not None
         head, self._head = self._head, b""
+        if self._open_call is not None:
+            head += self._call_done() or b""
         if self._failure is not None:
             await self.finish(error=self._failure)
             return head + self._codec.error(self, self._failure)
         await self.finish()
+        if self.title_wait is not None:  # the title a model writes beside the turn, if written in time
+            self.title = await self.title_wait()
         return head + self._codec.done(self)
 
     async def collect(self) -> None:
@@ -383,17 +507,28 @@ class Turn:
         failure: ProviderError | None = None
         try:
             while (batch := await self._pull()) is not None:
-                if texts := [event for event in batch if type(event) is str]:
-                    self._delivered(texts)
-                for event in batch:
-                    if type(event) is not str:
-                        self._take(event)
+                self._collected(batch)
         except asyncio.CancelledError:
             await self.finish(ending="interrupted", shielded=True)
             raise
         except Exception as error:
             failure = error if isinstance(error, ProviderError) else internal_failure(error, self.model)
         await self.finish(error=failure)
+
+    def _collected(self, batch: StreamBatch) -> None:
+        """A batch taken in order, with no stream to write it to."""
+        texts: list[str] = []
+        for event in batch:
+            if type(event) is str:
+                if text := storable(event):
+                    texts.append(text)
+                continue
+            if texts and isinstance(event, (ReasoningDelta, ToolCallDelta)):
+                self._delivered(texts)
+                texts = []
+            self._take(event)
+        if texts:
+            self._delivered(texts)
 
     # -- ending -----------------------------------------------------------------------------------
 
@@ -404,6 +539,8 @@ class Turn:
         if self.ending is None:
             self.error = error = error or self._failure
             self.ending = closed_ending("error" if error else self._stop_reason or ending or self._upstream_finish)
+            if self.ending == "stop" and self.tool_parts:  # a vendor that says stop but waits for results
+                self.ending = "tool_calls"
             self.duration_ms = round((time.perf_counter() - self.started) * 1000, 1)
             self._finishing = asyncio.create_task(self._close_and_persist())
         assert self._finishing is not None
@@ -446,16 +583,52 @@ class Turn:
         """The tool calls the model made, whole, in order."""
         return [ToolCall(id, name, "".join(arguments)) for _, (id, name, arguments) in sorted(self.tool_parts.items())]
 
+    @property
+    def reasoning_text(self) -> str:
+        return "".join(text for piece in self.segments if type(piece) is ReasoningPiece for text in piece.texts)
+
+    def stored_parts(self) -> list[dict[str, Any]] | None:
+        """The reply's parts in stream order (text, reasoning, tool calls); None for a reply of text alone,
+        which its content holds."""
+        if not self.segments:
+            return None
+        parts: list[dict[str, Any]] = []
+        start = 0
+        for segment in self.segments:
+            if segment.at > start:
+                parts.append({"type": "text", "text": "".join(self.parts[start:segment.at])})
+                start = segment.at
+            parts.append(self._part(segment))
+        if len(self.parts) > start:
+            parts.append({"type": "text", "text": "".join(self.parts[start:])})
+        return parts
+
+    def _part(self, segment: ReasoningPiece | CallPiece) -> dict[str, Any]:
+        if type(segment) is ReasoningPiece:
+            part: dict[str, Any] = {"type": "reasoning", "text": "".join(segment.texts)}
+            if segment.signature is not None:
+                part["signature"] = segment.signature
+            if segment.redacted is not None:
+                part["redacted"] = segment.redacted
+            return part
+        assert type(segment) is CallPiece
+        call_id, name, arguments = self.tool_parts[segment.index]
+        value, problem = call_input("".join(arguments))
+        part = {"type": "tool-call", "tool_call_id": call_id, "tool_name": name, "input": value}
+        if problem is not None:
+            part["input_error"] = problem
+        return part
+
     def final_usage(self) -> tuple[Usage, bool]:
         """The provider's usage when it reported one, else the documented estimate (and True)."""
         if self.usage is not None:
             return self.usage, False
-        output = len(self.text) + sum(len(call.arguments) for call in self.tool_calls)
+        output = len(self.text) + sum(len(call.arguments) for call in self.tool_calls) + len(self.reasoning_text)
         return Usage(estimate_tokens(self.request.prompt_chars), estimate_tokens(output)), True
 
     def charged_tokens(self) -> int:
         """What the turn costs: nothing when it failed before producing anything, else prompt and output."""
-        if self.ending == "error" and not self.parts and not self.tool_parts:
+        if self.ending == "error" and not self.parts and not self.segments:
             return 0
         usage, _ = self.final_usage()
         return usage.input_tokens + usage.output_tokens

@@ -10,6 +10,7 @@ import pytest
 
 from storage.chats import ChatFields, Owner, create_chat, erase_org
 from storage.db import Pool
+from storage.files import NewFile, insert_file
 from storage.messages import (
     ChatBefore,
     FinishedReply,
@@ -296,8 +297,6 @@ async def test_chat_cap_answers_chat_limit_reached(start_gateway: Any) -> None:
 @pytest.mark.parametrize(
     ("query", "args", "index"),
     [
-        ("list_active_chats", ("o", "u", None, 20, 0), "chats_owner_active"),
-        ("list_deleted_chats", ("o", "u", None, 20, 0), "chats_owner_deleted"),
         ("list_messages_asc", (uuid.uuid4(), "o", "u", 100, 0), "messages_chat_seq"),
         ("list_messages_desc", (uuid.uuid4(), "o", "u", 100, 0), "messages_chat_seq"),
     ],
@@ -358,7 +357,7 @@ async def test_a_turn_written_before_its_read_is_not_its_own_history_and_is_take
     assert context is not None and context.history == [] and not context.duplicate
     seen_by_another = await chat_for_turn(db, owner, chat["id"], 20, "c-1", uuid.uuid4())
     assert seen_by_another is not None and seen_by_another.duplicate
-    assert seen_by_another.history == [("user", "early", None)]
+    assert seen_by_another.history == [("user", "early", None, None)]
     assert (await db.fetchrow("SELECT title FROM chats WHERE id = $1", chat["id"]))["title"] == "early"
 
     await unstore_turn(db, owner, turn, stored)
@@ -401,9 +400,10 @@ async def test_a_turns_statements_are_planned_once_per_connection(db: Pool) -> N
     assert all(count > 0 for count in generic.values()), generic
 
 
-async def test_erasing_an_org_takes_its_chats_messages_and_ledger_and_nothing_else(db: Pool) -> None:
+async def test_erasing_an_org_takes_its_chats_messages_files_and_ledger_and_nothing_else(db: Pool) -> None:
     gone, kept = (Owner(f"org-{uuid.uuid4().hex[:6]}", "same-user") for _ in range(2))
     for owner in (gone, kept):
+        await insert_file(db, owner, NewFile("a.txt", "text/plain", bytearray(b"hello"), "0" * 64), None)
         for n in range(2):
             chat = await create_chat(db, owner, ChatFields(None, "fake/echo", None), None)
             turn = NewTurn(chat["id"], uuid.uuid4(), uuid.uuid4(), f"message {n}", "t", "fake/echo", [], None, {})
@@ -413,9 +413,9 @@ async def test_erasing_an_org_takes_its_chats_messages_and_ledger_and_nothing_el
 
     async def rows(owner: Owner) -> list[int]:
         return [await db.fetchval(f"SELECT count(*) FROM {table} WHERE org_id = $1", owner.org_id)
-                for table in ("chats", "messages", "usage_ledger")]
+                for table in ("chats", "messages", "usage_ledger", "files")]
 
-    assert await rows(gone) == await rows(kept) == [2, 4, 2]
+    assert await rows(gone) == await rows(kept) == [2, 4, 2, 1]
     await erase_org(db, gone.org_id)
-    assert await rows(gone) == [0, 0, 0]
-    assert await rows(kept) == [2, 4, 2]
+    assert await rows(gone) == [0, 0, 0, 0]
+    assert await rows(kept) == [2, 4, 2, 1]

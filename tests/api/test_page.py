@@ -82,3 +82,38 @@ async def test_page_explains_a_bad_token(start_gateway: Any) -> None:
         await page.get_by_role("button", name="Use").click()
         await expect(page.locator("#status")).to_contain_text("token is missing, invalid or expired")
         await browser.close()
+
+
+async def test_reasoning_and_a_tool_card_in_a_real_browser(start_gateway: Any, db: Pool) -> None:
+    """A reply that reasons and calls the demo tool: its reasoning folded under it, the call as a card,
+    the result typed into the card sent back, and the next step's answer streamed below."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    async with start_gateway(dev_mode=True) as gateway, async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = await browser.new_page(viewport={"width": 900, "height": 900})
+        await page.goto(gateway.url)
+        await page.get_by_role("button", name="Get a dev token").click()
+        await expect(page.locator("#usage")).to_contain_text("tokens used")
+        await page.get_by_label("Model").fill("fake/think?gap_ms=20")
+        await page.get_by_label("Reasoning").select_option("low")
+        await page.get_by_label("Tool").select_option("required")
+        await page.get_by_label("Message").fill("weather in Paris please")
+        await page.get_by_role("button", name="Send").click()
+        first = page.locator("#messages li.assistant").first
+        await expect(first).to_have_attribute("data-finish-reason", "tool_calls", timeout=15000)
+        card = first.locator(".tool-card")
+        await expect(card).to_contain_text("get_weather")
+        await first.locator(".reasoning summary").click()
+        await expect(first.locator(".reasoning .thought")).to_have_text("Thinking about: weather in Paris please")
+        await card.get_by_label("Tool result").fill('{"celsius": 18}')
+        await card.get_by_role("button", name="Send result").click()
+        answer = page.locator("#messages li.assistant").nth(1)
+        await expect(answer).to_have_attribute("data-finish-reason", "stop", timeout=15000)
+        await expect(answer.locator(".text")).to_have_text("weather in Paris please")
+        await expect(card.locator(".result")).to_have_text('→ {"celsius":18}')
+        await page.screenshot(path=str(ARTIFACTS / "agent-turn.png"), full_page=True)
+        call_id = await card.get_attribute("data-call-id")
+        await browser.close()
+    stored = await db.fetchrow("SELECT parts FROM messages WHERE role = 'tool' AND parts @> $1::jsonb",
+                               [{"tool_call_id": call_id}])
+    assert stored is not None and stored["parts"][0]["output"] == {"celsius": 18}

@@ -86,3 +86,32 @@ async def test_resume_answers_204_and_headers_name_the_protocol(client: httpx.As
     assert response.text.endswith("data: [DONE]\n\n")
     bad = await client.post("/v1/ui/chat", headers=alice, json={"id": "c1", "messages": []})
     assert bad.status_code == 422
+
+
+async def test_a_client_side_tool_loop_through_the_sdk(node_ai: Path, gateway_url: str, db: Pool) -> None:
+    """useChat's loop: the call streamed as tool input, run on the client (addToolOutput), the conversation
+    posted again by sendAutomaticallyWhen, its output stored as the chat's tool result, and the answer
+    streamed after the reasoning, all in the one assistant UI message."""
+    owner = Owner(f"org-{uuid.uuid4().hex[:6]}", "sdk-user")
+    token = mint_token(JWT_SECRET, owner.user_id, owner.org_id)
+    process = await asyncio.create_subprocess_exec(
+        str(node_ai), "ui_tools.mjs", gateway_url, token, "client-tools-1", "fake/think", cwd=JS,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    result = orjson.loads(out.splitlines()[-1])
+    parts = result["message"]["parts"]
+    assert [p["type"] for p in parts] == ["step-start", "reasoning", "tool-get_weather", "step-start", "reasoning",
+                                          "text"]
+    call = parts[2]
+    assert (call["state"], call["input"], call["output"]) == ("output-available", {}, {"celsius": 18})
+    assert parts[1]["text"].startswith("Thinking about: weather") and parts[5]["text"] == "weather in Paris please"
+    resent = result["posted"][1]["messages"][-1]
+    assert resent["role"] == "assistant" and resent["parts"][2]["state"] == "output-available"
+    rows = await db.fetch("SELECT role, parts, finish_reason FROM messages WHERE chat_id = $1 ORDER BY seq",
+                          chat_id_for(owner, "client-tools-1"))
+    assert [(r["role"], r["finish_reason"]) for r in rows] == [
+        ("user", None), ("assistant", "tool_calls"), ("tool", None), ("assistant", "stop")]
+    assert rows[2]["parts"] == [{"type": "tool-result", "tool_call_id": call["toolCallId"], "output": {"celsius": 18},
+                                 "is_error": False}]
+    assert [p["type"] for p in rows[3]["parts"]] == ["reasoning", "text"]
