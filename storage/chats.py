@@ -270,3 +270,9 @@ async def set_model_title(db: Executor, owner: Owner, chat_id: uuid.UUID, cut_ti
     False when the user has named it since, or it is gone."""
     return await db.fetchval(SQL["set_model_title"], chat_id, owner.org_id, owner.user_id, cut_title,
                              title) is not None
+
+
+async def prune_chat_moves(db: Executor) -> int:
+    """Delete a batch of expired chat moves (what a cursor walk no longer needs); how many went."""
+    status = await db.execute(SQL["prune_chat_moves"])
+    return int(status.split()[-1])

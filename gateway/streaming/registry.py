@@ -38,6 +38,7 @@ from gateway.settings import Settings
 from gateway.streaming.admission import QuotaGuard
 from gateway.streaming.turns import Turn
 from providers.registry import ProviderRegistry
+from storage.chats import prune_chat_moves
 from storage.db import Pool
 from storage.messages import (
     FinishedReply,
@@ -230,6 +231,7 @@ class StreamRegistry:
                 if tick % renew_every == 0:
                     await self.renew()
                     await self.recover(startup=False)
+                    await prune_chat_moves(self.pool)
             except (RedisError, asyncpg.PostgresError, OSError):
                 logger.warning("stream maintenance failed; retrying next interval", exc_info=True)
 

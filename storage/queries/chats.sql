@@ -184,3 +184,8 @@ WHERE org_id = $1 AND user_id = $2 AND deleted_at IS NULL;
 UPDATE chats SET title = $5, updated_at = now()
 WHERE id = $1 AND org_id = $2 AND user_id = $3 AND deleted_at IS NULL AND title = $4
 RETURNING id;
+
+-- name: prune_chat_moves
+-- Moves older than any live cursor (sql/0011_chat_list.sql), a batch at a time.
+DELETE FROM chat_moves WHERE ctid = ANY (ARRAY(
+    SELECT ctid FROM chat_moves WHERE moved_at < now() - interval '2 hours' LIMIT 5000));
