@@ -193,6 +193,8 @@ async def send_chat(request: Request) -> Response:
     owner = owner_of(request)
     chat_id = body.chat_id
     if chat_id is None:
+        if body.model:  # an unknown model is a 404 before its chat is made, not after
+            resolve_model(services.streams, body.model)
         fields = ChatFields(body.title, body.model or services.settings.default_model, body.system_prompt)
         chat_id = (await new_chat(services, owner, fields))["id"]
     return await run_turn(request, services, owner, chat_id, content, body)

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.api.schemas import QuotaLimits, UsageReportQuery, parse_body, parse_query
+from gateway.api.schemas import QuotaLimits, UsageReportQuery, parse_body, parse_query, refuse_unstorable
 from gateway.edge.auth import Principal, principal_of
 from gateway.edge.errors import Forbidden, Unavailable, ValidationFailed
 from gateway.edge.responses import JSONBody
@@ -79,6 +79,7 @@ def admin_target(request: Request) -> tuple[Principal, str, str]:
         raise Forbidden("An admin manages only its own org")
     if not 0 < len(subject_id) <= 200:
         raise ValidationFailed(details=[{"loc": ["subject_id"], "msg": "1 to 200 characters", "type": "length"}])
+    refuse_unstorable(subject_id, ["subject_id"])  # a NUL PostgreSQL cannot store is a 422, not a 500
     return principal, scope, subject_id
 
 
