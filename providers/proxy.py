@@ -2,8 +2,8 @@
 
 An https vendor is reached through a ``CONNECT`` tunnel, TLS running end to end inside it; a plain http
 vendor by sending the request to the proxy with its absolute URL. Credentials in the proxy's URL
-(``http://user:secret@proxy:3128``) go as ``Proxy-Authorization: Basic``. The environment is read when a
-connection is opened (connections are pooled, so that is rare), so a changed setting applies to the next.
+(``http://user:secret@proxy:3128``) go as ``Proxy-Authorization: Basic``. Each adapter's pool reads the
+environment once per vendor host (providers/http.py ``Upstream.route``): set it before the gateway starts.
 """
 
 from __future__ import annotations
