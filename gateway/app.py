@@ -115,8 +115,9 @@ def create_app(settings: Settings | None = None, providers: ProviderRegistry | N
         ),
     ]
     app = Gateway(
-        routes=[*health.routes, *metrics.routes, *chats.routes, *shared.routes, *send.routes, *usage.routes,
-                *files.routes, *compat.routes, *ui_stream.routes, *openapi.routes, *page.routes],
+        # The streaming routes first: a request walks the list until one matches.
+        routes=[*send.routes, *compat.routes, *ui_stream.routes, *health.routes, *metrics.routes, *chats.routes,
+                *shared.routes, *usage.routes, *files.routes, *openapi.routes, *page.routes],
         middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
