@@ -33,7 +33,7 @@ WHERE id = $1 AND org_id = $2 AND user_id = $3;
 -- default tools and effort come too. {history_messages} is written in once (see storage/messages.py): as a
 -- parameter, it would have the read planned anew on every call. duplicate: the chat already holds a
 -- message with the client's id $4 (never, when $4 is NULL). $5 is the turn's own message, left out of
--- both: its write may be done before this read (gateway/send.py).
+-- both: its write may be done before this read (gateway/api/send.py).
 SELECT c.id, c.title, c.model, c.system_prompt, c.tools, c.tool_choice, c.reasoning_effort, h.roles,
        h.contents, h.parts, h.models,
        EXISTS (SELECT 1 FROM messages d
@@ -84,7 +84,7 @@ WITH before AS (
 SELECT updated_at, title FROM before WHERE (SELECT count(*) FROM added) = 2;
 
 -- name: unstore_turn
--- A stored turn taken back before it started (see gateway/send.py): its two messages deleted, and the
+-- A stored turn taken back before it started (see gateway/api/send.py): its two messages deleted, and the
 -- chat's activity time and title put back ($6, $7), unless something has moved the chat since.
 WITH gone AS (
     DELETE FROM messages WHERE id IN ($4, $5) AND chat_id = $1 AND org_id = $2 AND user_id = $3
