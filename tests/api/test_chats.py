@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from typing import Any
 
@@ -299,6 +300,7 @@ async def test_chat_cap_answers_chat_limit_reached(start_gateway: Any) -> None:
     [
         ("list_messages_asc", (uuid.uuid4(), "o", "u", 100, 0), "messages_chat_seq"),
         ("list_messages_desc", (uuid.uuid4(), "o", "u", 100, 0), "messages_chat_seq"),
+        ("shared_chat", (secrets.token_urlsafe(16),), "chats_share_id"),  # a share link's read
     ],
 )
 async def test_page_queries_use_their_indexes(

@@ -19,7 +19,6 @@ from playwright.async_api import async_playwright, expect
 
 from gateway.api import openapi
 from storage.db import Pool
-from storage.queries import SQL
 from tests.api.test_openapi import held
 from tests.api.test_page import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS
 from tests.api.test_send import SLOW, new_chat, next_delta, read_events
@@ -389,21 +388,6 @@ async def test_a_link_works_from_every_instance(
         assert (await elsewhere.get(f"/v1/shared/{chat.share_id}")).json()["title"] == "Plans"
         assert (await elsewhere.delete(f"/v1/chats/{chat.id}/share", headers=people.owner)).status_code == 204
     assert (await client.get(f"/v1/shared/{chat.share_id}")).status_code == 404
-
-
-@pytest.mark.parametrize(
-    ("query", "args", "index"),
-    [
-        ("shared_chat", (secrets.token_urlsafe(16),), "chats_share_id"),
-    ],
-)
-async def test_org_listing_and_link_reads_use_their_indexes(
-    db: Pool, query: str, args: tuple[Any, ...], index: str
-) -> None:
-    async with db.acquire() as conn, conn.transaction():
-        await conn.execute("SET LOCAL enable_seqscan = off")
-        plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {SQL[query]}", *args)
-    assert index in str(plan)
 
 
 @pytest.mark.parametrize("change", ["visibility = 'org'", "visibility = 'private'", "deleted_at = now()"])
