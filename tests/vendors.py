@@ -685,3 +685,22 @@ class VendorServer:
     async def _until_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
+
+
+class ScriptedProvider:
+    """A provider of the tests' own, in-process (no wire format): a subclass names itself and its models and
+    scripts ``stream``; it takes every model name and attachment as given."""
+
+    name = "scripted"
+    models: tuple[str, ...] = ("model",)
+    has_credentials = True
+    response_formats: frozenset[str] = frozenset()
+
+    def check_model(self, model: str) -> None:
+        pass
+
+    def accepts(self, attachment: object) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        pass

@@ -10,11 +10,12 @@ import httpx
 import jwt
 import pytest
 
-from providers.base import Attachment, Finish, ProviderRequest, ProviderStream, Pump, StreamBatch
+from providers.base import Finish, ProviderRequest, ProviderStream, Pump, StreamBatch
 from providers.fake import FakeProvider
 from providers.registry import ProviderRegistry
 from storage.db import Pool
 from tests.api.test_send import new_chat, read_events, reply_row
+from tests.vendors import ScriptedProvider
 
 NUL = "a\u0000b"
 
@@ -104,22 +105,11 @@ async def test_deeply_nested_metadata_is_refused_without_a_5xx(
     assert response.status_code == 422
 
 
-class NulProvider:
+class NulProvider(ScriptedProvider):
     """A vendor whose answer holds NULs: ``nul/model`` streams "he\\0llo", "\\0", " world"."""
 
     name = "nul"
     models: tuple[str, ...] = ("model",)
-    has_credentials = True
-    response_formats: frozenset[str] = frozenset()
-
-    def check_model(self, model: str) -> None:
-        pass
-
-    def accepts(self, attachment: Attachment) -> bool:
-        return True
-
-    async def aclose(self) -> None:
-        pass
 
     def stream(self, request: ProviderRequest) -> ProviderStream:
         return Pump(self._batches())

@@ -16,14 +16,14 @@ import httpx_sse
 import orjson
 import pytest
 
-from providers.base import Attachment, ProviderRequest, ProviderStream, Pump, StreamBatch
+from providers.base import ProviderRequest, ProviderStream, Pump, StreamBatch
 from providers.fake import FakeProvider
 from providers.registry import ProviderRegistry
 from storage.db import Pool
 from tests.api.test_send import new_chat, read_events
 from tests.conftest import Gateway, auth_headers
 from tests.providers.test_adapters import adapter_for
-from tests.vendors import TOKENS, VENDORS
+from tests.vendors import TOKENS, VENDORS, ScriptedProvider
 
 # Each fault's scenario at the first byte and after two tokens (see tests/vendors.py).
 FAULTS = {
@@ -90,24 +90,13 @@ class Held:
                 f"{self.active_streams}; replies (status, finish_reason, content) {rows}")
 
 
-class RaisingProvider:
+class RaisingProvider(ScriptedProvider):
     """An adapter with a bug: a plain exception (no ProviderError) where its model name says, while it
     builds the request (``raising/build``), at its first read (``raising/first``) or after two tokens
     (``raising/mid``)."""
 
     name = "raising"
     models: tuple[str, ...] = ("build", "first", "mid")
-    has_credentials = True
-    response_formats: frozenset[str] = frozenset()
-
-    def check_model(self, model: str) -> None:
-        pass
-
-    def accepts(self, attachment: Attachment) -> bool:
-        return True
-
-    async def aclose(self) -> None:
-        pass
 
     def stream(self, request: ProviderRequest) -> ProviderStream:
         if request.model == "build":
