@@ -15,7 +15,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.types import Receive, Scope, Send
 
-from gateway.api import chats, compat, files, health, openapi, page, send, shared, ui_stream, usage
+from gateway.api import chats, compat, files, health, openapi, page, resume, send, shared, ui_stream, usage
 from gateway.edge import metrics
 from gateway.edge.auth import JWTBackend, on_auth_error
 from gateway.edge.errors import EXCEPTION_HANDLERS
@@ -116,7 +116,7 @@ def create_app(settings: Settings | None = None, providers: ProviderRegistry | N
     ]
     app = Gateway(
         # The streaming routes first: a request walks the list until one matches.
-        routes=[*send.routes, *compat.routes, *ui_stream.routes, *health.routes, *metrics.routes, *chats.routes,
+        routes=[*send.routes, *compat.routes, *ui_stream.routes, *resume.routes, *health.routes, *metrics.routes, *chats.routes,
                 *shared.routes, *usage.routes, *files.routes, *openapi.routes, *page.routes],
         middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,

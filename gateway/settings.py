@@ -67,6 +67,19 @@ class Settings(BaseSettings):
     send_timeout_s: float = Field(default=30.0, gt=0)
     ping_s: float = Field(default=15.0, gt=0)
     shutdown_grace_s: float = Field(default=10.0, ge=0)
+    # A turn's final write, retried while PostgreSQL is away, for this long before the client is told.
+    store_retry_s: float = Field(default=60.0, ge=0)
+
+    # Resumable streams (storage/tapes.py): each chat turn's events kept in Redis, flushed every
+    # ``resume_flush_s`` for all of a worker's turns, until ``resume_retention_s`` after the turn ends.
+    resumable: bool = True
+    resume_retention_s: float = Field(default=300.0, gt=0)
+    resume_flush_s: float = Field(default=0.01, gt=0, le=1)
+    max_readers_per_turn: int = Field(default=8, ge=1)
+    # What a sender hanging up does to its turn, unless the send says: ``cancel`` it, or let it
+    # ``continue`` unread (for at most ``detached_max_s``) to its end.
+    on_disconnect: Literal["cancel", "continue"] = "cancel"
+    detached_max_s: float = Field(default=600.0, gt=0)
     # Allocations between two collections of the youngest generation (CPython's default is 700). At that
     # default, tokens in flight reach the oldest generation and set off full collections, each pausing
     # the worker for 0.1 ms per 1,000 objects (about 100 per open stream); see docs/performance.md.

@@ -224,6 +224,14 @@ async def interrupt_replies(db: Executor, ids: Sequence[uuid.UUID]) -> int:
     return int(status.split()[-1])
 
 
+async def interrupt_kept_reply(
+    db: Executor, message_id: uuid.UUID, content: str, parts: list[dict[str, Any]] | None
+) -> None:
+    """Mark a reply whose stream died ``interrupted``, with ``content`` (and ``parts``) when no shorter
+    than what its checkpoints stored."""
+    await db.execute(SQL["interrupt_message_kept"], message_id, content, parts)
+
+
 async def shared_chat(db: Executor, share_id: str) -> dict[str, Any] | None:
     """What a share link shows: ``{title, messages: [{role, content, parts, created_at}]}`` and nothing
     more; None for a link that is unknown or revoked, or whose chat is no longer public or is deleted."""

@@ -1,5 +1,5 @@
-"""The quota scripts' own Redis connection: one pipelined RESP2 connection, replies matched to calls in
-order, no pool.
+"""Redis over one pipelined RESP2 connection, replies matched to calls in order, no pool: the quota
+scripts' own, and another for the kept events of resumable turns (storage/tapes.py).
 
 redis-py spends about 140 us of CPU on each script call (its pool, timeouts, argument encoding, RESP3
 reader), and every stream makes two (admission and settlement): 190 us of CPU a call through redis-py,
@@ -98,6 +98,14 @@ class _Connection(asyncio.Protocol):
         self.transport.write(data)
         return reply
 
+    def send_many(self, data: bytes, count: int) -> list[asyncio.Future[Any]]:
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        replies = [loop.create_future() for _ in range(count)]
+        self.pending.extend(replies)
+        self.transport.write(data)
+        return replies
+
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
         buffer += data
@@ -166,6 +174,15 @@ class ScriptClient:
             if not connection.usable:
                 raise ConnectionError("The connection to Redis was lost") from None
             return await connection.send(command(b"EVAL", script.source, len(keys), *keys, *args))
+
+    async def pipeline(self, commands: Sequence[bytes]) -> list[Any]:
+        """The replies to ``commands`` (each made by ``command``), sent in one write; an error reply is
+        returned as its exception, in its place. Raises ConnectionError or OSError when Redis is away."""
+        connection = self._connection
+        if connection is None or not connection.usable:
+            connection = await self._connect()
+        replies = connection.send_many(b"".join(commands), len(commands))
+        return list(await asyncio.gather(*replies, return_exceptions=True))
 
     async def _connect(self) -> _Connection:
         if self._connecting is None or self._connecting.done():

@@ -354,7 +354,8 @@ async def chat_completions(request: Request) -> Response:
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         codec = CompletionChunks(completion_id, created, turn.model, include_usage)
-        return event_stream(services.streams, turn, codec, admission.headers)
+        # Not resumable: a client that hangs up ends its turn, whatever the deployment's default.
+        return event_stream(services.streams, turn, codec, admission.headers, on_disconnect="cancel")
     await turn.collect()
     if turn.error is not None:
         raise upstream_failure(turn.error)

@@ -412,6 +412,8 @@ class TurnOptions(AgentOptions):
     attachments: list[Attachment] = Field(default_factory=list, max_length=16)
     client_message_id: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
     metadata: dict[str, Any] | None = None
+    # The sender hanging up cancels the turn, or lets it run on unread (``GATEWAY_ON_DISCONNECT`` when absent).
+    on_disconnect: Literal["cancel", "continue"] | None = None
 
     _metadata = field_validator("metadata")(_check_metadata)
 

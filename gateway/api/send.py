@@ -268,7 +268,8 @@ async def run_turn(
     await start_turn(services.streams, turn, model, storing)
     if "application/json" in request.headers.get("accept", ""):
         return await json_answer(services, owner, turn, admission.headers)
-    return event_stream(services.streams, turn, codec or ChatEvents(), {**admission.headers, **(headers or {})})
+    return event_stream(services.streams, turn, codec or ChatEvents(), {**admission.headers, **(headers or {})},
+                        owner, options.on_disconnect)
 
 
 async def read_and_admit(

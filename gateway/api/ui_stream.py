@@ -17,8 +17,9 @@ Tools run on the client, as ``useChat`` runs them: the body may carry ``tools``,
 message the assistant's with the outputs in its tool parts (state ``output-available`` or
 ``output-error``). Those of its last step become the turn's ``tool_results`` (checked as a send's are),
 announced back as ``tool-output-available`` (or ``tool-output-error``) before the next step streams. The SDK's ``stop()`` only
-disconnects, which stores the partial reply as ``client_disconnected``. Resumable streams do not exist yet,
-so the resume request answers 204.
+disconnects, which stores the partial reply as ``client_disconnected`` (unless the body says
+``on_disconnect: "continue"``). ``GET /v1/ui/chat/{id}/stream`` is the SDK's resume: the current turn's
+chunks from its start, then live to its end (gateway/api/resume.py); 204 when no turn is kept.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.api.chats import new_chat, owner_of
+from gateway.api.resume import resume
 from gateway.api.schemas import (
     ModelName,
     ToolResult,
@@ -48,6 +50,7 @@ from gateway.streaming.turns import Turn, call_input
 from providers.base import ProviderError, ReasoningDelta, ToolCall, ToolCallDelta, Usage
 from storage import chats
 from storage.chats import ChatFields, Owner
+from storage.tapes import UI
 
 HEADERS = {"x-vercel-ai-ui-message-stream": "v1"}
 # The namespace of chat ids derived from a caller and a client's chat id.
@@ -80,6 +83,7 @@ class UIChatRequest(BaseModel):
     tools: list[Any] | None = None  # checked as a send's (TurnOptions)
     tool_choice: Any = None
     reasoning_effort: Any = None
+    on_disconnect: Any = None
 
 
 def chat_id_for(owner: Owner, client_id: str) -> uuid.UUID:
@@ -122,7 +126,8 @@ def turn_options(body: UIChatRequest, message: UIMessage) -> TurnOptions:
     files = [attachment_of(part.model_extra or {}) for part in message.parts if part.type == "file"]
     client_id = message.id if body.trigger == "submit-message" and message.id and message.role == "user" else None
     fields = {"model": body.model, "client_message_id": client_id, "attachments": files, "tools": body.tools,
-              "tool_choice": body.tool_choice, "reasoning_effort": body.reasoning_effort}
+              "tool_choice": body.tool_choice, "reasoning_effort": body.reasoning_effort,
+              "on_disconnect": body.on_disconnect}
     try:
         return TurnOptions.model_validate(fields)
     except ValidationError as error:
@@ -253,12 +258,14 @@ def tool_results_of(message: UIMessage) -> list[ToolResult] | None:
         raise ValidationFailed(details=validation_details(error)) from None
 
 
-async def resume(request: Request) -> Response:
-    owner_of(request)
-    return Response(status_code=204)
+async def resume_ui(request: Request) -> Response:
+    """The AI SDK's resume (``useChat({resume: true})``): the current turn's chunks from its start, then live."""
+    owner = owner_of(request)
+    return await resume(services_of(request), owner, chat_id_for(owner, request.path_params["chat_id"]), None, 0,
+                        UI, HEADERS)
 
 
 routes = [
     Route("/v1/ui/chat", ui_chat, methods=["POST"]),
-    Route("/v1/ui/chat/{chat_id}/stream", resume, methods=["GET"]),
+    Route("/v1/ui/chat/{chat_id}/stream", resume_ui, methods=["GET"]),
 ]

@@ -83,6 +83,14 @@ class DuplicateMessage(GatewayError):
     code, status, message = "duplicate_message", 409, "The chat already holds a message with this client_message_id"
 
 
+class InvalidEventId(GatewayError):
+    code, status, message = "invalid_event_id", 400, "The event id is not one of this turn's"
+
+
+class TooManyReaders(GatewayError):
+    code, status, message = "too_many_readers", 429, "This reply has as many readers as it may have"
+
+
 class Unavailable(GatewayError):
     """A store is down: the client is told when to try again (``Retry-After``)."""
 

@@ -12,7 +12,7 @@ from dataclasses import replace
 from gateway.edge.errors import GatewayError, ModelNotFound, UpstreamError, UpstreamTimeout, ValidationFailed
 from gateway.streaming.admission import Admission
 from gateway.streaming.registry import StreamRegistry
-from gateway.streaming.sse import EventStream
+from gateway.streaming.sse import ChatEvents, EventStream
 from gateway.streaming.turns import StreamCodec, Turn, estimate_tokens, internal_failure
 from providers.base import (
     InvalidModelOptions,
@@ -25,6 +25,7 @@ from providers.base import (
     failed,
 )
 from storage.chats import Owner
+from storage.tapes import CHAT, UI
 
 
 def upstream_failure(error: ProviderError) -> GatewayError:
@@ -142,7 +143,17 @@ async def open_with_fallbacks(streams: StreamRegistry, turn: Turn, model: str) -
     raise error
 
 
-def event_stream(streams: StreamRegistry, turn: Turn, codec: StreamCodec, headers: dict[str, str]) -> EventStream:
-    """The turn as an SSE response: pings when quiet, a stuck send bounded in time, a hang-up ends the turn."""
+def event_stream(
+    streams: StreamRegistry, turn: Turn, codec: StreamCodec, headers: dict[str, str],
+    owner: Owner | None = None, on_disconnect: str | None = None,
+) -> EventStream:
+    """The turn as an SSE response: pings when quiet, a stuck send bounded in time. A chat turn's frames
+    (one with its ``owner``) are kept for resumers when resuming is on; the sender hanging up ends the turn,
+    or with ``on_disconnect`` ``continue`` (the deployment's default when None) leaves it running unread."""
     settings = streams.settings
-    return EventStream(turn, codec, headers, settings.ping_s, settings.send_timeout_s)
+    tape = None
+    if streams.tapes is not None and turn.ids is not None and owner is not None:
+        tape = streams.tapes.tape(turn.ids.chat_id, turn.ids.assistant_message_id, owner,
+                                  CHAT if type(codec) is ChatEvents else UI)
+    detach_s = settings.detached_max_s if (on_disconnect or settings.on_disconnect) == "continue" else None
+    return EventStream(turn, codec, headers, settings.ping_s, settings.send_timeout_s, tape, detach_s)

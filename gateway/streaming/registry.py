@@ -9,8 +9,14 @@
 - Checkpoints: every ``checkpoint_s`` the text every turn streamed since its last checkpoint is appended to
   its reply, for all of them in one statement; a turn with reasoning or tool calls also has its parts
   (text included) written whole, as a piece of reasoning or a call's arguments grows in place.
-- Recovery: a reply left ``streaming`` whose lease is gone (or, at startup, still names this instance id)
-  is marked ``interrupted`` and keeps the text of its last checkpoint.
+- Kept events (storage/tapes.py): with ``GATEWAY_RESUMABLE``, every frame of a chat turn is kept in Redis
+  for resumers; the registry renews the keys of this worker's turns and readers with the leases.
+- A final write PostgreSQL refuses is retried for ``store_retry_s``; past that the reply is kept with the
+  turn's events, and stored from there once PostgreSQL is back.
+- Recovery: a reply left ``streaming`` whose lease is gone (or, at startup, still names this instance id),
+  and whose kept events no instance holds, is stored from those events: whole, when its turn ended but
+  could not be stored; else ``interrupted``, with the text its events or its last checkpoint hold,
+  whichever is longer, and its resumers told (``error interrupted``).
 """
 
 from __future__ import annotations
@@ -36,24 +42,29 @@ from gateway.edge.metrics import (
 )
 from gateway.settings import Settings
 from gateway.streaming.admission import QuotaGuard
+from gateway.streaming.replay import kept_reply, lost_frame
 from gateway.streaming.turns import Turn
 from providers.registry import ProviderRegistry
 from storage.chats import prune_chat_moves
-from storage.db import Pool
+from storage.db import OUTAGES, Pool
 from storage.messages import (
     FinishedReply,
     checkpoint_replies,
     finish_reply,
+    interrupt_kept_reply,
     interrupt_replies,
     streaming_replies,
 )
 from storage.quotas import REDIS_BATCH, Lease
+from storage.tapes import Tapes, reply_from
 from storage.usage import UsageEntry, record_usage
 
 logger = logging.getLogger("gateway.streaming.registry")
 
 _CHECKPOINT_SLICES = 4
 _RECONNECT_S = 1.0
+_STORE_RETRY_FIRST_S, _STORE_RETRY_MOST_S = 0.1, 2.0
+_MAINTENANCE_FAILURES: tuple[type[Exception], ...] = (RedisError, asyncpg.PostgresError, *OUTAGES)
 
 
 def record_ending(turn: Turn) -> None:
@@ -110,6 +121,8 @@ class StreamRegistry:
         self._stop_channel = f"{settings.redis_prefix}stop"
         self._tasks: list[asyncio.Task[None]] = []
         self._subscribed = asyncio.Event()
+        self.tapes = Tapes(redis, settings.redis_prefix, settings.resume_flush_s, settings.resume_retention_s,
+                           settings.stream_lease_s, settings.max_readers_per_turn) if settings.resumable else None
 
     def lease(self, org_id: str, chat_id: uuid.UUID, message_id: uuid.UUID) -> Lease:
         """The lease a chat turn takes with its admission (see ``QuotaGuard.admit``)."""
@@ -142,13 +155,33 @@ class StreamRegistry:
             record_ending(turn)
             with timed("postgres", "finish"):
                 if turn.ids is not None:
-                    await finish_reply(self.pool, reply_of(turn, charged))
+                    await self._store(turn, reply_of(turn, charged))
                 else:
                     await record_usage(self.pool, usage_of(turn, charged))
         except Exception:
             logger.exception("storing a finished turn failed", extra={"model": turn.model})
         finally:
             await self._free(turn, charged)  # whatever happened above, its slot and reservation are settled
+
+    async def _store(self, turn: Turn, reply: FinishedReply) -> None:
+        """The reply's final write, retried with backoff while PostgreSQL is away (the turn's client waits
+        for ``done``, pinged); past ``store_retry_s`` it is left in ``turn.unstored`` for the turn's kept
+        events, and its client is told."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.store_retry_s
+        wait = _STORE_RETRY_FIRST_S
+        while True:
+            try:
+                await finish_reply(self.pool, reply)
+                return
+            except OUTAGES:
+                if loop.time() + wait > deadline:
+                    turn.unstored = reply
+                    logger.error("a reply could not be stored; it waits in its kept events",
+                                 extra={"message_id": str(reply.message_id)}, exc_info=True)
+                    return
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, _STORE_RETRY_MOST_S)
 
     async def abandon(self, turn: Turn) -> None:
         """A turn whose messages could not be stored: nothing to persist or charge; its chat is freed."""
@@ -187,6 +220,8 @@ class StreamRegistry:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
         except TimeoutError:
             logger.error("turns still unfinished at shutdown", extra={"count": len(self.running)})
+        if self.tapes is not None:
+            await self.tapes.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -232,7 +267,7 @@ class StreamRegistry:
                     await self.renew()
                     await self.recover(startup=False)
                     await prune_chat_moves(self.pool)
-            except (RedisError, asyncpg.PostgresError, OSError):
+            except _MAINTENANCE_FAILURES:
                 logger.warning("stream maintenance failed; retrying next interval", exc_info=True)
 
     # -- periodic work ----------------------------------------------------------------------------
@@ -269,6 +304,8 @@ class StreamRegistry:
                 if turn.ids is not None:
                     leases.append(self.lease(turn.ticket.org_id, turn.ids.chat_id, turn.ids.assistant_message_id))
         await self.quotas.store.renew(tickets, leases)
+        if self.tapes is not None:
+            await self.tapes.renew()
 
     async def recover(self, *, startup: bool) -> int:
         """Mark replies whose stream died as ``interrupted``; return how many."""
@@ -288,9 +325,34 @@ class StreamRegistry:
                 dead.append(message_id)
             elif lease is None or not lease.endswith(str(message_id).encode()):
                 dead.append(message_id)
+        chats = {message_id: chat_id for message_id, chat_id, _ in rows}
+        if self.tapes is not None and dead:
+            dead = await self._recover_kept(self.tapes, [(message_id, chats[message_id]) for message_id in dead])
         marked = await interrupt_replies(self.pool, dead) if dead else 0
         for stale in stale_leases:
             await self.release(stale)
         if marked:
             logger.info("interrupted replies of dead streams", extra={"count": marked})
         return marked
+
+    async def _recover_kept(self, tapes: Tapes, dead: list[tuple[uuid.UUID, uuid.UUID]]) -> list[uuid.UUID]:
+        """Store the replies of dead turns from their kept events; return those with none kept. A turn
+        whose instance still holds its events is not dead: it is storing its end."""
+        keys = [tapes.turn_key(chat_id, message_id) for message_id, chat_id in dead]
+        held = await tapes.alive_many(keys)
+        dead = [turn for turn, alive in zip(dead, held, strict=True) if not alive]
+        keys = [key for key, alive in zip(keys, held, strict=True) if not alive]
+        left = []
+        for (message_id, _), key, entries in zip(dead, keys, await tapes.everything(keys), strict=True):
+            if not entries:
+                left.append(message_id)
+                continue
+            last, fields = entries[-1]
+            if b"r" in fields:
+                await finish_reply(self.pool, reply_from(fields[b"r"]))
+                continue
+            content, parts = kept_reply(entries)
+            await interrupt_kept_reply(self.pool, message_id, content, parts)
+            if b"e" not in fields:
+                await tapes.end_lost(key, last + 1, lost_frame(entries, last + 1))
+        return left

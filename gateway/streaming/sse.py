@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
 import orjson
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from gateway.edge.middleware import BODY_SEND, RESPONSE_REST
-from gateway.streaming.turns import StreamCodec, Turn, call_input, internal_failure
+from gateway.streaming.turns import Interrupted, StreamCodec, Turn, call_input, internal_failure
 from providers.base import ProviderError, ReasoningDelta, ToolCall, ToolCallDelta, Usage
+from storage.tapes import Tape
 
 PING = b": ping\n\n"
 
@@ -121,13 +122,20 @@ class EventStream(Response):
     Every quarter of the shorter of ``ping_s`` and ``send_timeout_s``, one timer shared by all streams
     checks each: it writes ``: ping`` once a stream has been quiet for ``ping_s``, and hangs up when one
     write has been stuck for ``send_timeout_s`` (a client that stopped reading).
+
+    With a ``tape``, every frame is also kept for resumers (storage/tapes.py), the last one included. When
+    the client goes, the turn is cancelled; or, with ``detach_s`` (``on_disconnect: "continue"``), it runs
+    on unread for at most that long, its frames kept, and ends as it would have.
     """
 
     def __init__(
-        self, turn: Turn, codec: StreamCodec, headers: dict[str, str], ping_s: float, send_timeout_s: float
+        self, turn: Turn, codec: StreamCodec, headers: dict[str, str], ping_s: float, send_timeout_s: float,
+        tape: Tape | None = None, detach_s: float | None = None,
     ) -> None:
         self.turn = turn
         self.codec = codec
+        self.tape = tape
+        self.detach_s = detach_s
         self.background = None
         self.raw_headers = _BASE_HEADERS + [
             (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items() if k not in STREAM_HEADERS
@@ -138,7 +146,10 @@ class EventStream(Response):
         self.over = False  # nothing more to wait for: the turn ended or the client is gone
         self.listening = False  # the request's task is waiting in ``receive``
         self.woken = False  # ... and was cancelled out of it by ``wake``
+        self.deadline = 0.0  # when a turn running on unread is ended
         self.task: asyncio.Task[Any] | None = None
+        self.out: Writer | None = None
+        self.watch: _Watch | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         out = Writer(scope.get(BODY_SEND, send), self.turn)
@@ -159,17 +170,20 @@ class EventStream(Response):
 
     async def rest(self, out: Writer, receive: Receive) -> None:
         self.task = asyncio.current_task()
+        self.out = out
         loop = asyncio.get_running_loop()
-        watch: _Watch | None = None
         failure: ProviderError | None = None
         try:
-            watch = _Watch(self, out, loop)
-            self.turn.relay(self.codec, out.write, self.wake)
+            self.watch = _Watch(self, out, loop)
+            self.turn.relay(self.codec, out.write if self.tape is None else self._kept(out.write), self.wake)
             await self._wait(receive)
             if not self.gone:
                 await out.drain()
                 last = await self.turn.last_frame()
+                self._keep_end(last)
                 await out.send({"type": "http.response.body", "body": last, "more_body": False})
+            elif self.detach_s is not None:
+                self._keep_end(await self.turn.last_frame())
         except asyncio.CancelledError:
             # Not a wake-up: the server is giving up on the stream (shutdown).
             self.listening = False
@@ -180,27 +194,60 @@ class EventStream(Response):
         except Exception as error:  # a bug of ours: the turn still ends, stored and settled
             failure = internal_failure(error, self.turn.model)
         finally:
-            if watch is not None:
-                watch.stop()
+            if self.watch is not None:
+                self.watch.stop()
             out.stop()
             self.turn.detach()
         if failure is not None:
             await self.turn.finish(error=failure)
-        elif self.gone:
-            await self.turn.finish(ending="client_disconnected")
+            self._keep_end(self.codec.error(self.turn, failure))
+        elif self.gone and self.turn.ending is None:
+            self._keep_end(await self.turn.last_frame(ending="client_disconnected"))
+
+    def _kept(self, write: Callable[[bytes], None] | None) -> Callable[[bytes], None]:
+        """``write`` (none: only keep), each frame also kept on the tape with its number."""
+        tape, codec = self.tape, self.codec
+        assert tape is not None
+        if type(codec) is ChatEvents:
+            numbered = codec
+
+            def keep(data: bytes) -> None:
+                tape.add(data, numbered.seq)
+        else:
+            def keep(data: bytes) -> None:
+                tape.add(data, tape.last + 1)
+        if write is None:
+            return keep
+
+        def both(data: bytes) -> None:
+            write(data)
+            keep(data)
+        return both
+
+    def _keep_end(self, frame: bytes) -> None:
+        tape = self.tape
+        if tape is not None:
+            tape.end(frame, self.codec.seq if type(self.codec) is ChatEvents else tape.last + 1, self.turn.unstored)
 
     async def _interrupted(self) -> None:
         """The server gave up on the stream: the turn ends ``interrupted`` (the registry stores it)."""
         self.turn.interrupt("interrupted")
         await self.turn.finish(ending="interrupted", shielded=True)
+        if self.turn.ids is not None:
+            self._keep_end(self.codec.error(self.turn, Interrupted()))
 
     async def _wait(self, receive: Receive) -> None:
         task = self.task
         assert task is not None
+        loop = asyncio.get_running_loop()
         while not self.over:
             self.listening = True
+            message: Message | None = None
             try:
-                message = await receive()
+                if self.gone:  # running on unread: until the turn wakes this at its end, or the deadline
+                    await asyncio.sleep(self.deadline - loop.time())
+                else:
+                    message = await receive()
             except asyncio.CancelledError:
                 if not self.woken or task.uncancel() > 0:
                     raise
@@ -208,22 +255,43 @@ class EventStream(Response):
                 continue
             finally:
                 self.listening = False
-            if message["type"] == "http.disconnect":
+            if message is None:  # ran ``detach_s`` unread: the turn ends there, its answer kept
+                self.turn.interrupt("client_disconnected")
+                self.over = True
+            elif message["type"] == "http.disconnect":
                 self.hang_up()
 
     def wake(self) -> None:
         """The turn is over (or the client gone): end the wait in ``receive``."""
         if not self.over:
             self.over = True
-            if self.listening and self.task is not None:
-                self.woken = True
-                self.task.cancel()
+            self._rouse()
+
+    def _rouse(self) -> None:
+        if self.listening and self.task is not None:
+            self.woken = True
+            self.task.cancel()
 
     def hang_up(self) -> None:
-        if not self.gone:
-            self.gone = True
+        if self.gone:
+            return
+        self.gone = True
+        if self.detach_s is None:
             self.turn.hang_up()
             self.wake()
+            return
+        # ``continue``: the turn runs on with no client, its frames only kept, for ``detach_s`` at most.
+        self.deadline = asyncio.get_running_loop().time() + self.detach_s
+        self.turn.rewire(_drop if self.tape is None else self._kept(None))
+        if self.watch is not None:
+            self.watch.stop()
+        if self.out is not None:
+            self.out.stop()  # a write stuck on the gone client: dropped, and the provider read again
+        self._rouse()  # out of ``receive`` (a frozen client may never close), into the wait for the end
+
+
+def _drop(data: bytes) -> None:
+    pass
 
 
 class Writer:

@@ -39,6 +39,7 @@ from providers.base import (
     Usage,
 )
 from storage.chats import Owner
+from storage.messages import FinishedReply
 from storage.quotas import Ticket
 
 logger = logging.getLogger("gateway.streaming.turns")
@@ -70,6 +71,27 @@ class BudgetExhausted(ProviderError):
 
     def __init__(self) -> None:
         super().__init__("The token budget ran out while the answer streamed")
+
+
+class StoreUnavailable(ProviderError):
+    """PostgreSQL took no final write within ``GATEWAY_STORE_RETRY_S``: the client is told, and the reply is
+    stored from the turn's kept events once PostgreSQL is back (``StreamRegistry.recover``)."""
+
+    code = "store_unavailable"
+    http_status = 503
+
+    def __init__(self) -> None:
+        super().__init__("The reply could not be stored yet; it will be stored when the database is back")
+
+
+class Interrupted(ProviderError):
+    """The turn's server went away (shut down, or died) before its end."""
+
+    code = "interrupted"
+    http_status = 503
+
+    def __init__(self) -> None:
+        super().__init__("The gateway instance running this reply went away before it ended")
 
 
 def estimate_tokens(chars: int) -> int:
@@ -173,7 +195,7 @@ class Turn:
         "_write", "chars", "checkpointed_at", "checkpointed_parts", "checkpointed_shape", "covered",
         "duration_ms", "ending", "error", "first_token_s", "grow_at_chars", "grow_at_parts", "ids", "model",
         "owner", "parts", "request", "segments", "shape", "started", "ticket", "title", "title_wait",
-        "tool_parts", "usage",
+        "tool_parts", "unstored", "usage",
     )
 
     def __init__(
@@ -204,6 +226,7 @@ class Turn:
         self.checkpointed_parts = self.checkpointed_shape = 0
         self.checkpointed_at = self.started
         self.ticket: Ticket | None = None  # its quota reservation, settled when the turn is stored
+        self.unstored: FinishedReply | None = None  # the reply PostgreSQL did not take in time (``StoreUnavailable``)
         self.owner: Owner | None = None  # who is charged, for a turn with no chat
         # A chat's first turn: the title a model writes beside it (gateway/streaming/titles.py), awaited for
         # a bounded time once the turn is stored, and the title when that wait found it written.
@@ -416,6 +439,10 @@ class Turn:
         else:
             self._upstream.relay(self)
 
+    def rewire(self, write: Callable[[bytes], None]) -> None:
+        """From now on, frames go to ``write`` (the stream's client is gone, the turn runs on)."""
+        self._write = write
+
     def detach(self) -> None:
         """The stream is over: drop its ``write`` and ``wake``, methods of the objects that hold this turn,
         so the stream's objects are freed by their last reference rather than by a full collection."""
@@ -487,8 +514,9 @@ class Turn:
     def resume(self) -> None:
         self._upstream.resume()
 
-    async def last_frame(self) -> bytes:
-        """Once the relay is over: the ending stored, then the frame that tells the client how it ended."""
+    async def last_frame(self, ending: str | None = None) -> bytes:
+        """Once the relay is over: the ending stored, then the frame that tells the client how it ended
+        (``StoreUnavailable`` when it could not be stored)."""
         assert self._codec is not None
         head, self._head = self._head, b""
         if self._open_call is not None:
@@ -496,7 +524,9 @@ class Turn:
         if self._failure is not None:
             await self.finish(error=self._failure)
             return head + self._codec.error(self, self._failure)
-        await self.finish()
+        await self.finish(ending=ending)
+        if self.unstored is not None:
+            return head + self._codec.error(self, StoreUnavailable())
         if self.title_wait is not None:  # the title a model writes beside the turn, if written in time
             self.title = await self.title_wait()
         return head + self._codec.done(self)

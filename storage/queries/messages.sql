@@ -94,14 +94,15 @@ UPDATE chats SET updated_at = $6, title = $7
 WHERE id = $1 AND org_id = $2 AND user_id = $3 AND updated_at = (SELECT max(created_at) FROM gone);
 
 -- name: finish_message
--- The reply's final state and its usage ledger row, in one statement.
+-- The reply's final state and its usage ledger row, in one statement; once only (a write retried after
+-- an outage, or made again from the turn's kept events, finds the reply no longer streaming).
 WITH reply AS (
     UPDATE messages SET
         content = $2, status = $3, finish_reason = $4, model = $5,
         input_tokens = $6, output_tokens = $7, usage_estimated = $8,
         metadata = metadata || $9::jsonb, completed_at = now(), parts = COALESCE($11::jsonb, parts),
         reasoning_tokens = $12
-    WHERE id = $1
+    WHERE id = $1 AND status = 'streaming'
     RETURNING org_id, user_id, chat_id
 )
 INSERT INTO usage_ledger (org_id, user_id, chat_id, message_id, model, input_tokens, output_tokens,
@@ -121,6 +122,14 @@ SELECT id, chat_id, org_id FROM messages WHERE status = 'streaming' AND created_
 -- name: interrupt_messages
 UPDATE messages SET status = 'interrupted', finish_reason = 'interrupted', completed_at = now()
 WHERE id = ANY($1::uuid[]) AND status = 'streaming';
+
+-- name: interrupt_message_kept
+-- A reply whose instance died, with the text its kept events hold when that is no less than its last
+-- checkpoint's (and their parts with it).
+UPDATE messages SET status = 'interrupted', finish_reason = 'interrupted', completed_at = now(),
+    content = CASE WHEN length($2) >= length(content) THEN $2 ELSE content END,
+    parts = CASE WHEN length($2) >= length(content) THEN COALESCE($3::jsonb, parts) ELSE parts END
+WHERE id = $1 AND status = 'streaming';
 
 -- name: shared_chat
 -- A share link's chat: its title and its live messages in order, one row a message (one row with a NULL
