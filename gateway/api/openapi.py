@@ -395,6 +395,12 @@ CHAT_STREAM = (
 )
 
 
+class ResumeQuery(BaseModel):
+    after: int | None = Field(default=None, ge=0, description="The last event seen (`Last-Event-ID` wins)")
+    message_id: uuid.UUID | None = Field(default=None, description="The turn, by its assistant message id; "
+                                         "the chat's current turn when absent")
+
+
 @dataclass(frozen=True, slots=True)
 class Operation:
     method: str
@@ -466,8 +472,15 @@ OPERATIONS = (
               "`data: {json}` chunks: start, text-start, text-delta..., text-end, finish or error; then "
               "`data: [DONE]`", body=UIChatRequest, errors=(401, 409, 413, 422, 429, 502, 503, 504),
               media_type="text/event-stream"),
-    Operation("GET", "/v1/ui/chat/{chat_id}/stream", "Streaming", "Resume a UI stream: none is resumable (204)",
-              status=204, errors=(401,)),
+    Operation("GET", "/v1/ui/chat/{chat_id}/stream", "Streaming",
+              "Resume the AI SDK's stream of the chat's current turn (`useChat({resume: true})`): its chunks "
+              "from its start, then live to its end; 204 when no turn is kept",
+              "`data: {json}` chunks as POST /v1/ui/chat sends them", errors=(401, 404, 429, 503),
+              media_type="text/event-stream"),
+    Operation("GET", "/v1/chats/{chat_id}/stream", "Streaming",
+              "Resume the chat's current turn, from any instance: its events after `Last-Event-ID` (or `after`), "
+              "byte-identical to the originals, then live to `done` or `error`; 204 when none is kept",
+              CHAT_STREAM, query=ResumeQuery, errors=(400, 401, 404, 429, 503), media_type="text/event-stream"),
     Operation("GET", "/v1/usage", "Quotas", "The caller's budgets, use, resets and active streams", UsageReport,
               errors=(401, 503)),
     Operation("GET", "/v1/usage/report", "Quotas",
