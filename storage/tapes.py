@@ -7,8 +7,8 @@ Keys, under the chat's hash tag (a chat's keys share a slot):
   turn (``d``), its id ``<n>-0`` with n the number of its last frame (a chat event's ``id``). The last
   entry also has ``e``; and ``r`` when the reply could not be stored: the reply to store once PostgreSQL
   is back (``kept_reply``).
-- ``<turn>:live``: held by the instance running the turn, renewed with its leases, deleted with the end's
-  flush. A turn whose key lapsed with no end lost its instance.
+- ``<turn>:live``: held by the instance running the turn (its id), renewed with its leases, deleted with
+  the end's flush. A turn whose key lapsed with no end lost its instance.
 - ``<turn>:readers``: the resumers reading it, a sorted set by when their place lapses.
 
 Appends are batched for all of a worker's turns: frames wait in memory for the next flush, every
@@ -100,8 +100,9 @@ class Tapes:
     """The kept frames of this worker's turns, and the reads of any turn's."""
 
     def __init__(self, redis: Redis, prefix: str, flush_s: float, retention_s: float, lease_s: float,
-                 max_readers: int) -> None:
+                 max_readers: int, instance_id: str) -> None:
         self.redis = redis
+        self.instance_id = instance_id  # the value of its turns' live keys
         self.client = ScriptClient.like(redis)
         self.prefix = prefix
         self.flush_s = flush_s
@@ -175,7 +176,7 @@ class Tapes:
                     command("PEXPIRE", tape.pointer, self.running_ms)]
             if not tape.ended:
                 self.open.add(tape)
-                out.append(command("SET", tape.key + ":live", 1, "PX", self.live_ms))
+                out.append(command("SET", tape.key + ":live", self.instance_id, "PX", self.live_ms))
         fields: list[bytes | str] = ["d", b"".join(frames)]
         if tape.ended:
             fields += ["e", "1"]
@@ -194,7 +195,7 @@ class Tapes:
         """Push back the keys of every running turn kept here, and the places of this worker's resumers."""
         commands = []
         for tape in list(self.open):
-            commands += [command("SET", tape.key + ":live", 1, "PX", self.live_ms),
+            commands += [command("SET", tape.key + ":live", self.instance_id, "PX", self.live_ms),
                          command("PEXPIRE", tape.key, self.running_ms),
                          command("PEXPIRE", tape.pointer, self.running_ms)]
         lapse = int(time.time() * 1000) + self.reader_ms
@@ -283,9 +284,10 @@ class Tapes:
         replies = await self.client.pipeline([command("XRANGE", key, "-", "+") for key in keys])
         return [[] if isinstance(reply, Exception) else [_entry(raw) for raw in reply] for reply in replies]
 
-    async def alive_many(self, keys: list[str]) -> list[bool]:
-        replies = await self.client.pipeline([command("EXISTS", key + ":live") for key in keys])
-        return [reply == 1 for reply in replies]
+    async def held(self, keys: list[str]) -> list[str | None]:
+        """The instance holding each turn, None for one no instance holds."""
+        replies = await self.client.pipeline([command("GET", key + ":live") for key in keys])
+        return [reply.decode() if isinstance(reply, bytes) else None for reply in replies]
 
 
 def _entry(raw: list[Any]) -> Entry:

@@ -45,10 +45,10 @@ def message_id_of(request: Request) -> uuid.UUID | None:
 
 async def resume(
     services: Services, owner: Owner, chat_id: uuid.UUID, message_id: uuid.UUID | None, after: int, format: str,
-    headers: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None, unknown_chat: int = 404,
 ) -> Response:
     """The stream of the chat's current turn (or of turn ``message_id``) after event ``after``; 204 when no
-    such turn is kept, 404 for a chat that is not the caller's."""
+    such turn is kept; ``unknown_chat`` (404) for a chat that is not the caller's."""
     tapes = services.streams.tapes
     current = None
     if tapes is not None:
@@ -57,7 +57,7 @@ async def resume(
         except (RedisError, OSError):
             raise Unavailable("The store of resumable streams is unavailable") from None
     if current is None or current.owner != owner:
-        if await chats.get_chat(services.pool, owner, chat_id) is None:
+        if await chats.get_chat(services.pool, owner, chat_id) is None and unknown_chat == 404:
             raise ChatNotFound()
         return Response(status_code=204)
     assert tapes is not None

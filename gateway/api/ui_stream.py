@@ -259,10 +259,12 @@ def tool_results_of(message: UIMessage) -> list[ToolResult] | None:
 
 
 async def resume_ui(request: Request) -> Response:
-    """The AI SDK's resume (``useChat({resume: true})``): the current turn's chunks from its start, then live."""
+    """The AI SDK's resume (``useChat({resume: true})``): the current turn's chunks from its start, then live.
+    A chat id no turn was posted to yet is a 204, as the SDK expects of a new chat (ids are the caller's own:
+    no other caller's chat can be named)."""
     owner = owner_of(request)
     return await resume(services_of(request), owner, chat_id_for(owner, request.path_params["chat_id"]), None, 0,
-                        UI, HEADERS)
+                        UI, HEADERS, unknown_chat=204)
 
 
 routes = [

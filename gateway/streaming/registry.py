@@ -122,7 +122,8 @@ class StreamRegistry:
         self._tasks: list[asyncio.Task[None]] = []
         self._subscribed = asyncio.Event()
         self.tapes = Tapes(redis, settings.redis_prefix, settings.resume_flush_s, settings.resume_retention_s,
-                           settings.stream_lease_s, settings.max_readers_per_turn) if settings.resumable else None
+                           settings.stream_lease_s, settings.max_readers_per_turn,
+                           self.instance_id) if settings.resumable else None
 
     def lease(self, org_id: str, chat_id: uuid.UUID, message_id: uuid.UUID) -> Lease:
         """The lease a chat turn takes with its admission (see ``QuotaGuard.admit``)."""
@@ -327,7 +328,8 @@ class StreamRegistry:
                 dead.append(message_id)
         chats = {message_id: chat_id for message_id, chat_id, _ in rows}
         if self.tapes is not None and dead:
-            dead = await self._recover_kept(self.tapes, [(message_id, chats[message_id]) for message_id in dead])
+            dead = await self._recover_kept(self.tapes, [(message_id, chats[message_id]) for message_id in dead],
+                                            startup)
         marked = await interrupt_replies(self.pool, dead) if dead else 0
         for stale in stale_leases:
             await self.release(stale)
@@ -335,13 +337,17 @@ class StreamRegistry:
             logger.info("interrupted replies of dead streams", extra={"count": marked})
         return marked
 
-    async def _recover_kept(self, tapes: Tapes, dead: list[tuple[uuid.UUID, uuid.UUID]]) -> list[uuid.UUID]:
+    async def _recover_kept(
+        self, tapes: Tapes, dead: list[tuple[uuid.UUID, uuid.UUID]], startup: bool
+    ) -> list[uuid.UUID]:
         """Store the replies of dead turns from their kept events; return those with none kept. A turn
-        whose instance still holds its events is not dead: it is storing its end."""
+        whose instance still holds its events is not dead: it is storing its end (unless that instance is
+        this one, starting: it died)."""
         keys = [tapes.turn_key(chat_id, message_id) for message_id, chat_id in dead]
-        held = await tapes.alive_many(keys)
-        dead = [turn for turn, alive in zip(dead, held, strict=True) if not alive]
-        keys = [key for key, alive in zip(keys, held, strict=True) if not alive]
+        holders = await tapes.held(keys)
+        alive = [holder is not None and not (startup and holder == self.instance_id) for holder in holders]
+        dead = [turn for turn, held in zip(dead, alive, strict=True) if not held]
+        keys = [key for key, held in zip(keys, alive, strict=True) if not held]
         left = []
         for (message_id, _), key, entries in zip(dead, keys, await tapes.everything(keys), strict=True):
             if not entries:

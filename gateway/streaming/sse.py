@@ -198,6 +198,7 @@ class EventStream(Response):
                 self.watch.stop()
             out.stop()
             self.turn.detach()
+            self.watch = self.out = None  # they point back here: freed by reference, not by the collector
         if failure is not None:
             await self.turn.finish(error=failure)
             self._keep_end(self.codec.error(self.turn, failure))

@@ -215,7 +215,7 @@ async def test_frames_reach_the_client_under_either_http_server(
             stream = read_events(r)
             first = await next_delta(stream)
             (turn,) = [t for t in app.state.services.streams.running if t.ids and str(t.ids.chat_id) == chat_id]
-            assert (turn._write.__self__.cycle is not None) is direct  # type: ignore[union-attr]
+            assert (turn._wake.__self__.out.cycle is not None) is direct  # type: ignore[union-attr]
             events = [first, *[event async for event in stream]]
         done = events[-1].json()
         text = "".join(event.json()["text"] for event in events if event.event == "delta")

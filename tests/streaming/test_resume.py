@@ -118,6 +118,10 @@ async def test_resume_without_a_kept_turn_or_of_another_tenant(
     assert response.status_code == 422
 
 
+async def _resumes(client: httpx.AsyncClient, chat_id: str, headers: dict[str, str]) -> bool:
+    return (await resume(client, chat_id, headers))[0] == 200
+
+
 async def test_a_cancel_turn_ends_with_its_sender_and_its_resumer_hears_how(
     pair: tuple[httpx.AsyncClient, httpx.AsyncClient], user: dict[str, str], db: Pool
 ) -> None:
@@ -175,7 +179,8 @@ async def test_a_turn_has_at_most_its_readers(start_gateway: Callable[..., Any],
             await anext(events)
             async with client.stream("GET", f"/v1/chats/{chat_id}/stream", headers=user) as first:
                 assert first.status_code == 200
-                await anext(read_events(first))
+                reading = read_events(first)  # kept referenced: a dropped iterator closes its connection
+                await anext(reading)
                 refused = await client.get(f"/v1/chats/{chat_id}/stream", headers=user)
                 assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_readers"
             # The reader that left freed its place.
