@@ -1,6 +1,8 @@
 // The Streamgate demo page: a token, the caller's chats, and replies streamed over fetch.
 const $ = (id) => document.getElementById(id);
 const state = { token: sessionStorage.getItem("streamgate-token") || "", chatId: null, chat: null, abort: null, trash: false, attached: null };
+// How long to wait before each try to pick up a stream the network dropped; then the page gives up.
+const RETRY_MS = [250, 500, 1000, 2000, 4000, 8000];
 
 function headers(extra = {}) {
   return { Authorization: `Bearer ${state.token}`, "Content-Type": "application/json", ...extra };
@@ -150,8 +152,18 @@ function agentOptions(body) {
   return body;
 }
 
-async function openChat(id) {
+// The open chat, remembered for the tab (not one in the trash): a reload opens it again and follows its
+// running answer.
+function setChat(id) {
   state.chatId = id;
+  if (id && !state.trash) sessionStorage.setItem("streamgate-chat", id);
+  else sessionStorage.removeItem("streamgate-chat");
+}
+
+// Open a chat; a reply still streaming in it (sent before a reload, or from another tab) is followed to its end.
+async function openChat(id, follow = true) {
+  state.abort?.abort();  // stop reading another chat's reply: it runs on (on_disconnect: "continue")
+  setChat(id);
   try {
     const query = state.trash ? "" : "?message_limit=200";
     const chat = state.trash
@@ -160,13 +172,17 @@ async function openChat(id) {
     state.chat = chat;
     $("chat-title").textContent = chat.title || "Untitled chat";
     $("messages").replaceChildren();
-    (chat.messages || []).forEach(renderMessage);
+    const shown = (chat.messages || []).map(renderMessage);
+    const last = chat.messages?.at(-1);
+    if (follow && !state.trash && last?.role === "assistant" && last.status === "streaming") {
+      streamReply(resumeRequest(id, last.id), "", shown.at(-1));
+    }
     $("rename").disabled = state.trash;
     $("delete").disabled = state.trash;
     $("restore").hidden = !state.trash;
     $("share").disabled = state.trash;
     showShareLink(state.trash ? null : chat.share_id);
-  } catch (error) { setStatus(error.message, true); }
+  } catch (error) { setChat(null); setStatus(error.message, true); }
   loadChats();
 }
 
@@ -247,12 +263,13 @@ async function readStream(response, onEvent) {
     while ((end = buffer.indexOf("\n\n")) >= 0) {
       const frame = buffer.slice(0, end);
       buffer = buffer.slice(end + 2);
-      let name = "message", data = "";
+      let name = "message", data = "", id = "";
       for (const line of frame.split("\n")) {
         if (line.startsWith("event: ")) name = line.slice(7);
         else if (line.startsWith("data: ")) data += line.slice(6);
+        else if (line.startsWith("id: ")) id = line.slice(4);
       }
-      if (data) onEvent(name, JSON.parse(data));
+      if (data) onEvent(name, JSON.parse(data), id);
     }
   }
 }
@@ -270,57 +287,116 @@ async function send(event) {
   await stream(path, body, content, attached);
 }
 
-// Post a send and stream its reply into the page.
+// Post a send and stream its reply into the page. The turn runs to its end even if the page goes
+// (on_disconnect: "continue"): a reload, or a dropped connection, picks it up again.
 async function stream(path, body, content, attached = null) {
-  state.abort = new AbortController();
+  const sent = JSON.stringify({ ...body, on_disconnect: "continue" });
+  await streamReply(async (signal) => {
+    const response = await fetch(path, { method: "POST", headers: headers(), body: sent, signal });
+    if (response.ok && attached) showAttached(null);
+    return response;
+  }, content);
+}
+
+// A request for the chat's running turn (reply `messageId`): its events after event `after`, all of them
+// when the page holds none; then the live ones to its end.
+function resumeRequest(chatId, messageId, after = "") {
+  const query = messageId ? `?message_id=${encodeURIComponent(messageId)}` : "";
+  const extra = after ? { "Last-Event-ID": after } : {};
+  return (signal) => fetch(`/v1/chats/${chatId}/stream${query}`, { headers: headers(extra), signal });
+}
+
+// Stream a reply into the page from `request` (a send, or a resume of a running turn): into `reply` when the
+// page shows it already (emptied when the events start over), else into a new item. A stream the network
+// drops is resumed after the last event read, into the same item.
+async function streamReply(request, content, reply = null) {
+  const controller = new AbortController();
+  state.abort = controller;
   $("send").disabled = true;
   $("stop").disabled = false;
-  setStatus("Waiting for the model…");
-  let reply = null;
+  setStatus(reply ? "Catching up with the answer…" : "Waiting for the model…");
+  let chatId = state.chatId;
   const calls = {};
-  try {
-    const response = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body), signal: state.abort.signal });
-    if (!response.ok) {
-      const failure = await response.json().catch(() => null);
-      throw new Error(describe(response.status, failure));
-    }
-    if (attached) showAttached(null);
-    await readStream(response, (name, data) => {
-      if (name === "start") {
-        if (state.chatId !== data.chat_id) {
-          state.chatId = data.chat_id;
-          $("chat-title").textContent = content.slice(0, 80);
-          $("rename").disabled = $("delete").disabled = $("share").disabled = false;
-        }
-        reply = renderMessage({ role: "assistant", content: "", id: data.assistant_message_id });
-        setStatus("Streaming…");
-      } else if (name === "delta") {
-        reply.querySelector(".text").textContent += data.text;
-      } else if (name === "reasoning") {
-        reasoningOf(reply).textContent += data.text;
-      } else if (name === "tool_call_start") {
-        calls[data.id] = toolCard(reply, data.id, data.name);
-      } else if (name === "tool_call_delta") {
-        calls[data.id].input.textContent += data.arguments;
-      } else if (name === "tool_call") {
-        calls[data.id].input.textContent = JSON.stringify(data.input);
-      } else if (name === "done") {
-        if (data.finish_reason === "tool_calls") askResults(reply);
-        reply.querySelector(".meta").textContent = `${data.finish_reason} · ${data.usage.total_tokens} tokens · ${Math.round(data.duration_ms)} ms`;
-        reply.dataset.finishReason = data.finish_reason;
-        setStatus(data.finish_reason === "cancelled" ? "Stopped." : "");
-      } else if (name === "error") {
-        setStatus(`The model failed: ${data.message}`, true);
+  let lastId = "", ended = false;
+  const onEvent = (name, data, id) => {
+    if (id) lastId = id;
+    if (name === "start") {
+      chatId = data.chat_id;
+      if (state.chatId !== data.chat_id) {
+        setChat(data.chat_id);
+        $("chat-title").textContent = content.slice(0, 80);
+        $("rename").disabled = $("delete").disabled = $("share").disabled = false;
       }
-    });
+      reply = startReply(reply, data.assistant_message_id);
+      setStatus("Streaming…");
+    } else if (name === "delta") {
+      reply.querySelector(".text").textContent += data.text;
+    } else if (name === "reasoning") {
+      reasoningOf(reply).textContent += data.text;
+    } else if (name === "tool_call_start") {
+      calls[data.id] = toolCard(reply, data.id, data.name);
+    } else if (name === "tool_call_delta") {
+      calls[data.id].input.textContent += data.arguments;
+    } else if (name === "tool_call") {
+      calls[data.id].input.textContent = JSON.stringify(data.input);
+    } else if (name === "done") {
+      ended = true;
+      if (data.finish_reason === "tool_calls") askResults(reply);
+      reply.querySelector(".meta").textContent = `${data.finish_reason} · ${data.usage.total_tokens} tokens · ${Math.round(data.duration_ms)} ms`;
+      reply.dataset.finishReason = data.finish_reason;
+      setStatus(data.finish_reason === "cancelled" ? "Stopped." : "");
+    } else if (name === "error") {
+      ended = true;
+      setStatus(`The model failed: ${data.message}`, true);
+    }
+  };
+  try {
+    for (let failures = 0; !ended;) {
+      try {
+        const response = await request(controller.signal);
+        if (response.status === 204) {  // nothing kept to follow: the reply as stored
+          if (state.chatId === chatId) openChat(chatId, false);
+          return;
+        }
+        if (!response.ok) {
+          const failure = await response.json().catch(() => null);
+          throw new Error(describe(response.status, failure));
+        }
+        failures = 0;
+        await readStream(response, onEvent);
+        if (!ended) throw new TypeError("The stream ended before the answer did");
+      } catch (error) {
+        // The network failed, not the gateway nor the user: the turn runs on, so pick it up after the last
+        // event read, a few times, waiting longer each time.
+        if (!(error instanceof TypeError) || controller.signal.aborted || !chatId || failures === RETRY_MS.length) throw error;
+        setStatus("Connection lost; picking the answer up again…");
+        await new Promise((resolve) => setTimeout(resolve, RETRY_MS[failures++]));
+        if (controller.signal.aborted) return;
+        request = resumeRequest(chatId, reply?.dataset.id, lastId);
+      }
+    }
   } catch (error) {
     if (error.name !== "AbortError") setStatus(error.message, true);
   } finally {
-    state.abort = null;
-    $("send").disabled = false;
-    $("stop").disabled = true;
-    loadChats();
+    if (state.abort === controller) {
+      state.abort = null;
+      $("send").disabled = false;
+      $("stop").disabled = true;
+      loadChats();
+    }
   }
+}
+
+// The item a reply's `start` streams into: the one the page shows for that message, emptied (its events
+// start over, and the text stored so far would be shown twice), else a new one.
+function startReply(reply, messageId) {
+  const shown = reply ?? [...$("messages").querySelectorAll("li.assistant")].find((item) => item.dataset.id === messageId);
+  if (!shown) return renderMessage({ role: "assistant", content: "", id: messageId });
+  shown.querySelectorAll(".reasoning, .tool-card").forEach((part) => part.remove());
+  shown.querySelector(".text").textContent = "";
+  shown.querySelector(".meta").textContent = "";
+  shown.dataset.id = messageId;
+  return shown;
 }
 
 async function stop() {
@@ -355,7 +431,7 @@ $("attach").addEventListener("click", () => $("file").click());
 $("file").addEventListener("change", attach);
 $("detach").addEventListener("click", () => showAttached(null));
 $("new-chat").addEventListener("click", () => {
-  state.chatId = null; $("messages").replaceChildren(); $("chat-title").textContent = "New chat";
+  state.abort?.abort(); setChat(null); $("messages").replaceChildren(); $("chat-title").textContent = "New chat";
   $("share").disabled = true; showShareLink(null);
 });
 $("share").addEventListener("click", share);
@@ -370,7 +446,7 @@ $("rename").addEventListener("click", async () => {
 $("delete").addEventListener("click", async () => {
   try {
     await api(`/v1/chats/${state.chatId}`, { method: "DELETE" });
-    state.chatId = null; $("messages").replaceChildren(); $("share").disabled = true; showShareLink(null); loadChats();
+    setChat(null); $("messages").replaceChildren(); $("share").disabled = true; showShareLink(null); loadChats();
   }
   catch (error) { setStatus(error.message, true); }
 });
@@ -387,5 +463,6 @@ if (sharedId !== null) {
   openShared(sharedId);
 } else {
   fetch("/dev/token", { method: "HEAD" }).then((r) => { $("dev-token").hidden = !r.ok; });
-  if (state.token) { $("token").value = state.token; loadChats(); }
+  const opened = sessionStorage.getItem("streamgate-chat");
+  if (state.token) { $("token").value = state.token; if (opened) openChat(opened); else loadChats(); }
 }

@@ -72,6 +72,7 @@ async def test_stop_in_the_sdk_keeps_the_partial_reply(node_ai: Path, gateway: A
         await turn.finished()
     row = await db.fetchrow("SELECT status, finish_reason, content FROM messages WHERE chat_id = $1 AND "
                             "role = 'assistant'", chat_id)
+    assert row is not None
     assert (row["status"], row["finish_reason"]) == ("cancelled", "client_disconnected")
     assert row["content"].startswith("stream me some ") and len(row["content"]) < 300 * 8
 
@@ -115,3 +116,65 @@ async def test_a_client_side_tool_loop_through_the_sdk(node_ai: Path, gateway_ur
     assert rows[2]["parts"] == [{"type": "tool-result", "tool_call_id": call["toolCallId"], "output": {"celsius": 18},
                                  "is_error": False}]
     assert [p["type"] for p in rows[3]["parts"]] == ["reasoning", "text"]
+
+
+async def start_resume(node: Path, url: str, token: str, chat_id: str, mode: str,
+                       model: str = "fake/echo") -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        str(node), "ui_resume.mjs", url, token, chat_id, mode, model, cwd=JS,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
+async def next_line(process: asyncio.subprocess.Process) -> dict[str, Any]:
+    """The script's next JSON line; its error output when it ended first."""
+    assert process.stdout is not None and process.stderr is not None
+    line = await asyncio.wait_for(process.stdout.readline(), 60)
+    if not line:
+        raise AssertionError((await process.stderr.read()).decode())
+    value: dict[str, Any] = orjson.loads(line)
+    return value
+
+
+async def test_a_turn_left_mid_answer_is_resumed_through_the_sdk(node_ai: Path, gateway_url: str, db: Pool) -> None:
+    """useChat's resume: sent with ``on_disconnect: "continue"`` in the transport's body, the turn runs on
+    when its reader stops mid-answer; a new Chat for the id (a reloaded page) calls ``resumeStream()``, the
+    transport's ``reconnectToStream`` replays the turn from its start and follows it live, and the replay
+    takes the place of the partial reply: the whole stored answer, once."""
+    owner = Owner(f"org-{uuid.uuid4().hex[:6]}", "sdk-user")
+    token = mint_token(JWT_SECRET, owner.user_id, owner.org_id)
+    chat_id = chat_id_for(owner, "client-resume-1")
+    process = await start_resume(node_ai, gateway_url, token, "client-resume-1", "resume",
+                                 "fake/echo?tokens=300&gap_ms=20")
+    stopped = await next_line(process)
+    assert stopped["status"] == "ready" and stopped["stopped"].startswith("pick")
+    resumed = await next_line(process)
+    # The answer still runs, unread, while the resumed reader catches up with it.
+    assert await db.fetchval("SELECT status FROM messages WHERE chat_id = $1 AND role = 'assistant'",
+                             chat_id) == "streaming"
+    result = await next_line(process)
+    assert await asyncio.wait_for(process.wait(), 60) == 0
+    row = await db.fetchrow("SELECT id, status, finish_reason, content FROM messages WHERE chat_id = $1 AND "
+                            "role = 'assistant'", chat_id)
+    assert row is not None
+    assert (row["status"], row["finish_reason"]) == ("complete", "stop")
+    message = result["message"]
+    text = "".join(part["text"] for part in message["parts"] if part["type"] == "text")
+    assert text == row["content"] and message["id"] == str(row["id"])
+    assert len(stopped["stopped"]) < len(text) and text.startswith(resumed["resumed"])
+    assert [m["role"] for m in result["messages"]] == ["user", "assistant"]
+    assert (result["status"], result["error"]) == ("ready", None)
+    assert result["finish"] == {"finishReason": "stop", "isAbort": False, "isDisconnect": False, "isError": False}
+    sent, resumption = result["requests"]
+    assert (sent["method"], sent["body"]["on_disconnect"]) == ("POST", "continue")
+    assert (resumption["method"], resumption["status"]) == ("GET", 200)
+    assert resumption["url"] == f"{gateway_url}/v1/ui/chat/client-resume-1/stream"
+
+
+async def test_resume_on_mount_of_a_new_chat_finds_nothing(node_ai: Path, gateway_url: str) -> None:
+    """useChat({resume: true}) mounting a chat never sent to: 204, so the SDK stays ready, no error."""
+    token = mint_token(JWT_SECRET, "sdk-user", f"org-{uuid.uuid4().hex[:6]}")
+    process = await start_resume(node_ai, gateway_url, token, "client-never-sent", "fresh")
+    result = await next_line(process)
+    assert await asyncio.wait_for(process.wait(), 60) == 0
+    assert (result["status"], result["error"], result["messages"]) == ("ready", None, [])
+    assert [(r["method"], r["status"]) for r in result["requests"]] == [("GET", 204)]

@@ -3,25 +3,10 @@
 // the conversation once every call of the last step has its output.
 // Usage: node ui_tools.mjs <gateway> <token> <chatId> <model>
 // Prints one JSON line: the final assistant UI message and the bodies the transport posted.
-import { AbstractChat, DefaultChatTransport, lastAssistantMessageIsCompleteWithToolCalls } from "ai";
+import { DefaultChatTransport, lastAssistantMessageIsCompleteWithToolCalls } from "ai";
+import { Chat } from "./chat.mjs";
 
 const [gateway, token, chatId, model] = process.argv.slice(2);
-
-class State {
-  constructor() {
-    this.status = "ready";
-    this.error = undefined;
-    this.messages = [];
-  }
-  pushMessage(message) { this.messages = [...this.messages, message]; }
-  popMessage() { this.messages = this.messages.slice(0, -1); }
-  replaceMessage(index, message) { this.messages = this.messages.map((m, n) => (n === index ? message : m)); }
-  snapshot(thing) { return structuredClone(thing); }
-}
-
-class Chat extends AbstractChat {
-  constructor(init) { super({ ...init, state: new State() }); }
-}
 
 const posted = [];
 const weather = {
