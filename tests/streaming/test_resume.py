@@ -283,3 +283,23 @@ async def test_with_redis_down_sending_works_and_resuming_is_unavailable(
     finally:
         await gateway_cm.__aexit__(None, None, None)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "unavailable"
+
+
+async def test_with_resuming_off_nothing_is_kept(start_gateway: Callable[..., Any], user: dict[str, str],
+                                                 redis: Any) -> None:
+    async with start_gateway(resumable=False) as a, httpx.AsyncClient(base_url=a.url, timeout=30) as client:
+        assert a.services.streams.tapes is None
+        chat_id = await new_chat(client, user, model="fake/echo?tokens=20&gap_ms=5")
+        first = await read_first(client, f"/v1/chats/{chat_id}/messages", user,
+                                 {"content": "gone with me", "on_disconnect": "continue"}, 2)
+        status, _ = await resume(client, chat_id, user)
+        assert status == 204
+        prefix = a.services.settings.redis_prefix
+        assert [key async for key in redis.scan_iter(match=f"{prefix}t:{{{chat_id}}}*")] == []
+        # ``continue`` still holds: the turn ran to its end unread.
+        message_id = first[0].json()["assistant_message_id"]
+        await eventually(lambda: _status_is(db_of(a), message_id, "complete"))
+
+
+def db_of(gateway: Gateway) -> Pool:
+    return gateway.services.pool
