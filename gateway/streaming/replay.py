@@ -17,8 +17,9 @@ from redis.exceptions import RedisError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway.streaming.sse import _BASE_HEADERS, PING, encode_event
+from gateway.streaming.sse import RAW_HEADERS, encode_event
 from gateway.streaming.turns import Interrupted, call_input
+from gateway.streaming.writer import PING
 from storage.tapes import Entry, Tapes
 
 logger = logging.getLogger("gateway.streaming.replay")
@@ -148,7 +149,7 @@ class Replay(Response):
         self.tapes, self.key, self.reader = tapes, key, reader
         self.after, self.entries = after, entries
         self.background = None
-        self.raw_headers = _BASE_HEADERS + [(k.lower().encode("latin-1"), v.encode("latin-1"))
+        self.raw_headers = RAW_HEADERS + [(k.lower().encode("latin-1"), v.encode("latin-1"))
                                             for k, v in headers.items()]
         self.ping_s, self.send_timeout_s = ping_s, send_timeout_s
         self.lost_s = lost_s  # how often a quiet turn's instance is checked on

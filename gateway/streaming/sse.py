@@ -1,12 +1,12 @@
-"""Server-Sent Events framing of the chat stream: ``id``, ``event`` and one line of JSON ``data``."""
+"""Server-Sent Events: the chat stream's framing (``id``, ``event`` and one line of JSON ``data``) and a
+turn relayed as an SSE response (its writer and checks: gateway/streaming/writer.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import weakref
-from collections.abc import Callable, Coroutine
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 from starlette.responses import Response
@@ -14,14 +14,13 @@ from starlette.types import Message, Receive, Scope, Send
 
 from gateway.edge.middleware import BODY_SEND, RESPONSE_REST
 from gateway.streaming.turns import Interrupted, StreamCodec, Turn, call_input, internal_failure
+from gateway.streaming.writer import Watch, Writer
 from providers.base import ProviderError, ReasoningDelta, ToolCall, ToolCallDelta, Usage
 from storage.tapes import Tape
 
-PING = b": ping\n\n"
-
 # Keep intermediaries from buffering or caching the stream.
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_BASE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8")] + [
+RAW_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8")] + [
     (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in STREAM_HEADERS.items()
 ]
 
@@ -137,7 +136,7 @@ class EventStream(Response):
         self.tape = tape
         self.detach_s = detach_s
         self.background = None
-        self.raw_headers = _BASE_HEADERS + [
+        self.raw_headers = RAW_HEADERS + [
             (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items() if k not in STREAM_HEADERS
         ]
         self.ping_s = ping_s
@@ -149,7 +148,7 @@ class EventStream(Response):
         self.deadline = 0.0  # when a turn running on unread is ended
         self.task: asyncio.Task[Any] | None = None
         self.out: Writer | None = None
-        self.watch: _Watch | None = None
+        self.watch: Watch | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         out = Writer(scope.get(BODY_SEND, send), self.turn)
@@ -174,7 +173,7 @@ class EventStream(Response):
         loop = asyncio.get_running_loop()
         failure: ProviderError | None = None
         try:
-            self.watch = _Watch(self, out, loop)
+            self.watch = Watch(self, out, loop)
             self.turn.relay(self.codec, out.write if self.tape is None else self._kept(out.write), self.wake)
             await self._wait(receive)
             if not self.gone:
@@ -293,150 +292,3 @@ class EventStream(Response):
 
 def _drop(data: bytes) -> None:
     pass
-
-
-class Writer:
-    """Writes body frames from any callback without a task of its own: the ASGI send runs at once, and
-    only when it has to wait (the client's socket is full) does the rest of it go to a task, while later
-    frames queue and the provider is paused until the client catches up.
-
-    Under uvicorn's httptools server, a frame goes straight to the connection's transport, chunk-framed,
-    whenever uvicorn's own send would do exactly that without waiting (see ``direct_cycle``)."""
-
-    __slots__ = ("blocked", "cycle", "queued", "send", "sends", "turn")
-
-    def __init__(self, send: Send, turn: Turn) -> None:
-        self.send = send
-        self.cycle = direct_cycle(send)
-        self.turn = turn
-        self.sends = 0
-        self.blocked: asyncio.Task[None] | None = None
-        self.queued: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        if self.blocked is not None:
-            self.queued.append(data)
-            return
-        cycle = self.cycle
-        if cycle is not None and cycle.chunked_encoding and not cycle.flow.write_paused and not cycle.disconnected:
-            cycle.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
-            self.sends += 1
-            return
-        # An ASGI send is a coroutine (uvicorn's are): stepped here once, it usually finishes at once.
-        step = cast(Coroutine[Any, Any, None], self.send({"type": "http.response.body", "body": data, "more_body": True}))
-        try:
-            waiting = step.send(None)
-        except StopIteration:
-            self.sends += 1
-            return
-        self.turn.pause()
-        self.blocked = asyncio.get_running_loop().create_task(self._finish(step, waiting))
-
-    async def _finish(self, step: Coroutine[Any, Any, None], waiting: Any) -> None:
-        try:
-            while True:
-                if waiting is None:
-                    await asyncio.sleep(0)
-                else:
-                    waiting._asyncio_future_blocking = False  # as a task does with the future it is given
-                    await waiting
-                try:
-                    waiting = step.send(None)
-                except StopIteration:
-                    break
-            self.sends += 1
-            while self.queued:
-                data = b"".join(self.queued)
-                self.queued.clear()
-                await self.send({"type": "http.response.body", "body": data, "more_body": True})
-                self.sends += 1
-        finally:
-            step.close()
-            self.blocked = None
-            self.turn.resume()
-
-    async def drain(self) -> None:
-        """Until every frame written so far has been handed to the transport."""
-        if self.blocked is not None:
-            await asyncio.wait([self.blocked])
-
-    def stop(self) -> None:
-        if self.blocked is not None:
-            self.blocked.cancel()
-
-
-_CYCLE_FIELDS = ("chunked_encoding", "disconnected", "flow", "transport")
-
-
-def direct_cycle(send: Send) -> Any | None:
-    """uvicorn's httptools request cycle behind ``send``, if frames may bypass it; else None.
-
-    For a body frame of a started, chunked response, that send checks that the transport is not paused
-    (else it waits) and the client not gone (else it drops the frame), then writes the frame as one HTTP
-    chunk. ``Writer.write`` makes the same checks and the same write, and takes the send itself whenever
-    a check fails: per relayed token, no message dict and no coroutine to build and step (measured in
-    docs/performance.md). Any other server, or a cycle without those fields, gets the ASGI send.
-    """
-    cycle: Any = getattr(send, "__self__", None)
-    if type(cycle).__module__ != "uvicorn.protocols.http.httptools_impl" or type(cycle).__name__ != "RequestResponseCycle":
-        return None
-    if not all(hasattr(cycle, name) for name in _CYCLE_FIELDS) or not hasattr(cycle.flow, "write_paused"):
-        return None
-    return cycle
-
-
-class _Watch:
-    """A stream's checks, run by its loop's shared ticker: pings when quiet, and the end of a write that
-    never finishes."""
-
-    __slots__ = ("out", "quiet_since", "seen", "stream", "ticker")
-
-    def __init__(self, stream: EventStream, out: Writer, loop: asyncio.AbstractEventLoop) -> None:
-        self.stream, self.out = stream, out
-        self.seen, self.quiet_since = -1, loop.time()
-        self.ticker = _Ticker.of(loop, min(stream.ping_s, stream.send_timeout_s) / 4)
-        self.ticker.add(self)
-
-    def check(self, now: float) -> None:
-        stream, out = self.stream, self.out
-        if out.sends != self.seen:
-            self.seen, self.quiet_since = out.sends, now
-        elif out.blocked is not None and now - self.quiet_since >= stream.send_timeout_s:
-            stream.hang_up()  # the client stopped reading
-        elif out.blocked is None and now - self.quiet_since >= stream.ping_s:
-            out.write(PING)
-
-    def stop(self) -> None:
-        self.ticker.watches.discard(self)
-
-
-class _Ticker:
-    """One timer for every open stream of a loop (with the same tick): a stream costs no timer handle of
-    its own, and the loop's timer heap holds one entry however many streams are open."""
-
-    _loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[float, _Ticker]] = (
-        weakref.WeakKeyDictionary()
-    )
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float) -> None:
-        self.loop, self.tick = loop, tick
-        self.watches: set[_Watch] = set()
-        self.handle: asyncio.TimerHandle | None = None
-
-    @classmethod
-    def of(cls, loop: asyncio.AbstractEventLoop, tick: float) -> _Ticker:
-        tickers = cls._loops.setdefault(loop, {})
-        if tick not in tickers:
-            tickers[tick] = cls(loop, tick)
-        return tickers[tick]
-
-    def add(self, watch: _Watch) -> None:
-        self.watches.add(watch)
-        if self.handle is None:
-            self.handle = self.loop.call_later(self.tick, self.run)
-
-    def run(self) -> None:
-        now = self.loop.time()
-        for watch in list(self.watches):
-            watch.check(now)
-        self.handle = self.loop.call_later(self.tick, self.run) if self.watches else None
