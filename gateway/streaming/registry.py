@@ -264,10 +264,16 @@ class StreamRegistry:
             tick += 1
             try:
                 await self.checkpoint()
-                if tick % renew_every == 0:
-                    await self.renew()
-                    await self.recover(startup=False)
-                    await prune_chat_moves(self.pool)
+            except _MAINTENANCE_FAILURES:
+                logger.warning("checkpointing streams failed; retrying next interval", exc_info=True)
+            if tick % renew_every:
+                continue
+            # Renewed whatever the checkpoint did: while PostgreSQL is away the turns run on, and their leases
+            # and kept events must not lapse (resumers, and any instance's sweep, would take them for dead).
+            try:
+                await self.renew()
+                await self.recover(startup=False)
+                await prune_chat_moves(self.pool)
             except _MAINTENANCE_FAILURES:
                 logger.warning("stream maintenance failed; retrying next interval", exc_info=True)
 
