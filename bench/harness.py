@@ -4,6 +4,8 @@ The gateway runs as ``gateway serve`` with one worker pinned to CPU 0; this harn
 mock upstream, one event loop) is pinned to CPU 1. Every scenario also runs "direct" (load generator
 straight to the mock), and gateway figures are reported as overhead and as ratios to direct. The mock also
 serves https behind a throwaway certificate, so completions run over a TLS upstream beside the plaintext one.
+Resumable streams are measured on gateways of their own beside the main one (``resumable_streams``), with
+and without ``GATEWAY_RESUMABLE``, two of them with their Redis behind a counting relay (bench/redis_proxy.py).
 Each phase is announced on stderr as it starts; the table goes to stdout and the raw figures to
 ``<data dir>/bench/<date>.json`` (``--save``: ``bench/results/<date>.json``). docs/performance.md explains
 the method.
@@ -20,13 +22,14 @@ import datetime
 import gc
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +44,14 @@ from bench.loadtest import (
     Target,
     closed_loop,
     counted_stream,
+    first_body_byte,
+    get_request,
     one_stream,
     percentile,
     request_bytes,
 )
 from bench.mock_upstream import MockUpstream, start_mock, throwaway_tls
+from bench.redis_proxy import Tally, counting_proxy
 from bench.report import PATHS, report
 from gateway.edge.auth import mint_token
 from gateway.embedded import with_services
@@ -61,6 +67,7 @@ IDLE = "mock:tokens=1&hold_ms=3600000"
 SEED_TURNS = 32  # 64 messages a chat before the statistics are taken (see Bench.seed)
 LEVELS = (500, 750, 1000, 1250, 1500, 2000, 3000, 4000, 5000, 6000, 8000, 10_000, 12_000, 16_000)
 QUICK_LEVELS = (500, 1000)
+ROUND_TRIP_STREAMS = 1000  # paced streams while a worker's Redis round trips are counted
 SPARE_FDS = 1000  # the stores' connections, the files a process holds open, and slack
 TLS_PROVIDER = "mocktls"  # the gateway's named endpoint for the mock's https side
 # An agent turn: fake/think reasons (a delta a word of the message, 32 at most) before it calls the tool.
@@ -90,6 +97,12 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user and system) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def post_json(target: Target, path: str, body: dict[str, Any]) -> Any:
@@ -127,15 +140,18 @@ class TlsUpstream:
 
 @contextlib.asynccontextmanager
 async def gateway_server(
-    settings: Settings, mock_port: int, log: Path, tree: Path | None = None, tls: TlsUpstream | None = None
+    settings: Settings, mock_port: int, log: Path, tree: Path | None = None, tls: TlsUpstream | None = None,
+    overrides: dict[str, str] | None = None,
 ) -> AsyncIterator[tuple[int, int]]:
     """``gateway serve`` pinned to CPU 0 (from the source ``tree`` given, else this one); yields its port
-    and pid once /ready answers. With ``tls``, models ``mocktls/...`` go to the mock over https."""
+    and pid once /ready answers. With ``tls``, models ``mocktls/...`` go to the mock over https. Its Redis
+    keys have a prefix of their own unless ``overrides`` (environment variables) name one."""
     with socket_port() as port:
         env = {**os.environ, "GATEWAY_DATABASE_URL": settings.database_url or "",
                "GATEWAY_REDIS_URL": settings.redis_url or "", "GATEWAY_JWT_SECRET": SECRET,
                "GATEWAY_REDIS_PREFIX": f"bench-{uuid.uuid4().hex[:6]}:",
-               "OPENAI_BASE_URL": f"http://127.0.0.1:{mock_port}/v1", "OPENAI_API_KEY": "bench"}
+               "OPENAI_BASE_URL": f"http://127.0.0.1:{mock_port}/v1", "OPENAI_API_KEY": "bench",
+               **(overrides or {})}
         if tree is not None:
             env["PYTHONPATH"] = str(tree)
         if tls is not None:
@@ -151,7 +167,18 @@ async def gateway_server(
             yield port, process.pid
         finally:
             process.terminate()
-            process.wait(30)
+            await until_exited(process, 30)
+
+
+async def until_exited(process: subprocess.Popen[bytes], seconds: float) -> None:
+    """Until ``process`` has exited, killed past ``seconds``; the loop runs meanwhile (a gateway behind the
+    Redis relay needs it to shut down)."""
+    deadline = time.monotonic() + seconds
+    while process.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if process.poll() is None:
+        process.kill()
+        process.wait()
 
 
 async def until_ready(port: int, seconds: float = 60) -> None:
@@ -178,10 +205,15 @@ def socket_port() -> Any:
     yield port
 
 
-async def until_started(sink: list[StreamResult], tasks: list[asyncio.Task[Any]], count: int) -> None:
+def answered(sinks: list[list[StreamResult]]) -> list[StreamResult]:
+    """The results of streams whose answer has started, each stream with a sink of its own."""
+    return [result for sink in sinks for result in sink]
+
+
+async def until_started(sinks: list[list[StreamResult]], tasks: list[asyncio.Task[Any]], count: int) -> None:
     """Until ``count`` streams have their first token, every task has ended, or a minute has passed."""
     deadline = time.monotonic() + 60
-    while (sum(1 for r in sink if r.ttft_s is not None) < count and time.monotonic() < deadline
+    while (sum(1 for r in answered(sinks) if r.ttft_s is not None) < count and time.monotonic() < deadline
            and not all(task.done() for task in tasks)):
         await asyncio.sleep(0.1)
 
@@ -221,6 +253,12 @@ class Bench:
         self.pid = gateway_pid
         self.seconds = seconds
         self.chats: list[str] = []
+
+    def beside(self, gateway: tuple[int, int]) -> Bench:
+        """This bench's org, token and chats on another gateway (``(port, pid)``) of the same stores."""
+        other = Bench(gateway[0], gateway[1], self.mock.port, self.seconds, self.database_url, self.progress)
+        other.org, other.gateway, other.chats = self.org, replace(self.gateway, port=gateway[0]), self.chats
+        return other
 
     async def erase(self) -> None:
         """What the run stored: a full run, about 10,000 chats (the capacity scenario opens one per stream)."""
@@ -283,6 +321,13 @@ class Bench:
         report = await closed_loop(concurrency, self.seconds, make, self.target(path))
         return report.summary()
 
+    async def load_and_cpu(self, path: str, concurrency: int) -> dict[str, float]:
+        """``load``, with the gateway's CPU time a stream: on a shared machine, steadier than streams/s."""
+        before = cpu_seconds(self.pid)
+        summary = await self.load(path, concurrency)
+        return {**summary, "worker_cpu_ms_per_stream": (cpu_seconds(self.pid) - before) * 1000
+                / max(summary["streams"], 1)}
+
     async def ttft_and_throughput(self, paths: tuple[str, ...]) -> dict[str, Any]:
         self.progress.phase(f"seeding 100 chats with {SEED_TURNS} turns each")
         await self.make_chats(100)
@@ -298,31 +343,55 @@ class Bench:
             out[f"saturation_{path}"] = await self.load(path, 64)
         return out
 
+    @contextlib.asynccontextmanager
+    async def paced_streams(self, count: int, path: str = "new-chat") -> AsyncIterator[list[list[StreamResult]]]:
+        """``count`` streams at 10 tokens/s (stream ``n`` in chat ``n`` on the chat path), each with a sink
+        of its own, started; cancelled when the block ends."""
+        sinks: list[list[StreamResult]] = [[] for _ in range(count)]
+        tasks = []
+        try:
+            for n in range(count):
+                tasks.append(asyncio.create_task(counted_stream(
+                    self.gateway, self.request(path, PACED, n), 0.2, sinks[n])))
+                if n % 200 == 199:
+                    await asyncio.sleep(0.05)  # open the connections in waves, as a listen backlog wants
+            await until_started(sinks, tasks, count)
+            yield sinks
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def paced_window(self, count: int, window: Callable[[], Awaitable[dict[str, float]]] | None = None,
+                           ) -> dict[str, float]:
+        """``count`` paced streams through one measurement window with the harness's objects frozen: how
+        many opened and stalled in it, the gateway's RSS, and the figures ``window`` (else a sleep of
+        ``seconds``) returns."""
+        async with self.paced_streams(count) as sinks:
+            sink = answered(sinks)
+            with harness_frozen() as pauses:
+                window_start = {id(r): r.stalls for r in sink}
+                cpu, started = cpu_seconds(self.pid), time.perf_counter()
+                figures = await window() if window is not None else {}
+                if window is None:
+                    await asyncio.sleep(self.seconds)
+                cpu_share = (cpu_seconds(self.pid) - cpu) / (time.perf_counter() - started)
+                stalled = sum(1 for r in sink if r.stalls > window_start.get(id(r), 0))
+            opened = sum(1 for r in sink if r.status == 200)
+            rss_mib = rss_kib(self.pid) / 1024
+        return {"streams": count, "opened": opened, "stalled": stalled, "stall_fraction": stalled / max(opened, 1),
+                "rss_mib": rss_mib, "harness_gc_max_ms": max(pauses, default=0.0) * 1000,
+                "worker_cpu_share": cpu_share, **figures}
+
     async def capacity(self, levels: tuple[int, ...]) -> list[dict[str, float]]:
         """Streams at 10 tokens/s, more at each level, until over 0.1% of them stall (a gap over 200 ms) or
         the ladder ends."""
         steps = []
         for level in levels:
             self.progress.phase(f"capacity {level:,} streams at 10 tokens/s")
-            sink: list[StreamResult] = []
-            tasks = []
-            for n in range(level):
-                tasks.append(asyncio.create_task(counted_stream(
-                    self.gateway, self.request("new-chat", PACED, n), 0.2, sink)))
-                if n % 200 == 199:
-                    await asyncio.sleep(0.05)  # open the connections in waves, as a listen backlog wants
-            await until_started(sink, tasks, level)
-            with harness_frozen() as pauses:
-                window_start = {id(r): r.stalls for r in sink}
-                await asyncio.sleep(self.seconds)
-                stalled = sum(1 for r in sink if r.stalls > window_start.get(id(r), 0))
-            opened = sum(1 for r in sink if r.status == 200)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            steps.append({"streams": level, "opened": opened, "stalled": stalled,
-                          "stall_fraction": stalled / max(opened, 1), "rss_mib": rss_kib(self.pid) / 1024,
-                          "harness_gc_max_ms": max(pauses, default=0.0) * 1000})
+            step = await self.paced_window(level)
+            steps.append(step)
+            opened, stalled = step["opened"], step["stalled"]
             await asyncio.sleep(1)  # let the gateway store the cancelled streams before the next level
             if opened < level or stalled / max(opened, 1) > 0.001:
                 break
@@ -333,18 +402,19 @@ class Bench:
         self.progress.phase(f"memory with {low:,} then {high:,} idle open streams")
         boot = rss_kib(self.pid)
         tasks: list[asyncio.Task[None]] = []
-        sink: list[StreamResult] = []
+        sinks: list[list[StreamResult]] = []
         readings = {}
         for count in (low, high):
             while len(tasks) < count:
+                sinks.append([])
                 tasks.append(asyncio.create_task(counted_stream(
-                    self.gateway, self.request("completions", IDLE, 0), None, sink)))
+                    self.gateway, self.request("completions", IDLE, 0), None, sinks[-1])))
                 if len(tasks) % 200 == 0:
                     await asyncio.sleep(0.05)
-            await until_started(sink, tasks, count)
+            await until_started(sinks, tasks, count)
             await asyncio.sleep(1)
             readings[count] = rss_kib(self.pid)
-            readings[-count] = sum(1 for r in sink if r.ttft_s is not None)
+            readings[-count] = sum(1 for r in answered(sinks) if r.ttft_s is not None)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -378,6 +448,101 @@ class Bench:
         latencies.sort()
         return {"samples": len(latencies), "p50_ms": percentile(latencies, 50) * 1000,
                 "p99_ms": percentile(latencies, 99) * 1000}
+
+
+    async def saturation_beside(self, off: Bench, rounds: int) -> dict[str, Any]:
+        """The chat path at saturation (concurrency 64, 64 unpaced deltas) on this gateway and on ``off``,
+        alternating which goes first, ``rounds`` times: each pass's figures, the medians, and the median of
+        the rounds' ratios (this / ``off``), each taken minutes apart at most."""
+        passes = []
+        for round_ in range(rounds):
+            order = (("on", self), ("off", off)) if round_ % 2 == 0 else (("off", off), ("on", self))
+            passes.append({name: await bench.load_and_cpu("chat", 64) for name, bench in order})
+
+        def median(name: str, key: str) -> float:
+            return statistics.median(p[name][key] for p in passes)
+
+        return {"rounds": passes, "on_streams_per_s": median("on", "streams_per_s"),
+                "off_streams_per_s": median("off", "streams_per_s"),
+                "ratio": statistics.median(p["on"]["streams_per_s"] / p["off"]["streams_per_s"] for p in passes),
+                "on_cpu_ms_per_stream": median("on", "worker_cpu_ms_per_stream"),
+                "off_cpu_ms_per_stream": median("off", "worker_cpu_ms_per_stream")}
+
+    async def redis_round_trips(self, count: int, tally: Tally) -> dict[str, float]:
+        """The worker's Redis round trips and bytes a second, as the relay in front of its Redis counts them
+        (bench/redis_proxy.py), through one window of ``count`` paced streams."""
+
+        async def window() -> dict[str, float]:
+            before, started = tally.copy(), time.perf_counter()
+            await asyncio.sleep(self.seconds)
+            elapsed = time.perf_counter() - started
+            return {"window_s": elapsed, "redis_connections": tally.connections, **tally.rates(before, elapsed)}
+
+        return await self.paced_window(count, window)
+
+    async def resume_latency(self, resumer: Bench, turns: int, samples: int) -> dict[str, float]:
+        """From a resume's request (``GET /v1/chats/{id}/stream`` on a new connection to ``resumer``,
+        another instance on the same stores and key prefix) to the first replayed byte of its body, while
+        this gateway runs ``turns`` paced chat turns, resumed in turn. Each names as its Last-Event-ID the
+        event three before the last this harness's own reader of the turn has seen: a client that lost its
+        last three events. After each, ``GET /health`` on ``resumer`` timed alike: the floor of a request
+        to that instance on this machine at that moment, beside which the resume's tail reads."""
+        await self.make_chats(turns)
+        timings: list[float] = []
+        floor: list[float] = []
+        errors = 0
+        async with self.paced_streams(turns, "chat") as sinks:
+            await asyncio.sleep(0.5)  # a few tokens into every turn
+            for n in range(samples):
+                chat = n % turns
+                seen = sinks[chat][0].tokens if sinks[chat] else 0  # events: start (1), then a token each
+                request = get_request(resumer.gateway, f"/v1/chats/{self.chats[chat]}/stream",
+                                      {"Last-Event-ID": str(max(1, seen - 2))})
+                status, body, seconds = await first_body_byte(resumer.gateway, request)
+                if status == 200 and body.startswith(b"id: "):
+                    timings.append(seconds)
+                else:
+                    errors += 1
+                status, _, seconds = await first_body_byte(resumer.gateway, get_request(resumer.gateway, "/health", {}))
+                if status == 200:
+                    floor.append(seconds)
+        timings.sort()
+        floor.sort()
+        return {"samples": len(timings), "errors": errors, "live_turns": turns,
+                "p50_ms": percentile(timings, 50) * 1000, "p99_ms": percentile(timings, 99) * 1000,
+                "health_p50_ms": percentile(floor, 50) * 1000, "health_p99_ms": percentile(floor, 99) * 1000}
+
+
+async def resumable_streams(main: Bench, settings: Settings, mock_port: int, quick: bool) -> dict[str, Any]:
+    """Resumable streams' cost, on gateways of their own beside the main one (idle meanwhile), all on CPU
+    0: a pair started alike but for ``GATEWAY_RESUMABLE`` at saturation; a third instance resuming the
+    first's live turns; then each setting again at 1,000 paced streams with its Redis behind a counting
+    relay (as the relay adds a hop to every Redis call, it is kept out of the other figures)."""
+    progress, logs = main.progress, Path(tempfile.gettempdir())
+    prefix = f"bench-{uuid.uuid4().hex[:6]}:"  # the instance that resumes reads the first one's keys
+    on_env = {"GATEWAY_RESUMABLE": "true", "GATEWAY_REDIS_PREFIX": prefix}
+    out: dict[str, Any] = {}
+    rounds = 4 if quick else 6
+    progress.phase(f"resumable streams: chat path at saturation, events kept and not, alternating ({rounds} rounds)")
+    async with (gateway_server(settings, mock_port, logs / "streamgate-bench-resumable.log", overrides=on_env) as on,
+                gateway_server(settings, mock_port, logs / "streamgate-bench-unresumable.log",
+                               overrides={"GATEWAY_RESUMABLE": "false"}) as off):
+        out["saturation"] = await main.beside(on).saturation_beside(main.beside(off), rounds)
+        samples = 100 if quick else 200
+        progress.phase(f"resumable streams: resumed on another instance ({samples} samples)")
+        async with gateway_server(settings, mock_port, logs / "streamgate-bench-resumer.log",
+                                  overrides=on_env) as resumer:
+            out["resume"] = await main.beside(on).resume_latency(main.beside(resumer), 20, samples)
+    assert settings.redis_url
+    for mode in ("on", "off"):
+        progress.phase(f"resumable streams {mode}: Redis round trips at {ROUND_TRIP_STREAMS:,} paced streams")
+        async with (counting_proxy(settings.redis_url) as proxy,
+                    gateway_server(settings.model_copy(update={"redis_url": proxy.url}), mock_port,
+                                   logs / f"streamgate-bench-relayed-{mode}.log",
+                                   overrides={"GATEWAY_RESUMABLE": "true" if mode == "on" else "false"}) as relayed):
+            out[f"round_trips_{mode}"] = await main.beside(relayed).redis_round_trips(ROUND_TRIP_STREAMS, proxy.tally)
+            await asyncio.sleep(1)  # let the gateway store the cancelled streams before it stops
+    return out
 
 
 async def quota_check(redis_url: str, samples: int) -> dict[str, float]:
@@ -442,7 +607,8 @@ async def store_floors(database_url: str, redis_url: str, samples: int) -> dict[
 async def run_bench(settings: Settings, seconds: float, quick: bool, scratch: Path) -> dict[str, Any]:
     pin_to(1)
     progress = Progress()
-    levels = QUICK_LEVELS if quick else capacity_levels()  # before the gateway starts: it inherits the limit
+    fit = capacity_levels()  # before the gateway starts: it inherits the raised limit
+    levels = QUICK_LEVELS if quick else fit
     mock = await start_mock()
     tls_context, cert_file = throwaway_tls(scratch)
     tls_mock = await start_mock(tls=tls_context)
@@ -463,8 +629,9 @@ async def run_bench(settings: Settings, seconds: float, quick: bool, scratch: Pa
             progress.phase(f"store floors ({floor_samples} calls each)")
             results["floors"] = await store_floors(settings.database_url, settings.redis_url, floor_samples)
             results["abort"] = await bench.abort(20 if quick else 100)
+            results["resumable"] = await resumable_streams(bench, settings, mock_port, quick)
             results["capacity"] = await bench.capacity(levels)
-            results["capacity_cut_by_descriptors"] = not quick and levels != LEVELS
+            results["capacity_cut_by_descriptors"] = not quick and fit != LEVELS
         finally:
             await bench.erase()
     quota_samples = 2000 if quick else 10_000

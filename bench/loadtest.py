@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import TextIO, cast
 from urllib.parse import urlsplit
 
 import orjson
@@ -54,6 +54,11 @@ def request_bytes(target: Target, path: str, body: dict[str, object]) -> bytes:
     head = "".join(f"{k}: {v}\r\n" for k, v in target.headers.items())
     return (f"POST {path} HTTP/1.0\r\nHost: {target.host}\r\nContent-Type: application/json\r\n{head}"
             f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
+
+
+def get_request(target: Target, path: str, headers: dict[str, str]) -> bytes:
+    head = "".join(f"{k}: {v}\r\n" for k, v in {**target.headers, **headers}.items())
+    return f"GET {path} HTTP/1.0\r\nHost: {target.host}\r\n{head}\r\n".encode()
 
 
 class Dechunker:
@@ -193,6 +198,59 @@ async def counted_stream(target: Target, request: bytes, stall_after_s: float | 
         lambda: StreamCounter(request, stall_after_s, sink, done), target.host, target.port)
     try:
         await done
+    finally:
+        transport.close()
+
+
+class FirstBodyByte(asyncio.Protocol):
+    """Times a request from its sending to the first byte of its answer's body (its content, past a chunk's
+    size line), in the transport's callback (no task step between the read and the clock), then hangs up.
+    ``answer`` gets the status, the body's first read and the seconds; an answer other than 200 ends at its
+    head, a connection closed first with status 0."""
+
+    def __init__(self, request: bytes, answer: asyncio.Future[tuple[int, bytes, float]]) -> None:
+        self.request = request
+        self.answer = answer
+        self.head = b""
+        self.status = 0
+        self.dechunk: Callable[[bytes], bytes] | None = None
+        self.started = 0.0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.started = time.perf_counter()
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        if not self.status:
+            self.head += data
+            head, sep, data = self.head.partition(b"\r\n\r\n")
+            if not sep:
+                return
+            self.status = int(head[9:12])
+            if b"transfer-encoding: chunked" in head.lower():
+                self.dechunk = Dechunker().feed
+        body = self.dechunk(data) if self.dechunk is not None else data
+        if (body or self.status != 200) and not self.answer.done():
+            self.answer.set_result((self.status, body, now - self.started))
+            if self.transport is not None:
+                self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answer.done():
+            self.answer.set_result((0, b"", time.perf_counter() - self.started))
+
+
+async def first_body_byte(target: Target, request: bytes) -> tuple[int, bytes, float]:
+    """``request`` sent on a new connection, timed from its sending (once connected) to its answer's first
+    body byte (see ``FirstBodyByte``)."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[tuple[int, bytes, float]] = loop.create_future()
+    transport, _ = await loop.create_connection(lambda: FirstBodyByte(request, answer), target.host, target.port)
+    try:
+        return await answer
     finally:
         transport.close()
 

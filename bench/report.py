@@ -99,12 +99,43 @@ def memory_line(memory: dict[str, Any]) -> str:
             f"{memory['kib_per_idle_stream']:.1f} KiB a stream")
 
 
+def resumable_rows(r: dict[str, Any]) -> list[Row]:
+    """Resumable streams on (each chat turn's events kept in Redis) and off, on gateways measured side by
+    side."""
+    saturation, on, off = r["saturation"], r["round_trips_on"], r["round_trips_off"]
+    rounds = saturation["rounds"]
+    on_cpu, off_cpu = saturation["on_cpu_ms_per_stream"], saturation["off_cpu_ms_per_stream"]
+    return [
+        ["resumable streams", "on", "off", "on / off"],
+        [f"  chat path at saturation, median of {len(rounds)} alternating rounds (streams/s)",
+         whole(saturation["on_streams_per_s"]), whole(saturation["off_streams_per_s"]), f"{saturation['ratio']:.2f}"],
+        "    on / off in each round: " + ", ".join(
+            f"{p['on']['streams_per_s'] / p['off']['streams_per_s']:.2f}" for p in rounds),
+        ["    worker CPU a stream (ms)", ms(on_cpu), ms(off_cpu), f"{on_cpu / off_cpu:.2f}"],
+        [f"  Redis round trips of the worker a second, {on['streams']:,} paced streams",
+         whole(on["round_trips_per_s"]), whole(off["round_trips_per_s"])],
+        ["    KiB a second to Redis", whole(on["kib_per_s"]), whole(off["kib_per_s"])],
+        ["    worker CPU share in the window", f"{on['worker_cpu_share']:.2f}", f"{off['worker_cpu_share']:.2f}",
+         f"{on['worker_cpu_share'] / off['worker_cpu_share']:.2f}"],
+        ["    streams opened / stalled in the window", f"{on['opened']:,} / {on['stalled']:,}",
+         f"{off['opened']:,} / {off['stalled']:,}"],
+    ]
+
+
 def latency_rows(results: dict[str, Any]) -> list[Row]:
-    """The abort, the quota check, and the stores' own floors measured from the harness."""
+    """The abort, the quota check, a resume on another instance, and the stores' own floors measured from
+    the harness."""
     rows: list[Row] = [["latency (ms)", "p50", "p99", "samples"]]
     for key, label in (("abort", "abort to upstream close"), ("quota", "quota check")):
         figures = results[key]
         rows.append([f"  {label}", ms(figures["p50_ms"]), ms(figures["p99_ms"]), f"{figures['samples']:,}"])
+    if "resumable" in results:
+        resume = results["resumable"]["resume"]
+        failed = f" ({resume['errors']:,} failed)" if resume["errors"] else ""
+        rows.append(["  resume on another instance, to the first replayed byte", ms(resume["p50_ms"]),
+                     ms(resume["p99_ms"]), f"{resume['samples']:,}{failed}"])
+        rows.append(["    GET /health there, timed alike (its floor)", ms(resume["health_p50_ms"]),
+                     ms(resume["health_p99_ms"])])
     floors = results["floors"]
     for key, label in (("postgres_round_trip", "PostgreSQL round trip"), ("postgres_commit", "one-row commit"),
                        ("redis_round_trip", "Redis round trip")):
@@ -118,5 +149,7 @@ def report(results: dict[str, Any]) -> str:
     lines.append(tls_line(t))
     lines += capacity_lines(results)
     lines.append(memory_line(results["memory"]))
+    if "resumable" in results:
+        lines += render(resumable_rows(results["resumable"]))
     lines += render(latency_rows(results))
     return "\n".join(lines)

@@ -18,6 +18,7 @@ import pytest
 
 from bench.harness import SECRET, TLS_PROVIDER, Bench, store_floors
 from bench.loadtest import (
+    FirstBodyByte,
     StreamCounter,
     StreamResult,
     Target,
@@ -86,6 +87,32 @@ async def test_the_stream_counter_finds_token_frames_split_across_reads() -> Non
         for start in range(0, len(answer), size):
             counter.data_received(answer[start:start + size])
         assert [(r.status, r.tokens) for r in sink] == [(200, 6)], size
+
+
+@pytest.mark.parametrize("head, body", [
+    (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n", b"id: 7\nevent: delta\n"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"13\r\nid: 7\nevent: delta\n\r\n"),
+])
+async def test_the_first_body_byte_is_timed_wherever_the_reads_split_the_answer(head: bytes, body: bytes) -> None:
+    # Its content's first byte: a chunk's size line is not yet the body.
+    answer = head + body
+    for size in (1, 5, 60, len(answer)):
+        found: asyncio.Future[tuple[int, bytes, float]] = asyncio.get_running_loop().create_future()
+        client = FirstBodyByte(b"", found)
+        for start in range(0, len(answer), size):
+            client.data_received(answer[start:start + size])
+        status, first, seconds = found.result()
+        assert (status, first) == (200, b"id: 7\nevent: delta\n"[:len(first)]) and first and seconds > 0, size
+
+
+async def test_an_answer_without_a_body_ends_at_its_head() -> None:
+    found: asyncio.Future[tuple[int, bytes, float]] = asyncio.get_running_loop().create_future()
+    client = FirstBodyByte(b"", found)
+    client.data_received(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert found.result()[:2] == (204, b"")
+    lost: asyncio.Future[tuple[int, bytes, float]] = asyncio.get_running_loop().create_future()
+    FirstBodyByte(b"", lost).connection_lost(None)
+    assert lost.result()[:2] == (0, b"")
 
 
 def caller_token() -> str:
