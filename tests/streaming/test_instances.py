@@ -121,7 +121,8 @@ async def test_sigkill_then_restart_marks_the_reply_interrupted_and_frees_the_ch
     async with gateway_process(crash_env) as restarted:
         row = await reply_row(db, message_id)
         assert (row["status"], row["finish_reason"]) == ("interrupted", "interrupted")
-        assert row["content"] == checkpoint and checkpoint.startswith("crash ")
+        # What the kept events hold, at least the last checkpoint's text (tokens may have reached Redis since).
+        assert row["content"].startswith(checkpoint) and checkpoint.startswith("crash ")
         async with httpx.AsyncClient(base_url=restarted.url) as http:
             again = await http.post(
                 f"/v1/chats/{chat_id}/messages",
