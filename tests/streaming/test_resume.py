@@ -194,9 +194,9 @@ async def test_a_turn_has_at_most_its_readers(start_gateway: Callable[..., Any],
 async def test_the_deployment_default_lets_a_turn_continue_and_bounds_it(
     start_gateway: Callable[..., Any], user: dict[str, str], db: Pool
 ) -> None:
-    async with start_gateway(on_disconnect="continue", detached_max_s=0.5) as a, \
+    async with start_gateway(on_disconnect="continue", detached_max_s=2) as a, \
             httpx.AsyncClient(base_url=a.url, timeout=30) as client:
-        chat_id = await new_chat(client, user, model="fake/echo?tokens=30&gap_ms=5")
+        chat_id = await new_chat(client, user, model="fake/echo?tokens=10&gap_ms=5")
         first = await read_first(client, f"/v1/chats/{chat_id}/messages", user, {"content": "short one"}, 2)
         status, rest = await resume(client, chat_id, user, after=int(first[-1].id))
         assert status == 200 and rest[-1].event == "done" and rest[-1].json()["finish_reason"] == "stop"
