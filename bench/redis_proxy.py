@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 
 @dataclass(slots=True)
@@ -35,8 +35,12 @@ class Tally:
 
 
 def proxied_url(redis_url: str, port: int) -> str:
-    """``redis_url`` with its host and port replaced by the relay's, its credentials and database kept."""
+    """``redis_url`` with its host and port replaced by the relay's, its credentials and database kept (a
+    ``unix://`` socket's URL becomes a TCP one, its ``?db=`` the path's)."""
     parts = urlsplit(redis_url)
+    if parts.scheme == "unix":
+        db = parse_qs(parts.query).get("db", ["0"])[0]
+        return f"redis://127.0.0.1:{port}/{db}"
     credentials = parts.netloc.rpartition("@")[0]
     netloc = f"{credentials}@127.0.0.1:{port}" if credentials else f"127.0.0.1:{port}"
     return parts._replace(netloc=netloc).geturl()
@@ -91,6 +95,7 @@ class CountingProxy:
 
     def __init__(self, redis_url: str) -> None:
         parts = urlsplit(redis_url)
+        self.socket_path = parts.path if parts.scheme == "unix" else None  # the embedded Redis's
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 6379)
         self.redis_url = redis_url
         self.tally = Tally()
@@ -114,7 +119,10 @@ class CountingProxy:
     async def _connect(self, gateway_end: _End) -> None:
         loop = asyncio.get_running_loop()
         try:
-            _, redis_end = await loop.create_connection(lambda: _End(None), *self.upstream)
+            if self.socket_path is not None:
+                _, redis_end = await loop.create_unix_connection(lambda: _End(None), self.socket_path)
+            else:
+                _, redis_end = await loop.create_connection(lambda: _End(None), *self.upstream)
         except OSError:
             if gateway_end.transport is not None:
                 gateway_end.transport.close()

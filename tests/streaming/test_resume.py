@@ -107,6 +107,8 @@ async def test_resume_without_a_kept_turn_or_of_another_tenant(
     body = {"content": "hi", "model": "fake/echo"}
     response = await a.post(f"/v1/chats/{chat_id}/messages", headers=user, json=body)
     assert response.status_code == 200
+    # Kept a flush after its client had it all: until then, no turn to resume.
+    await eventually(lambda: _resumes(b, chat_id, user))
     assert (await resume(b, chat_id, other))[0] == 404  # a kept turn, but not theirs
     for bad in ("x", "-1", "1.5", "99999999999999999999"):
         response = await b.get(f"/v1/chats/{chat_id}/stream", headers={**user, "Last-Event-ID": bad})
