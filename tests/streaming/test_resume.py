@@ -205,14 +205,14 @@ async def test_the_deployment_default_lets_a_turn_continue_and_bounds_it(
         row = await reply_row(db, first[0].json()["assistant_message_id"])
         assert row["status"] == "complete" and row["content"] == text_of(first + rest)
         # Past GATEWAY_DETACHED_MAX_S unread, a turn ends there, what it streamed kept; ``cancel`` still cancels.
-        slow = await new_chat(client, user, model="fake/echo?tokens=2000&gap_ms=5")
+        slow = await new_chat(client, user, model="fake/echo?tokens=2000&gap_ms=20")
         first = await read_first(client, f"/v1/chats/{slow}/messages", user, {"content": "long one"}, 2)
         _, rest = await resume(client, slow, user, after=int(first[-1].id))
         assert rest[-1].event == "done" and rest[-1].json()["finish_reason"] == "client_disconnected"
         row = await reply_row(db, first[0].json()["assistant_message_id"])
         assert row["status"] == "cancelled" and row["content"] == text_of(first + rest)
         assert 2 < len(row["content"].split()) < 2000
-        cancelled = await new_chat(client, user, model="fake/echo?tokens=2000&gap_ms=5")
+        cancelled = await new_chat(client, user, model="fake/echo?tokens=2000&gap_ms=20")
         first = await read_first(client, f"/v1/chats/{cancelled}/messages", user,
                                  {"content": "stop when I go", "on_disconnect": "cancel"}, 2)
         _status, rest = await resume(client, cancelled, user, after=int(first[-1].id))
