@@ -210,7 +210,8 @@ class StreamRegistry:
 
     async def start(self) -> None:
         await self.recover(startup=True)
-        self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._maintain())]
+        self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._maintain()),
+                       asyncio.create_task(self._keep_alive())]
         await self._subscribed.wait()
 
     async def close(self, timeout_s: float) -> None:
@@ -255,8 +256,7 @@ class StreamRegistry:
         # writes only the turns that are due, so one statement never carries every stream at once (with
         # 1,000 streams, one 1,000-row UPDATE every 2 s stalled every stream's tokens past 200 ms).
         tick_s = self.settings.checkpoint_s / _CHECKPOINT_SLICES
-        # Leases and quota slots are renewed three times per lease (a pipeline of a command or two per
-        # stream: with 1,000 streams, 6% of a worker when it ran at every checkpoint).
+        # The sweep runs three times per lease; renewals have a loop of their own (``_keep_alive``).
         renew_every = max(1, int(self.settings.stream_lease_s / 3 / tick_s))
         tick = 0
         while True:
@@ -268,14 +268,22 @@ class StreamRegistry:
                 logger.warning("checkpointing streams failed; retrying next interval", exc_info=True)
             if tick % renew_every:
                 continue
-            # Renewed whatever the checkpoint did: while PostgreSQL is away the turns run on, and their leases
-            # and kept events must not lapse (resumers, and any instance's sweep, would take them for dead).
             try:
-                await self.renew()
                 await self.recover(startup=False)
                 await prune_chat_moves(self.pool)
             except _MAINTENANCE_FAILURES:
                 logger.warning("stream maintenance failed; retrying next interval", exc_info=True)
+
+    async def _keep_alive(self) -> None:
+        """Renew leases, slots and kept events three times a lease, on a loop of its own: while PostgreSQL
+        is away the turns run on, and a checkpoint waiting on it must not let them lapse (resumers, and
+        any instance's sweep, would take them for dead)."""
+        while True:
+            await asyncio.sleep(self.settings.stream_lease_s / 3)
+            try:
+                await self.renew()
+            except _MAINTENANCE_FAILURES:
+                logger.warning("renewing leases failed; retrying next interval", exc_info=True)
 
     # -- periodic work ----------------------------------------------------------------------------
 
