@@ -4,6 +4,9 @@ An adapter translates one vendor's wire format and nothing else: the gateway own
 pings, timeouts and cancellation. ``stream`` returns a ``ProviderStream``: an async iterator of event
 batches that can be switched to pushing them into a ``BatchSink``; closing it (``close``, ``aclose`` or
 cancelling the task that awaits it) must close the upstream connection at once.
+
+Past 400 lines because it is the vocabulary every adapter shares: the request, its events and its
+errors, each a few lines, apart from which no adapter can be read.
 """
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+"""The app as a whole: health and readiness, request ids, error envelopes, a worker's collector and preloads."""
+
 from __future__ import annotations
 
 import asyncio

@@ -22,6 +22,8 @@ the mid-stream ones): ``drop-first`` (the head sent, then the connection cut bef
 ``stall-first`` (the head, then silence), ``garbage-first``/``garbage-mid`` (bytes that are neither SSE nor
 JSON, then the end), ``shape-first``/``shape-mid`` (a well-formed SSE frame whose JSON is not an object),
 ``html`` (a 200 of ``text/html``, ended normally) and ``html-mid`` (two tokens, then an HTML page).
+
+Past 400 lines because it speaks three vendors' formats, each with its errors, reasoning and tools.
 """
 
 from __future__ import annotations

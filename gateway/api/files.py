@@ -12,6 +12,9 @@ fields). Parsed here, a request holds its one file in memory, never past the lim
 and the type is refused on the first bytes, before the rest is read.
 
 A file is its owner's alone: another's is answered like a missing one (404), in a send too.
+
+Past 400 lines because the upload is read here as it streams (``FormReader``), beside the endpoints whose
+limits it applies.
 """
 
 from __future__ import annotations

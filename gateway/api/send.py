@@ -1,4 +1,9 @@
-"""Sending a message: the turn is stored, the provider called, and the reply streamed over SSE."""
+"""Sending a message: the turn is stored, the provider called, and the reply streamed over SSE.
+
+``run_turn`` tells one turn top to bottom: admit, store the question, call, relay and checkpoint, settle,
+store the answer. Past 400 lines because the helpers it calls (the history it sends, the refusals, the
+turn's rows and their take-back) are read beside it.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Agent turns on the chat path: tools, tool results and reasoning, streamed, stored and sent back, against
-each vendor's fake (the real adapters) and the fake provider."""
+each vendor's fake (the real adapters) and the fake provider.
+
+Past 400 lines because each vendor's tools and reasoning are followed through stream, store and resend.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """Files: uploaded as a form or as the body itself, checked as they arrive, kept in PostgreSQL as their
 owner's alone, and sent to each vendor in its inline form with the message that attaches them and every
-later turn; the memory an upload takes, and every refusal leaving the database as it was."""
+later turn; the memory an upload takes, and every refusal leaving the database as it was.
+
+Past 400 lines because each vendor's inline form and each refusal of an upload is checked.
+"""
 
 from __future__ import annotations
 

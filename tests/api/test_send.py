@@ -1,4 +1,7 @@
-"""The streaming send path over real HTTP, PostgreSQL and Redis."""
+"""The streaming send path over real HTTP, PostgreSQL and Redis.
+
+Past 400 lines because the send path is the gateway's main story: every way a turn starts and ends.
+"""
 
 from __future__ import annotations
 

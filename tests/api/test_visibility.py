@@ -1,6 +1,9 @@
 """Chat visibility and share links over real HTTP, PostgreSQL and Redis: who may read a private, org or public
 chat through which route, that nobody but its owner changes it, what a share link shows (and nothing more),
-that a dead link stays dead on every instance, and that bad input changes nothing."""
+that a dead link stays dead on every instance, and that bad input changes nothing.
+
+Past 400 lines because each visibility is tried through every route that reads a chat.
+"""
 
 from __future__ import annotations
 

@@ -1,3 +1,8 @@
+"""Who a caller is: shared-secret and identity-provider tokens, the key set's cache, claims and roles.
+
+Past 400 lines because each of the identity provider's cases needs its own key set served over HTTP.
+"""
+
 from __future__ import annotations
 
 import asyncio

@@ -1,3 +1,5 @@
+"""/metrics: streams and refusals counted, summed over every worker."""
+
 from __future__ import annotations
 
 import re

@@ -1,3 +1,5 @@
+"""The vendor-side SSE decoder: line endings, split points, caps, whole-event reads."""
+
 from __future__ import annotations
 
 import pytest
