@@ -8,18 +8,22 @@ figures measured side by side compare.
 
 Run: .venv/bin/python bench/compare.py fde50df HEAD [--rounds 6] [--seconds 3] [--concurrency 1]
      [--paths chat,completions]
-At concurrency 1 it reports time to first token (p50, and added over direct); above, streams/s. The path
-``tls`` is completions with the upstream over https.
+At concurrency 1 it reports time to first token (p50, and added over direct); above, streams/s and the
+worker's CPU a stream; with ``--paced N``, the worker's CPU per token with N streams at 10 tokens/s; with
+``--memory LOW,HIGH``, once, each fresh gateway's memory per idle stream. The path ``tls`` is completions
+with the upstream over https. Each version's chats stay in the database until the end: a fresh database
+per A/B (the embedded default) keeps one A/B's chats out of the next one's figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import statistics
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import uvloop
@@ -53,6 +57,20 @@ def source_trees(versions: list[str]) -> Iterator[list[Path]]:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
 
 
+def measurement(args: argparse.Namespace) -> tuple[str, Callable[[Bench, str], Awaitable[dict[str, float]]]]:
+    """The figure the rounds compare and how one pass measures it: time to first token (concurrency 1),
+    streams/s (above), or with ``--paced`` the worker's CPU per token with that many streams at 10 tokens/s
+    (what bounds the capacity ladder, steadier than the ladder's stall count)."""
+    if args.paced:
+        async def paced(bench: Bench, path: str) -> dict[str, float]:
+            window = await bench.paced_window(args.paced, path=path)
+            await asyncio.sleep(1)  # let the gateway store the cancelled streams before the next pass
+            return {**window, "ttft_p99_ms": 0.0}
+        return "worker_us_per_token", paced
+    key = "ttft_p50_ms" if args.concurrency == 1 else "streams_per_s"
+    return key, lambda bench, path: bench.load_and_cpu(path, args.concurrency)
+
+
 async def compare(settings: Settings, versions: list[str], trees: list[Path], args: argparse.Namespace,
                   scratch: Path) -> None:
     pin_to(1)
@@ -62,7 +80,7 @@ async def compare(settings: Settings, versions: list[str], trees: list[Path], ar
     tls_mock = await start_mock(tls=tls_context)
     tls = TlsUpstream(tls_mock.sockets[0].getsockname()[1], cert_file)
     paths = args.paths.split(",")
-    key = "ttft_p50_ms" if args.concurrency == 1 else "streams_per_s"
+    key, measure = measurement(args)
     assert settings.database_url
     async with contextlib.AsyncExitStack() as stack:
         benches = []
@@ -74,26 +92,37 @@ async def compare(settings: Settings, versions: list[str], trees: list[Path], ar
             await bench.make_chats(max(args.concurrency, 100))
             await bench.seed()
             benches.append(bench)
+        if args.memory:  # on the fresh processes, once: a second pass would reuse the first one's memory
+            low, high = (int(v) for v in args.memory.split(","))
+            for n, bench in enumerate(benches):
+                memory = await bench.memory(low, high)
+                print(f"{versions[n]} memory: RSS before {memory['boot_mib']:.1f} MiB, "
+                      f"{memory['kib_per_idle_stream']:.2f} KiB per idle stream", flush=True)
         direct: list[float] = []
-        figures: dict[tuple[int, str], list[tuple[float, float]]] = {(n, p): [] for n in range(len(trees)) for p in paths}
+        figures: dict[tuple[int, str], list[dict[str, float]]] = {(n, p): [] for n in range(len(trees)) for p in paths}
         for round_ in range(args.rounds):
-            direct.append((await benches[0].load("direct", args.concurrency))[key])
+            if not args.paced:
+                direct.append((await benches[0].load("direct", args.concurrency))[key])
             order = range(len(trees)) if round_ % 2 == 0 else reversed(range(len(trees)))
             for n in order:
                 for path in paths:
-                    summary = await benches[n].load(path, args.concurrency)
-                    figures[n, path].append((summary[key], summary["ttft_p99_ms"]))
-            print(f"round {round_ + 1}: direct {direct[-1]:.3f}, " + ", ".join(
-                f"{versions[n]} {p} {figures[n, p][-1][0]:.3f}" for n in range(len(trees)) for p in paths), flush=True)
+                    figures[n, path].append(await measure(benches[n], path))
+            print(f"round {round_ + 1}: " + (f"direct {direct[-1]:.3f}, " if direct else "") + ", ".join(
+                f"{versions[n]} {p} {figures[n, p][-1][key]:.3f}" for n in range(len(trees)) for p in paths), flush=True)
     mock.close()
     tls_mock.close()
-    baseline = statistics.median(direct)
-    print(f"direct: median {baseline:.3f} {key}")
-    for (n, path), values in figures.items():
-        median = statistics.median(v for v, _ in values)
-        p99 = statistics.median(p for _, p in values)
-        added = f", added {median - baseline:+.3f} ms" if args.concurrency == 1 else ""
-        print(f"{versions[n]} {path}: median {median:.3f} {key}{added}; p99 TTFT median {p99:.2f} ms")
+    baseline = statistics.median(direct) if direct else 0.0
+    if direct:
+        print(f"direct: median {baseline:.3f} {key}")
+    for (n, path), passes in figures.items():
+        median = statistics.median(f[key] for f in passes)
+        added = f", added {median - baseline:+.3f} ms" if key == "ttft_p50_ms" else ""
+        if args.paced:
+            rest = f"; stalled {sum(f['stalled'] for f in passes):.0f} of {sum(f['opened'] for f in passes):.0f}"
+        else:
+            rest = (f"; p99 TTFT median {statistics.median(f['ttft_p99_ms'] for f in passes):.2f} ms; worker CPU "
+                    f"{statistics.median(f['worker_cpu_ms_per_stream'] for f in passes):.3f} ms a stream")
+        print(f"{versions[n]} {path}: median {median:.3f} {key}{added}{rest}")
 
 
 def main() -> None:
@@ -102,6 +131,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each measurement")
     parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--paced", type=int, default=0, help="streams at 10 tokens/s: compare the worker's CPU "
+                        "per token (paths: new-chat, completions)")
+    parser.add_argument("--memory", default="", help="LOW,HIGH idle streams: each fresh gateway's KiB per idle "
+                        "stream, measured once before the rounds")
     parser.add_argument("--paths", default="chat,completions", help="chat, chat-id (each message with a "
                         "client_message_id), completions, tls (completions over an https upstream) and/or new-chat")
     args = parser.parse_args()

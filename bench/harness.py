@@ -63,6 +63,7 @@ from storage.scripts import Script, ScriptClient
 SECRET = "bench-secret-" + "b" * 32
 UNPACED = "mock:tokens=64"
 PACED = "mock:tokens=100000&gap_ms=100"  # 10 tokens/s, longer than any measurement window
+PACED_RATE = 10  # tokens/s of a PACED stream
 IDLE = "mock:tokens=1&hold_ms=3600000"
 SEED_TURNS = 32  # 64 messages a chat before the statistics are taken (see Bench.seed)
 LEVELS = (500, 750, 1000, 1250, 1500, 2000, 3000, 4000, 5000, 6000, 8000, 10_000, 12_000, 16_000)
@@ -363,11 +364,11 @@ class Bench:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def paced_window(self, count: int, window: Callable[[], Awaitable[dict[str, float]]] | None = None,
-                           ) -> dict[str, float]:
+                           path: str = "new-chat") -> dict[str, float]:
         """``count`` paced streams through one measurement window with the harness's objects frozen: how
-        many opened and stalled in it, the gateway's RSS, and the figures ``window`` (else a sleep of
-        ``seconds``) returns."""
-        async with self.paced_streams(count) as sinks:
+        many opened and stalled in it, the gateway's RSS and its CPU per token, and the figures ``window``
+        (else a sleep of ``seconds``) returns."""
+        async with self.paced_streams(count, path) as sinks:
             sink = answered(sinks)
             with harness_frozen() as pauses:
                 window_start = {id(r): r.stalls for r in sink}
@@ -381,7 +382,8 @@ class Bench:
             rss_mib = rss_kib(self.pid) / 1024
         return {"streams": count, "opened": opened, "stalled": stalled, "stall_fraction": stalled / max(opened, 1),
                 "rss_mib": rss_mib, "harness_gc_max_ms": max(pauses, default=0.0) * 1000,
-                "worker_cpu_share": cpu_share, **figures}
+                "worker_cpu_share": cpu_share, "worker_us_per_token": cpu_share * 1e6 / max(opened * PACED_RATE, 1),
+                **figures}
 
     async def capacity(self, levels: tuple[int, ...]) -> list[dict[str, float]]:
         """Streams at 10 tokens/s, more at each level, until over 0.1% of them stall (a gap over 200 ms) or
