@@ -34,24 +34,7 @@ class SSEDecoder:
         self._max_event = max_event
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        """The events completed by ``chunk``.
-
-        A chunk of whole events (the usual read: each ends in a blank line, none left open before it) is
-        split on blank lines, and an event that is one ``data: `` line is taken whole; any other event in
-        it goes line by line. Anything else (an open event, a partial line, ``\\r``) takes the line path."""
-        if self._pending or self._data or self._name is not None or chunk[-2:] != b"\n\n" or b"\r" in chunk:
-            return self._feed_lines(chunk)
-        events: list[SSEEvent] = []
-        for block in chunk[:-2].split(b"\n\n"):
-            if block[:6] == b"data: " and b"\n" not in block and len(block) - 6 <= self._max_event:
-                events.append((None, block[6:]))
-            else:
-                for line in block.split(b"\n"):
-                    self._line(line, events)
-                self._line(b"", events)
-        return events
-
-    def _feed_lines(self, chunk: bytes) -> list[SSEEvent]:
+        """The events completed by ``chunk``."""
         lines = (self._pending + chunk).splitlines(keepends=True) if self._pending else chunk.splitlines(True)
         self._pending = b""
         # The last piece is incomplete without a line end; one ending in "\r" may yet become "\r\n".

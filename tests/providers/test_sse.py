@@ -1,4 +1,4 @@
-"""The vendor-side SSE decoder: line endings, split points, caps, whole-event reads."""
+"""The vendor-side SSE decoder: line endings, split points, caps, reads of whole events."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_line_and_event_caps() -> None:
 
 
 def test_whole_event_reads_decode_as_line_by_line() -> None:
-    # Reads that end on a blank line take the block path; one byte at a time never does.
+    # Reads that end on event boundaries (the usual read) give what one byte at a time gives.
     stream = (b"data: {\"a\": 1}\n\ndata:no-space\n\nevent: e\ndata: x\n\n: ping\n\ndata: 1\ndata: 2\n\n\n\n"
               b"data: last\n\n")
     by_byte = decode([bytes([b]) for b in stream])
