@@ -78,10 +78,32 @@ def parse_reply(data: bytes | bytearray, start: int) -> tuple[Any, int] | None:
     raise ConnectionError(f"Redis sent a reply of unknown type {chr(kind)!r}")
 
 
+class _Replies:
+    """A pipeline's replies, gathered into one future: an error reply kept as its exception, in its place."""
+
+    __slots__ = ("count", "future", "values")
+
+    def __init__(self, future: asyncio.Future[list[Any]], count: int) -> None:
+        self.future, self.count = future, count
+        self.values: list[Any] = []
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def set_exception(self, error: BaseException) -> None:
+        self.future.set_exception(error)
+
+    def take(self, value: Any) -> None:
+        self.values.append(value)
+        if len(self.values) == self.count and not self.future.done():
+            self.future.set_result(self.values)
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.pending: deque[asyncio.Future[Any]] = deque()
+        # What waits for replies, in order: a call's future, or a pipeline's ``_Replies`` (one per reply).
+        self.pending: deque[asyncio.Future[Any] | _Replies] = deque()
         self.buffer = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -98,13 +120,16 @@ class _Connection(asyncio.Protocol):
         self.transport.write(data)
         return reply
 
-    def send_many(self, data: bytes, count: int) -> list[asyncio.Future[Any]]:
+    def send_many(self, data: bytes, count: int) -> asyncio.Future[list[Any]]:
         assert self.transport is not None
-        loop = asyncio.get_running_loop()
-        replies = [loop.create_future() for _ in range(count)]
-        self.pending.extend(replies)
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        if not count:
+            future.set_result([])
+            return future
+        replies = _Replies(future, count)
+        self.pending.extend([replies] * count)
         self.transport.write(data)
-        return replies
+        return future
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
@@ -114,7 +139,9 @@ class _Connection(asyncio.Protocol):
             while self.pending and (parsed := parse_reply(buffer, start)) is not None:
                 value, start = parsed
                 reply = self.pending.popleft()
-                if not reply.done():  # its caller may have been cancelled; the reply is still consumed
+                if isinstance(reply, _Replies):
+                    reply.take(value)
+                elif not reply.done():  # its caller may have been cancelled; the reply is still consumed
                     if isinstance(value, ResponseError):
                         reply.set_exception(value)
                     else:
@@ -181,8 +208,7 @@ class ScriptClient:
         connection = self._connection
         if connection is None or not connection.usable:
             connection = await self._connect()
-        replies = connection.send_many(b"".join(commands), len(commands))
-        return list(await asyncio.gather(*replies, return_exceptions=True))
+        return await connection.send_many(b"".join(commands), len(commands))
 
     async def _connect(self) -> _Connection:
         if self._connecting is None or self._connecting.done():
