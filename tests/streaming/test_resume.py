@@ -12,6 +12,7 @@ import httpx
 import httpx_sse
 import orjson
 import pytest
+from redis.asyncio import Redis
 
 from gateway.embedded import embedded_redis
 from gateway.streaming.replay import kept_reply
@@ -173,7 +174,9 @@ async def test_a_frozen_reader_slows_no_other(
     assert row["status"] == "complete" and row["content"] == text_of(events)
 
 
-async def test_a_turn_has_at_most_its_readers(start_gateway: Callable[..., Any], user: dict[str, str]) -> None:
+async def test_a_turn_has_at_most_its_readers(
+    start_gateway: Callable[..., Any], user: dict[str, str], redis: Redis
+) -> None:
     async with start_gateway(max_readers_per_turn=1) as a, httpx.AsyncClient(base_url=a.url, timeout=30) as client:
         chat_id = await new_chat(client, user, model="fake/echo?tokens=200&gap_ms=10")
         async with client.stream("POST", f"/v1/chats/{chat_id}/messages", headers=user, json={"content": "x"}) as sent:
@@ -185,7 +188,11 @@ async def test_a_turn_has_at_most_its_readers(start_gateway: Callable[..., Any],
                 await anext(reading)
                 refused = await client.get(f"/v1/chats/{chat_id}/stream", headers=user)
                 assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_readers"
-            # The reader that left freed its place.
+            # The reader that left frees its place once its instance sees it gone (not by lapsing).
+            async def freed() -> bool:
+                places = [await redis.zcard(key) async for key in redis.scan_iter(match=f"*{{{chat_id}}}*:readers")]
+                return not any(places)  # its set empty, or gone
+            await eventually(freed, timeout=5)
             async with client.stream("GET", f"/v1/chats/{chat_id}/stream", headers=user) as second:
                 assert second.status_code == 200
                 rest = [event async for event in read_events(second)]
