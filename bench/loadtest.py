@@ -90,8 +90,8 @@ class Dechunker:
 
 
 def is_token(name: bytes | None, data: bytes) -> bool:
-    """A text delta: our chat stream's ``delta`` event, or an OpenAI chunk with content."""
-    return name == b"delta" or _TOKEN_FRAME in data
+    """A streamed delta: our chat stream's ``delta`` or ``reasoning`` event, or an OpenAI chunk with content."""
+    return name in (b"delta", b"reasoning") or _TOKEN_FRAME in data
 
 
 async def one_stream(

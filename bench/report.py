@@ -8,7 +8,8 @@ import re
 from typing import Any
 
 # The throughput scenarios' paths, as the results name them and as the table heads them.
-PATHS = {"direct": "direct", "completions": "completions", "tls": "completions TLS", "chat": "chat path"}
+PATHS = {"direct": "direct", "completions": "completions", "tls": "completions TLS", "chat": "chat path",
+         "agent": "agent turn"}
 STALL_LIMIT = 0.001  # a capacity level holds when at most this share of its streams stalled
 
 Row = str | list[str]  # a section's title, or a row of cells

@@ -37,18 +37,22 @@ from tests.test_cli import run_on_terminal
 WORDS = "one two three four five six seven"  # the fake echoes it as 7 deltas
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/chat"])
-async def test_the_closed_loop_counts_every_streams_tokens(gateway_url: str, path: str) -> None:
+@pytest.mark.parametrize(("path", "model", "tokens"), [
+    ("/v1/chat/completions", "fake/echo", 7),
+    ("/v1/chat", "fake/echo", 7),
+    ("/v1/chat", "fake/think", 9 + 7),  # "Thinking about: <the 7 words>" as reasoning deltas count too
+])
+async def test_the_closed_loop_counts_every_streams_tokens(gateway_url: str, path: str, model: str, tokens: int) -> None:
     headers = auth_headers(f"load-{uuid.uuid4().hex[:6]}", f"org-{uuid.uuid4().hex[:6]}")
     target = Target.of(gateway_url + path, headers["Authorization"].split()[1])
     if path == "/v1/chat":
-        body: dict[str, object] = {"message": WORDS, "model": "fake/echo"}
+        body: dict[str, object] = {"message": WORDS, "model": model}
     else:
-        body = {"model": "fake/echo", "stream": True, "messages": [{"role": "user", "content": WORDS}]}
+        body = {"model": model, "stream": True, "messages": [{"role": "user", "content": WORDS}]}
     report = await closed_loop(3, 0.3, lambda n: request_bytes(target, path, body), target)
     summary = report.summary()
     assert report.results and summary["errors"] == 0
-    assert all((r.status, r.tokens) == (200, 7) and r.ttft_s is not None for r in report.results)
+    assert all((r.status, r.tokens) == (200, tokens) and r.ttft_s is not None for r in report.results)
     assert summary["streams"] == len(report.results)
 
 
