@@ -242,6 +242,11 @@ async def erase_chat(pool: Pool, owner: Owner, chat_id: uuid.UUID) -> bool:
     return await pool.fetchval(SQL["erase_chat"], chat_id, owner.org_id, owner.user_id) is not None
 
 
+async def erase_empty_chat(pool: Pool, owner: Owner, chat_id: uuid.UUID) -> bool:
+    """Erase the chat if it holds no message (a refused first turn's); whether it did."""
+    return await pool.fetchval(SQL["erase_empty_chat"], chat_id, owner.org_id, owner.user_id) is not None
+
+
 async def erase_org(db: Executor, org_id: str) -> None:
     """Everything stored for an org: its chats, their messages and its usage ledger."""
     await db.execute(SQL["erase_org"], org_id)

@@ -76,6 +76,7 @@ from providers.base import (
 )
 from storage import chats, messages
 from storage.chats import ChatFields, Owner
+from storage.db import OUTAGES
 from storage.files import FileData, files_for_model
 from storage.messages import ChatBefore, HistoryMessage, NewTurn, TurnContext
 
@@ -202,6 +203,12 @@ async def send_chat(request: Request) -> Response:
             resolve_model(services.streams, body.model)
         fields = ChatFields(body.title, body.model or services.settings.default_model, body.system_prompt)
         chat_id = (await new_chat(services, owner, fields))["id"]
+        try:
+            return await run_turn(request, services, owner, chat_id, content, body)
+        except Exception:  # a refused first turn (quota, rate, files, ...) leaves no empty chat behind
+            with contextlib.suppress(*OUTAGES):
+                await chats.erase_empty_chat(services.pool, owner, chat_id)
+            raise
     return await run_turn(request, services, owner, chat_id, content, body)
 
 

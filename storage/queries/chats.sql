@@ -162,6 +162,11 @@ RETURNING id;
 -- name: erase_chat
 DELETE FROM chats WHERE id = $1 AND org_id = $2 AND user_id = $3 RETURNING id;
 
+-- name: erase_empty_chat
+-- A chat made for a first turn that was refused: taken back only while nothing was stored in it.
+DELETE FROM chats WHERE id = $1 AND org_id = $2 AND user_id = $3
+    AND NOT EXISTS (SELECT 1 FROM messages WHERE chat_id = $1) RETURNING id;
+
 -- name: erase_org
 -- Every chat of an org (its messages go with them), its files and its usage ledger.
 WITH ledger AS (DELETE FROM usage_ledger WHERE org_id = $1),

@@ -133,6 +133,24 @@ async def test_json_answer_holds_both_messages(client: httpx.AsyncClient, alice:
     assert body["assistant_message"]["chat_id"] == body["chat_id"]
 
 
+async def test_a_new_chat_whose_first_turn_is_refused_is_not_made(start_gateway: Any) -> None:
+    headers = auth_headers(f"u-{uuid.uuid4().hex[:6]}", f"org-{uuid.uuid4().hex[:6]}")
+    async with start_gateway(quota_user_tokens=100_000) as gateway, httpx.AsyncClient(base_url=gateway.url) as client:
+        refusals = [
+            ({"message": "x", "max_tokens": 1_000_000}, 429, "quota_exceeded"),
+            ({"message": "x", "attachments": [{"file_id": str(uuid.uuid4())}]}, 404, "file_not_found"),
+        ]
+        for body, status, code in refusals:
+            refused = await client.post("/v1/chat", headers=headers, json=body)
+            assert (refused.status_code, refused.json()["error"]["code"]) == (status, code)
+        listed = await client.get("/v1/chats", headers=headers)
+        assert listed.json()["total"] == 0
+        made = await client.post("/v1/chat", headers={**headers, "Accept": "application/json"}, json={"message": "hi"})
+        assert made.status_code == 200
+        assert [chat["id"] for chat in (await client.get("/v1/chats", headers=headers)).json()["items"]] \
+            == [made.json()["chat_id"]]
+
+
 async def test_client_disconnect_closes_the_provider_and_keeps_what_was_sent(
     client: httpx.AsyncClient, alice: dict[str, str], db: Pool, gateway: Gateway
 ) -> None:
