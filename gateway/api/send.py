@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Mapping
 from typing import Any
 
 import asyncpg
@@ -203,13 +203,21 @@ async def send_chat(request: Request) -> Response:
             resolve_model(services.streams, body.model)
         fields = ChatFields(body.title, body.model or services.settings.default_model, body.system_prompt)
         chat_id = (await new_chat(services, owner, fields))["id"]
-        try:
+        async with taken_back_if_refused(services, owner, chat_id):
             return await run_turn(request, services, owner, chat_id, content, body)
-        except Exception:  # a refused first turn (quota, rate, files, ...) leaves no empty chat behind
-            with contextlib.suppress(*OUTAGES):
-                await chats.erase_empty_chat(services.pool, owner, chat_id)
-            raise
     return await run_turn(request, services, owner, chat_id, content, body)
+
+
+@contextlib.asynccontextmanager
+async def taken_back_if_refused(services: Services, owner: Owner, chat_id: uuid.UUID) -> AsyncIterator[None]:
+    """A chat made for its first turn is erased again when the turn is refused (a quota, a rate, a file not
+    found, ...): a refusal leaves no empty chat behind. One that holds a message stays."""
+    try:
+        yield
+    except Exception:
+        with contextlib.suppress(*OUTAGES):
+            await chats.erase_empty_chat(services.pool, owner, chat_id)
+        raise
 
 
 async def stop_stream(request: Request) -> Response:

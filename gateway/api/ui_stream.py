@@ -43,7 +43,7 @@ from gateway.api.schemas import (
     parse_body,
     validation_details,
 )
-from gateway.api.send import checked_content, run_turn
+from gateway.api.send import checked_content, run_turn, taken_back_if_refused
 from gateway.edge.errors import ValidationFailed
 from gateway.services import services_of
 from gateway.streaming.turns import Turn, call_input
@@ -243,6 +243,9 @@ async def ui_chat(request: Request) -> Response:
     if await chats.get_chat(services.pool, owner, chat_id) is None:
         fields = ChatFields(None, body.model or services.settings.default_model, None, {"client_chat_id": body.id})
         await new_chat(services, owner, fields, chat_id)
+        async with taken_back_if_refused(services, owner, chat_id):
+            return await run_turn(request, services, owner, chat_id, content, options, UIMessageChunks(results),
+                                  HEADERS, results)
     return await run_turn(request, services, owner, chat_id, content, options, UIMessageChunks(results), HEADERS,
                           results)
 

@@ -16,7 +16,7 @@ from gateway.api.ui_stream import chat_id_for
 from gateway.edge.auth import mint_token
 from storage.chats import Owner
 from storage.db import Pool
-from tests.conftest import JWT_SECRET
+from tests.conftest import JWT_SECRET, auth_headers
 
 JS = Path(__file__).parent.parent / "js"
 
@@ -87,6 +87,18 @@ async def test_resume_answers_204_and_headers_name_the_protocol(client: httpx.As
     assert response.text.endswith("data: [DONE]\n\n")
     bad = await client.post("/v1/ui/chat", headers=alice, json={"id": "c1", "messages": []})
     assert bad.status_code == 422
+
+
+async def test_a_refused_first_turn_leaves_no_chat(client: httpx.AsyncClient) -> None:
+    headers = auth_headers(f"u-{uuid.uuid4().hex[:6]}", f"org-{uuid.uuid4().hex[:6]}")
+    message = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}
+    refused = await client.post("/v1/ui/chat", headers=headers, json={
+        "id": "new-chat", "model": "nowhere/model", "messages": [message]})
+    assert refused.status_code == 404, refused.text
+    assert (await client.get("/v1/chats", headers=headers)).json()["total"] == 0
+    answered = await client.post("/v1/ui/chat", headers=headers, json={"id": "new-chat", "messages": [message]})
+    assert answered.text.endswith("data: [DONE]\n\n")
+    assert (await client.get("/v1/chats", headers=headers)).json()["total"] == 1
 
 
 async def test_a_client_side_tool_loop_through_the_sdk(node_ai: Path, gateway_url: str, db: Pool) -> None:
