@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import gc
 import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from redis.asyncio import Redis
 from starlette.applications import Starlette
@@ -23,7 +25,7 @@ from gateway.edge.logs import configure_logging
 from gateway.edge.middleware import BODY_SEND, RESPONSE_REST, RequestContextMiddleware
 from gateway.embedded import resolve_jwt_secret
 from gateway.services import Services
-from gateway.settings import Settings, load_settings
+from gateway.settings import WORKER_NUMBERS, Settings, load_settings
 from gateway.streaming.admission import QuotaGuard
 from gateway.streaming.registry import StreamRegistry
 from gateway.streaming.titles import TitleModel, TitleWriter
@@ -65,7 +67,7 @@ class Gateway(Starlette):
 
 
 def create_app(settings: Settings | None = None, providers: ProviderRegistry | None = None) -> Starlette:
-    settings = settings or load_settings()
+    settings = worker_settings(settings or load_settings())
     configure_logging(settings.log_level, settings.log_format)
     if not settings.database_url or not settings.redis_url:
         raise RuntimeError(
@@ -88,6 +90,7 @@ def create_app(settings: Settings | None = None, providers: ProviderRegistry | N
         streams = StreamRegistry(settings, pool, redis, quotas, providers)
         titles = TitleWriter(title_model, streams) if title_model else None
         await streams.start()
+        logger.info("worker serving", extra={"instance_id": streams.instance_id, "pid": os.getpid()})
         app.state.services = Services(settings, pool, redis, providers, streams, quotas, titles)
         gc.set_threshold(settings.gc_young_threshold, *gc.get_threshold()[1:])
         # What the worker built to serve (modules, routes, pools: 64,000 objects) lives as long as it does:
@@ -125,6 +128,37 @@ def create_app(settings: Settings | None = None, providers: ProviderRegistry | N
     app.state.settings = settings
     app.state.providers = providers
     return app
+
+
+def worker_settings(settings: Settings) -> Settings:
+    """A stable ``GATEWAY_INSTANCE_ID`` shared by the workers of one ``gateway serve --workers N`` becomes
+    ``<id>.<n>``, n the worker's number: each worker's streams are its own (a starting worker takes the
+    streams under its id for dead ones), and a worker restarted in a dead one's place takes its number, so
+    reclaims its streams at once."""
+    folder = os.environ.get(WORKER_NUMBERS)
+    if not folder or not settings.instance_id:
+        return settings
+    return settings.model_copy(update={"instance_id": f"{settings.instance_id}.{take_worker_number(Path(folder))}"})
+
+
+_numbers_held: list[int] = []  # the locked files' descriptors: open as long as the process lives
+
+
+def take_worker_number(folder: Path) -> int:
+    """The lowest number no living process holds in ``folder``: a lock on ``<n>.lock`` that lasts as long as
+    this process, freed by the system when it ends, however it ends."""
+    folder.mkdir(parents=True, exist_ok=True)
+    number = 0
+    while True:
+        fd = os.open(folder / f"{number}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            number += 1
+            continue
+        _numbers_held.append(fd)
+        return number
 
 
 def quota_store(settings: Settings, pool: Pool, redis: Redis) -> QuotaStore:

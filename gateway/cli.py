@@ -16,7 +16,7 @@ import uvicorn
 from gateway.edge.auth import mint_token
 from gateway.edge.logs import configure_logging
 from gateway.embedded import database_or_embedded, resolve_jwt_secret, with_services
-from gateway.settings import Settings, SettingsError, load_settings
+from gateway.settings import WORKER_NUMBERS, Settings, SettingsError, load_settings
 from storage.migrations import migrate
 
 logger = logging.getLogger("gateway.cli")
@@ -34,6 +34,7 @@ def serve(settings: Settings, args: argparse.Namespace) -> None:
     resolve_jwt_secret(settings)  # create the dev secret once, before any worker reads it
     if args.workers > 1:
         prepare_multiprocess_metrics(settings.data_dir / "metrics")
+        os.environ[WORKER_NUMBERS] = str((settings.data_dir / "workers").resolve())
     with with_services(settings) as ready:
         # Workers build the app from the environment, so hand them the URLs of any embedded service.
         os.environ["GATEWAY_DATABASE_URL"] = ready.database_url or ""

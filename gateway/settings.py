@@ -8,6 +8,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Set by `gateway serve --workers N` for its workers: the folder where each takes its number (gateway/app.py).
+WORKER_NUMBERS = "GATEWAY_WORKER_NUMBERS"
+
 
 class SettingsError(Exception):
     """A setting is missing or malformed; the message names the environment variable."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from gateway.settings import Settings
@@ -131,3 +134,24 @@ async def test_sigkill_then_restart_marks_the_reply_interrupted_and_frees_the_ch
             )
     assert again.status_code == 200
     assert again.json()["assistant_message"]["content"] == "after the crash"
+
+
+def workers_serving(log: list[str]) -> dict[int, str]:
+    """The instance id each worker process logged when it began to serve, by its pid."""
+    lines = [orjson.loads(line) for line in log if '"worker serving"' in line]
+    return {line["pid"]: line["instance_id"] for line in lines}
+
+
+async def test_the_workers_of_one_serve_have_ids_of_their_own_and_a_restarted_one_takes_its_predecessors(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    node = f"node-{uuid.uuid4().hex[:6]}"
+    served = {**env, "GATEWAY_INSTANCE_ID": node, "GATEWAY_DATA_DIR": str(tmp_path)}
+    async with gateway_process(served, "--workers", "2") as gateway:
+        serving = workers_serving(gateway.log)
+        assert sorted(serving.values()) == [f"{node}.0", f"{node}.1"]
+        pid, its_id = next(iter(serving.items()))
+        os.kill(pid, signal.SIGKILL)  # uvicorn starts another worker in its place
+        await gateway.wait_for_line('"worker serving"', timeout=60, count=3)
+        restarted = [i for p, i in workers_serving(gateway.log).items() if p not in serving]
+        assert restarted == [its_id]  # the streams left under the dead worker's id are the new one's to reclaim
