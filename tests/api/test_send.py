@@ -151,6 +151,19 @@ async def test_a_new_chat_whose_first_turn_is_refused_is_not_made(start_gateway:
             == [made.json()["chat_id"]]
 
 
+async def test_a_reply_of_millions_of_characters_is_stored_whole(
+    client: httpx.AsyncClient, alice: dict[str, str], db: Pool
+) -> None:
+    word = "w" * 10_000  # max_tokens bounds a reply in tokens, not in characters: a token can be long
+    answer = await client.post("/v1/chat", headers={**alice, "Accept": "application/json"},
+                               json={"message": word, "model": "fake/echo?tokens=300"})
+    assert answer.status_code == 200, answer.text[:300]
+    reply = answer.json()["assistant_message"]
+    assert reply["status"] == "complete" and len(reply["content"]) > 3_000_000
+    row = await reply_row(db, reply["id"])
+    assert row["content"] == reply["content"]
+
+
 async def test_client_disconnect_closes_the_provider_and_keeps_what_was_sent(
     client: httpx.AsyncClient, alice: dict[str, str], db: Pool, gateway: Gateway
 ) -> None:
