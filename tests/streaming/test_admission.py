@@ -501,7 +501,7 @@ async def test_admin_sets_limits_for_users_of_its_org(client: httpx.AsyncClient)
 async def test_the_admission_script_refuses_a_bad_count_before_writing(
     store_for: StoreFor, subject: tuple[str, str], estimate: Any
 ) -> None:
-    """Finding 5, in Redis: the scripts check their numbers before any write."""
+    """In Redis: the scripts check their numbers before any write."""
     org_id, user_id = subject
     store = store_for(Clock(datetime.now(UTC)), user_tokens=1000)
     with pytest.raises(ResponseError):
@@ -513,7 +513,7 @@ async def test_the_admission_script_refuses_a_bad_count_before_writing(
 async def test_a_script_error_is_never_taken_for_an_outage(
     store_for: StoreFor, subject: tuple[str, str]
 ) -> None:
-    """Finding 5: with ``GATEWAY_QUOTA_FAIL_MODE=open`` a script error was taken for an outage and the check
+    """with ``GATEWAY_QUOTA_FAIL_MODE=open`` a script error was taken for an outage and the check
     skipped. It is a 500: the stream never goes ahead unchecked."""
     org_id, user_id = subject
     guard = QuotaGuard(store_for(Clock(datetime.now(UTC)), user_tokens=1000), "open", 1024)

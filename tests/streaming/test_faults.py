@@ -191,7 +191,7 @@ async def test_a_vendor_fault_ends_the_reply_and_frees_its_reservation_and_slot(
 async def test_a_turn_that_fails_with_any_error_frees_its_reservation_and_slot(
     http: httpx.AsyncClient, db: Pool, model: str
 ) -> None:
-    # Security review, finding 1: an exception other than a ProviderError (the fake's option "abc" read as
+    # An exception other than a ProviderError (the fake's option "abc" read as
     # a status; a non-ASCII model id in Gemini's URL) left the turn's tokens reserved, its stream slot taken
     # and its reply "streaming", for good. A refusal up front, before admission, is fine too.
     headers = auth_headers(f"u-{uuid.uuid4().hex[:8]}", f"org-{uuid.uuid4().hex[:8]}")
@@ -215,7 +215,7 @@ async def test_a_turn_that_fails_with_any_error_frees_its_reservation_and_slot(
 async def test_an_adapter_that_raises_anything_still_ends_its_turn(
     http: httpx.AsyncClient, db: Pool, where: str, accept: str
 ) -> None:
-    # Security review, finding 1, at its root: any exception out of an adapter ends the turn the one way a
+    # Any exception out of an adapter ends the turn the one way a
     # provider error does (reply final, slot and reservation freed), streamed or answered as JSON.
     headers = auth_headers(f"u-{uuid.uuid4().hex[:8]}", f"org-{uuid.uuid4().hex[:8]}")
     chat_id = await new_chat(http, headers)

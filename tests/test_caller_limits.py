@@ -1,9 +1,9 @@
-"""Regressions of the security review: each test is named after what a signed-in caller could do, and
-reproduces it against a running gateway over real HTTP, PostgreSQL and Redis.
+"""What a signed-in caller cannot do: charge past max_tokens or a budget, steer a vendor request with a model
+id, pass an unknown finish reason on, overspend an org's budget with concurrent sends, or get a 5xx other than
+a 503 while PostgreSQL is down; each tried against a running gateway over real HTTP, PostgreSQL and Redis.
 
-Finding 1 (a failing turn kept its reservation and slot) is pinned per vendor in tests/streaming/test_faults.py;
-finding 5's scripts in tests/streaming/test_admission.py; finding 7 (tokens from an identity provider) in
-tests/edge/test_auth.py.
+A failing turn's reservation and slot are held to account per vendor in tests/streaming/test_faults.py, the
+quota scripts in tests/streaming/test_admission.py, identity-provider tokens in tests/edge/test_auth.py.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ async def usage(http: httpx.AsyncClient, headers: dict[str, str]) -> dict[str, A
 
 
 async def test_the_fake_cannot_charge_past_max_tokens_or_a_users_budget(start_gateway: Any) -> None:
-    """Finding 2: ``fake/echo?tokens=200000`` with ``max_tokens: 10`` was admitted for a 5,000-token budget
+    """``fake/echo?tokens=200000`` with ``max_tokens: 10`` was admitted for a 5,000-token budget
     and charged 200,001 tokens. The fake now stops at max_tokens like a vendor (and refuses more than
     100,000 tokens: tests/providers/test_fake.py)."""
     headers = caller()
@@ -60,7 +60,7 @@ async def test_the_fake_cannot_charge_past_max_tokens_or_a_users_budget(start_ga
 async def test_a_model_id_cannot_steer_a_vendor_request(
     start_gateway: Any, vendors: dict[str, Any], model: str
 ) -> None:
-    """Finding 3: ``gemini/x:countTokens?key=abc#`` made the gateway call another method with the operator's
+    """``gemini/x:countTokens?key=abc#`` made the gateway call another method with the operator's
     key, and ``../`` walked the path. Such ids are 404 ``model_not_found`` before anything is reserved, and
     no request leaves for the vendor."""
     headers = caller()
@@ -81,7 +81,7 @@ async def test_a_model_id_cannot_steer_a_vendor_request(
 async def test_a_model_id_reaches_the_vendor_url_as_one_escaped_segment(
     start_gateway: Any, vendors: dict[str, Any]
 ) -> None:
-    """Finding 3, the other half: ``gemini/€`` (the request line's encoding failed, and the turn kept its
+    """A model id that does not encode: ``gemini/€`` (the request line's encoding failed, and the turn kept its
     slot) is sent escaped, and the vendor's answer (here: no such scenario, a normal stream) is relayed."""
     server = vendors["gemini"][0]
     async with vendor_gateway(start_gateway, vendors) as gateway, httpx.AsyncClient(base_url=gateway.url) as http:
@@ -92,7 +92,7 @@ async def test_a_model_id_reaches_the_vendor_url_as_one_escaped_segment(
 
 
 async def test_an_unknown_finish_reason_reaches_neither_metrics_nor_the_store(start_gateway: Any) -> None:
-    """Finding 4: ``fake/echo?finish=anything`` put an unbounded label on /metrics and failed the
+    """``fake/echo?finish=anything`` put an unbounded label on /metrics and failed the
     database's check, leaving the reply ``streaming`` with no usage row. It is refused (422); the labels the
     metrics carry come from a closed set."""
     headers = caller()
@@ -112,7 +112,7 @@ async def test_an_unknown_finish_reason_reaches_neither_metrics_nor_the_store(st
 async def test_max_tokens_past_a_million_is_refused_on_every_path(
     client: httpx.AsyncClient, alice: dict[str, str], field: str
 ) -> None:
-    """Finding 5: ``max_tokens: 9223372036854775807`` on /v1/chat/completions failed the quota script (503)
+    """``max_tokens: 9223372036854775807`` on /v1/chat/completions failed the quota script (503)
     and left a float reservation in Redis."""
     completion = await client.post("/v1/chat/completions", headers=alice, json={
         "model": "fake/echo", "messages": [{"role": "user", "content": "hi"}], field: 9223372036854775807})
@@ -124,7 +124,7 @@ async def test_max_tokens_past_a_million_is_refused_on_every_path(
 
 
 async def test_a_reply_without_max_tokens_ends_when_the_budget_runs_out(start_gateway: Any, db: Pool) -> None:
-    """Finding 6: with no ``max_tokens``, 1,024 tokens were reserved and the output ran on unbounded. The
+    """with no ``max_tokens``, 1,024 tokens were reserved and the output ran on unbounded. The
     reservation grows as the answer streams; when the budget covers no more, the stream ends with
     ``error quota_exceeded`` and the partial is kept."""
     headers = caller()
@@ -144,7 +144,7 @@ async def test_a_reply_without_max_tokens_ends_when_the_budget_runs_out(start_ga
 
 
 async def test_fifty_sends_at_an_orgs_budget_overspend_it_by_at_most_a_batch_each(start_gateway: Any) -> None:
-    """Finding 6, under concurrency: an org at its budget, 50 sends without ``max_tokens`` at once."""
+    """Under concurrency: an org at its budget, 50 sends without ``max_tokens`` at once."""
     org = f"org-{uuid.uuid4().hex[:6]}"
     budget = 20_000
     async with start_gateway(quota_org_tokens=budget, quota_default_max_tokens=300) as gateway, \
@@ -230,7 +230,7 @@ async def test_postgres_down_is_a_503_with_retry_after_on_every_route(
 
 
 async def test_a_deployment_can_remove_the_fake_provider(start_gateway: Any) -> None:
-    """Finding 2's switch: ``GATEWAY_FAKE_PROVIDER=false`` (compose.yaml sets it) leaves no keyless model."""
+    """The fake's switch: ``GATEWAY_FAKE_PROVIDER=false`` (compose.yaml sets it) leaves no keyless model."""
     headers = caller()
     async with start_gateway(fake_provider=False) as gateway, httpx.AsyncClient(base_url=gateway.url) as http:
         sent = await http.post("/v1/chat", headers=headers, json={"message": "hi", "model": "fake/echo"})
