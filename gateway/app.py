@@ -1,4 +1,5 @@
-"""The Starlette application and its lifespan."""
+"""The Starlette application and its lifespan, the providers it is built with, and under ``gateway serve
+--workers N`` each worker's number (``worker_settings``)."""
 
 from __future__ import annotations
 
@@ -93,9 +94,9 @@ def create_app(settings: Settings | None = None, providers: ProviderRegistry | N
         logger.info("worker serving", extra={"instance_id": streams.instance_id, "pid": os.getpid()})
         app.state.services = Services(settings, pool, redis, providers, streams, quotas, titles)
         gc.set_threshold(settings.gc_young_threshold, *gc.get_threshold()[1:])
-        # What the worker built to serve (modules, routes, pools: 64,000 objects) lives as long as it does:
-        # frozen, it is left out of every full collection, which then walks only what came since (16-20 ms
-        # less a pause, for every stream of the worker).
+        # What the worker built to serve (modules, routes, pools: about 75,000 objects) lives as long as it
+        # does: frozen, it is left out of every full collection, which then walks only what came since (11 ms
+        # less a pause for every stream of the worker; docs/performance.md).
         gc.collect()
         gc.freeze()
         try:

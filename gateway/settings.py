@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     jwt_org_claim: str = Field(default="org", min_length=1)
     jwt_role_claim: str = Field(default="role", min_length=1)
     default_model: str = "fake/echo"
-    # A model that writes a chat's title after its first reply (unless the user named the chat); unset: the
+    # A model that writes a chat's title beside its first turn (unless the user named the chat); unset: the
     # first message, cut, is the title.
     title_model: str | None = None
     fake_provider: bool = True  # the keyless ``fake/...`` models; a production deployment turns them off

@@ -1,1 +1,2 @@
-"""The HTTP routes, one module per resource, with the request and answer models they validate."""
+"""The HTTP routes, one module per resource; ``schemas`` holds the request models they validate, ``openapi``
+the answer models and the description of every route."""

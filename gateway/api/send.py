@@ -1,7 +1,8 @@
 """Sending a message: the turn is stored, the provider called, and the reply streamed over SSE.
 
-``run_turn`` tells one turn top to bottom: admit, store the question, call, relay and checkpoint, settle,
-store the answer. Past 400 lines because the helpers it calls (the history it sends, the refusals, the
+``run_turn`` tells a turn's start top to bottom: admit it as its chat is read, store the question while
+the provider is called, and hand the turn to its response. Its relay and checkpoints (gateway/streaming: sse,
+registry), its settling and the answer's store (``StreamRegistry.finish``) follow there. Past 400 lines because the helpers it calls (the history it sends, the refusals, the
 turn's rows and their take-back) are read beside it.
 """
 

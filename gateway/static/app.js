@@ -1,4 +1,6 @@
 // The Streamgate demo page: a token, the caller's chats, and replies streamed over fetch.
+// Past 400 lines because the page is one script with no build step: chats, the composer, files, streaming and
+// its resumes, each a few functions.
 const $ = (id) => document.getElementById(id);
 const state = { token: sessionStorage.getItem("streamgate-token") || "", chatId: null, chat: null, abort: null, trash: false, attached: null };
 // How long to wait before each try to pick up a stream the network dropped; then the page gives up.

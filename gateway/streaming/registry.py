@@ -6,8 +6,8 @@
   lease simply expires.
 - Stop from anywhere: ``POST /stop`` publishes the chat id on ``<prefix>stop``; the instance running that
   chat interrupts its turn.
-- Checkpoints: every ``checkpoint_s`` the text every turn streamed since its last checkpoint is appended to
-  its reply, for all of them in one statement; a turn with reasoning or tool calls also has its parts
+- Checkpoints: every ``checkpoint_s`` the text each turn streamed since its last checkpoint is appended to
+  its reply, a quarter of the due turns every ``checkpoint_s``/4, each quarter in one statement; a turn with reasoning or tool calls also has its parts
   (text included) written whole, as a piece of reasoning or a call's arguments grows in place.
 - Kept events (storage/tapes.py): with ``GATEWAY_RESUMABLE``, every frame of a chat turn is kept in Redis
   for resumers; the registry renews the keys of this worker's turns and readers with the leases.
