@@ -242,9 +242,10 @@ async def erase_chat(pool: Pool, owner: Owner, chat_id: uuid.UUID) -> bool:
     return await pool.fetchval(SQL["erase_chat"], chat_id, owner.org_id, owner.user_id) is not None
 
 
-async def erase_empty_chat(pool: Pool, owner: Owner, chat_id: uuid.UUID) -> bool:
-    """Erase the chat if it holds no message (a refused first turn's); whether it did."""
-    return await pool.fetchval(SQL["erase_empty_chat"], chat_id, owner.org_id, owner.user_id) is not None
+async def erase_empty_chat(pool: Pool, owner: Owner, chat_id: uuid.UUID, made_at: datetime) -> bool:
+    """Erase the chat if it holds no message and is as it was made at ``made_at`` (its ``updated_at``): a
+    refused first turn's. Whether it did."""
+    return await pool.fetchval(SQL["erase_empty_chat"], chat_id, owner.org_id, owner.user_id, made_at) is not None
 
 
 async def erase_org(db: Executor, org_id: str) -> None:

@@ -47,6 +47,7 @@ from gateway.edge.errors import (
     DuplicateMessage,
     GatewayError,
     NotFound,
+    StreamAlreadyActive,
     ValidationFailed,
 )
 from gateway.edge.metrics import timed
@@ -203,21 +204,31 @@ async def send_chat(request: Request) -> Response:
         if body.model:  # an unknown model is a 404 before its chat is made, not after
             resolve_model(services.streams, body.model)
         fields = ChatFields(body.title, body.model or services.settings.default_model, body.system_prompt)
-        chat_id = (await new_chat(services, owner, fields))["id"]
-        async with taken_back_if_refused(services, owner, chat_id):
-            return await run_turn(request, services, owner, chat_id, content, body)
+        chat = await new_chat(services, owner, fields)
+        async with taken_back_if_refused(services, owner, chat):
+            return await run_turn(request, services, owner, chat["id"], content, body)
     return await run_turn(request, services, owner, chat_id, content, body)
 
 
+# What a write to PostgreSQL can fail with: its errors, and its outages.
+STORE_FAILURES: tuple[type[Exception], ...] = (asyncpg.PostgresError, *OUTAGES)
+
+
 @contextlib.asynccontextmanager
-async def taken_back_if_refused(services: Services, owner: Owner, chat_id: uuid.UUID) -> AsyncIterator[None]:
-    """A chat made for its first turn is erased again when the turn is refused (a quota, a rate, a file not
-    found, ...): a refusal leaves no empty chat behind. One that holds a message stays."""
+async def taken_back_if_refused(services: Services, owner: Owner, chat: Mapping[str, Any]) -> AsyncIterator[None]:
+    """A chat made for its first turn (``chat``, as ``new_chat`` made it) is erased again when the turn is
+    refused (a quota, a rate, a file not found, ...): a refusal leaves no empty chat behind. A chat that holds
+    a message, or that another request's turn is using, stays."""
     try:
         yield
+    except StreamAlreadyActive:  # another request's turn holds the chat
+        raise
     except Exception:
-        with contextlib.suppress(*OUTAGES):
-            await chats.erase_empty_chat(services.pool, owner, chat_id)
+        try:
+            await chats.erase_empty_chat(services.pool, owner, chat["id"], chat["updated_at"])
+        except STORE_FAILURES:
+            logger.warning("a refused first turn's chat could not be taken back", exc_info=True,
+                           extra={"chat": str(chat["id"])})
         raise
 
 

@@ -242,8 +242,8 @@ async def ui_chat(request: Request) -> Response:
     chat_id = chat_id_for(owner, body.id)
     if await chats.get_chat(services.pool, owner, chat_id) is None:
         fields = ChatFields(None, body.model or services.settings.default_model, None, {"client_chat_id": body.id})
-        await new_chat(services, owner, fields, chat_id)
-        async with taken_back_if_refused(services, owner, chat_id):
+        chat = await new_chat(services, owner, fields, chat_id)
+        async with taken_back_if_refused(services, owner, chat):
             return await run_turn(request, services, owner, chat_id, content, options, UIMessageChunks(results),
                                   HEADERS, results)
     return await run_turn(request, services, owner, chat_id, content, options, UIMessageChunks(results), HEADERS,

@@ -163,8 +163,10 @@ RETURNING id;
 DELETE FROM chats WHERE id = $1 AND org_id = $2 AND user_id = $3 RETURNING id;
 
 -- name: erase_empty_chat
--- A chat made for a first turn that was refused: taken back only while nothing was stored in it.
-DELETE FROM chats WHERE id = $1 AND org_id = $2 AND user_id = $3
+-- A chat made for a first turn that was refused: taken back only while nothing was stored in it and it is
+-- as it was made ($4, its updated_at then). A turn another request stores moves updated_at; a DELETE that
+-- waited for that turn's commit checks the row as it committed, so it leaves that chat alone.
+DELETE FROM chats WHERE id = $1 AND org_id = $2 AND user_id = $3 AND updated_at = $4
     AND NOT EXISTS (SELECT 1 FROM messages WHERE chat_id = $1) RETURNING id;
 
 -- name: erase_org

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from storage.chats import ChatFields, Owner, create_chat, erase_org
+from storage.chats import ChatFields, Owner, create_chat, erase_empty_chat, erase_org
 from storage.db import Pool
 from storage.files import NewFile, insert_file
 from storage.messages import (
@@ -424,3 +424,20 @@ async def test_erasing_an_org_takes_its_chats_messages_files_and_ledger_and_noth
     await erase_org(db, gone.org_id)
     assert await rows(gone) == [0, 0, 0, 0]
     assert await rows(kept) == [2, 4, 2, 1]
+
+
+async def test_a_refused_first_turns_chat_is_taken_back_only_while_empty_and_as_it_was_made(db: Pool) -> None:
+    owner = Owner(f"org-{uuid.uuid4().hex[:6]}", "first-turn")
+    made = await create_chat(db, owner, ChatFields(None, "fake/echo", None), None)
+    # Another request's turn stored in it moves it (and leaves a message): the refused one leaves it alone.
+    turn = NewTurn(made["id"], uuid.uuid4(), uuid.uuid4(), "theirs", "t", "fake/echo", [], None, {})
+    assert await insert_turn(db, owner, turn)
+    assert not await erase_empty_chat(db, owner, made["id"], made["updated_at"])
+    # Moved but empty (its turn taken back with the chat left as it was then): still not as it was made.
+    await db.execute("DELETE FROM messages WHERE chat_id = $1", made["id"])
+    assert not await erase_empty_chat(db, owner, made["id"], made["updated_at"])
+    assert await db.fetchval("SELECT count(*) FROM chats WHERE id = $1", made["id"]) == 1
+    # As it was made, and empty: erased.
+    fresh = await create_chat(db, owner, ChatFields(None, "fake/echo", None), None)
+    assert await erase_empty_chat(db, owner, fresh["id"], fresh["updated_at"])
+    assert await db.fetchval("SELECT count(*) FROM chats WHERE id = $1", fresh["id"]) == 0
