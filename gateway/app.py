@@ -8,6 +8,7 @@ import functools
 import gc
 import logging
 import os
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -139,7 +140,8 @@ def worker_settings(settings: Settings) -> Settings:
     folder = os.environ.get(WORKER_NUMBERS)
     if not folder or not settings.instance_id:
         return settings
-    return settings.model_copy(update={"instance_id": f"{settings.instance_id}.{take_worker_number(Path(folder))}"})
+    numbers = Path(folder) / re.sub(r"[^A-Za-z0-9_.-]", "_", settings.instance_id)  # one set per instance id
+    return settings.model_copy(update={"instance_id": f"{settings.instance_id}.{take_worker_number(numbers)}"})
 
 
 _numbers_held: list[int] = []  # the locked files' descriptors: open as long as the process lives
@@ -151,7 +153,7 @@ def take_worker_number(folder: Path) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     number = 0
     while True:
-        fd = os.open(folder / f"{number}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        fd = os.open(folder / f"{number}.lock", os.O_CREAT | os.O_RDONLY, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
