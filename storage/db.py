@@ -179,6 +179,9 @@ OUTAGES: tuple[type[Exception], ...] = (
     asyncpg.OperatorInterventionError, asyncpg.InsufficientResourcesError,
 )
 
+# What a statement can fail with that is not a bug of ours: PostgreSQL's errors and its outages.
+STORE_FAILURES: tuple[type[Exception], ...] = (asyncpg.PostgresError, *OUTAGES)
+
 # What asyncpg raises when a connection may be left mid-operation; a PostgreSQL error leaves it ready.
 _UNSAFE = (TimeoutError, OSError, asyncpg.InterfaceError)
 

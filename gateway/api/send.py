@@ -2,8 +2,10 @@
 
 ``run_turn`` tells a turn's start top to bottom: admit it as its chat is read, store the question while
 the provider is called, and hand the turn to its response. Its relay and checkpoints (gateway/streaming: sse,
-registry), its settling and the answer's store (``StreamRegistry.finish``) follow there. Past 400 lines because the helpers it calls (the history it sends, the refusals, the
-turn's rows and their take-back) are read beside it.
+registry), its settling and the answer's store (``StreamRegistry.finish``) follow there.
+
+Past 400 lines because the helpers it calls (the history it sends, the refusals, the turn's rows and their
+take-back) are read beside it.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ from providers.base import (
 )
 from storage import chats, messages
 from storage.chats import ChatFields, Owner
-from storage.db import OUTAGES
+from storage.db import STORE_FAILURES
 from storage.files import FileData, files_for_model
 from storage.messages import ChatBefore, HistoryMessage, NewTurn, TurnContext
 
@@ -208,10 +210,6 @@ async def send_chat(request: Request) -> Response:
         async with taken_back_if_refused(services, owner, chat):
             return await run_turn(request, services, owner, chat["id"], content, body)
     return await run_turn(request, services, owner, chat_id, content, body)
-
-
-# What a write to PostgreSQL can fail with: its errors, and its outages.
-STORE_FAILURES: tuple[type[Exception], ...] = (asyncpg.PostgresError, *OUTAGES)
 
 
 @contextlib.asynccontextmanager
@@ -414,7 +412,7 @@ class TurnWrite:
             return
         try:
             await messages.unstore_turn(self.services.pool, self.owner, stored, before)
-        except (asyncpg.PostgresError, OSError):
+        except STORE_FAILURES:
             logger.warning("a refused turn's messages could not be taken back", exc_info=True,
                            extra={"chat": str(self.ids.chat_id)})
 

@@ -7,8 +7,9 @@
 - Stop from anywhere: ``POST /stop`` publishes the chat id on ``<prefix>stop``; the instance running that
   chat interrupts its turn.
 - Checkpoints: every ``checkpoint_s`` the text each turn streamed since its last checkpoint is appended to
-  its reply, a quarter of the due turns every ``checkpoint_s``/4, each quarter in one statement; a turn with reasoning or tool calls also has its parts
-  (text included) written whole, as a piece of reasoning or a call's arguments grows in place.
+  its reply, a quarter of the due turns every ``checkpoint_s``/4, each quarter in one statement; a turn with
+  reasoning or tool calls also has its parts (text included) written whole, as a piece of reasoning or a
+  call's arguments grows in place.
 - Kept events (storage/tapes.py): with ``GATEWAY_RESUMABLE``, every frame of a chat turn is kept in Redis
   for resumers; the registry renews the keys of this worker's turns and readers with the leases.
 - A final write PostgreSQL refuses is retried for ``store_retry_s``; past that the reply is kept with the
@@ -27,7 +28,6 @@ import logging
 import time
 import uuid
 
-import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -46,7 +46,7 @@ from gateway.streaming.replay import kept_reply, lost_frame
 from gateway.streaming.turns import Turn
 from providers.registry import ProviderRegistry
 from storage.chats import prune_chat_moves
-from storage.db import OUTAGES, Pool
+from storage.db import OUTAGES, STORE_FAILURES, Pool
 from storage.messages import (
     FinishedReply,
     checkpoint_replies,
@@ -64,7 +64,7 @@ logger = logging.getLogger("gateway.streaming.registry")
 _CHECKPOINT_SLICES = 4
 _RECONNECT_S = 1.0
 _STORE_RETRY_FIRST_S, _STORE_RETRY_MOST_S = 0.1, 2.0
-_MAINTENANCE_FAILURES: tuple[type[Exception], ...] = (RedisError, asyncpg.PostgresError, *OUTAGES)
+_MAINTENANCE_FAILURES: tuple[type[Exception], ...] = (RedisError, *STORE_FAILURES)
 
 
 def record_ending(turn: Turn) -> None:
